@@ -1,0 +1,759 @@
+"""The ``mailqueue`` command: a stable interface that scripts and ops rely on.
+
+Commands parse input, call one service, and turn domain errors into exit
+codes: 0 done, 1 not found or failed, 2 bad input (``InvalidMessageError``
+or a usage error). ``--json`` output is meant for scripts and never holds a
+secret.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from . import api
+from .config import get_settings
+from .errors import InvalidMessageError, NotFoundError, SMTPError
+
+__all__ = ["main"]
+
+
+def _echo_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+def _ensure_schema() -> None:
+    """On the embedded SQLite default, create or upgrade the tables silently.
+
+    Production databases are migrated explicitly with ``mailqueue migrate``.
+    """
+    url = get_settings().database_url
+    if url.startswith("sqlite"):
+        from .migrate import upgrade
+
+        upgrade(url)
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True, help="Log at INFO level to stderr.")
+@click.version_option(package_name="mailqueue")
+def cli(verbose: bool) -> None:
+    """A durable mail delivery queue (configure with MAILQUEUE_* variables).
+
+    MAILQUEUE_LOG_JSON=1 logs JSON lines; MAILQUEUE_METRICS_PORT makes `worker`
+    and `scheduler` serve Prometheus metrics on that port.
+    """
+    from .logging_setup import configure_logging
+
+    configure_logging(logging.INFO if verbose else logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+@cli.command()
+def migrate() -> None:
+    """Create or upgrade the tables (Alembic upgrade to head)."""
+    from .config import hide_password
+    from .migrate import upgrade
+
+    upgrade()
+    click.echo(f"database at head: {hide_password(get_settings().database_url)}")
+
+
+def _header(value: str) -> tuple[str, str]:
+    name, sep, rest = value.partition(":")
+    if not sep:
+        raise click.BadParameter(f"{value!r} is not 'Name: value'", param_hint="--header")
+    return name.strip(), rest.strip()
+
+
+@cli.command()
+@click.option("--from", "sender", required=True, help="From address, e.g. 'Ana <ana@x.org>'.")
+@click.option("--to", multiple=True, help="Recipient (repeatable).")
+@click.option("--cc", multiple=True, help="Cc recipient (repeatable).")
+@click.option("--bcc", multiple=True, help="Bcc recipient (repeatable; never in headers).")
+@click.option("--reply-to", multiple=True, help="Reply-To address (repeatable).")
+@click.option("--subject", default="", help="Subject (any language).")
+@click.option("--text", help="Plain-text body ('-' reads standard input).")
+@click.option("--html", help="HTML body ('@file.html' reads a file).")
+@click.option(
+    "--eml",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Send a ready-made RFC 5322 message file as it is (Bcc removed).",
+)
+@click.option(
+    "--attach",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Attach a file (repeatable).",
+)
+@click.option(
+    "--inline",
+    multiple=True,
+    metavar="[CID=]FILE",
+    help="An image for the HTML, referenced as cid:CID (default CID: the file name).",
+)
+@click.option(
+    "--header", "headers", multiple=True, help="Custom header 'Name: value' (repeatable)."
+)
+@click.option("--sender", "sender_header", help="Sender header (who sent it on From's behalf).")
+@click.option("--envelope-from", help="MAIL FROM, when it differs from From ('' for <>).")
+@click.option("--envelope-to", multiple=True, help="RCPT TO instead of To+Cc+Bcc (repeatable).")
+@click.option("--charset", default="utf-8", show_default=True, help="Charset of text bodies.")
+@click.option(
+    "--text-subtype", default="plain", show_default=True, help="text/<subtype> of --text."
+)
+@click.option(
+    "--now",
+    is_flag=True,
+    help="Send at once without the queue; print each recipient's reply (exit 3 if any refused).",
+)
+@click.option("--relay", help="Named relay to send through (default: the default relay).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def send(
+    sender: str,
+    to: tuple[str, ...],
+    cc: tuple[str, ...],
+    bcc: tuple[str, ...],
+    reply_to: tuple[str, ...],
+    subject: str,
+    text: str | None,
+    html: str | None,
+    eml: Path | None,
+    attach: tuple[Path, ...],
+    inline: tuple[str, ...],
+    headers: tuple[str, ...],
+    sender_header: str | None,
+    envelope_from: str | None,
+    envelope_to: tuple[str, ...],
+    charset: str,
+    text_subtype: str,
+    now: bool,
+    relay: str | None,
+    as_json: bool,
+) -> None:
+    """Enqueue one message and print its id (or, with --now, send it and print the replies)."""
+    from .message import Attachment, Message
+
+    if text == "-":
+        text = sys.stdin.read()
+    if html and html.startswith("@"):
+        html = Path(html[1:]).read_text(encoding="utf-8")
+    if eml is not None and (text or html or attach or inline or subject):
+        raise click.UsageError(
+            "--eml sends the file as it is: drop --subject/--text/--html/--attach/--inline"
+        )
+    message = Message(
+        sender=sender,
+        to=list(to),
+        cc=list(cc),
+        bcc=list(bcc),
+        reply_to=list(reply_to),
+        sender_header=sender_header,
+        subject=subject,
+        text=text,
+        html=html,
+        text_subtype=text_subtype,
+        charset=charset,
+        attachments=[Attachment.from_path(p) for p in attach] + [_inline(v) for v in inline],
+        headers=[_header(h) for h in headers],
+        envelope_from=envelope_from,
+        envelope_to=list(envelope_to) or None,
+        eml=eml.read_bytes() if eml is not None else None,
+    )
+    if now:
+        _send_now(message, as_json, relay)
+        return
+    _ensure_schema()
+    message_id = api.enqueue(message, relay=relay)
+    _echo_json({"id": message_id}) if as_json else click.echo(message_id)
+
+
+def _inline(value: str) -> Any:
+    from .message import Attachment
+
+    cid, sep, path = value.partition("=")
+    if not sep:
+        cid, path = "", value
+    file = Path(path)
+    if not file.is_file():
+        raise click.BadParameter(f"{path!r} is not a file", param_hint="--inline")
+    return Attachment.from_path(file, inline=True, content_id=cid or file.name)
+
+
+def _send_now(message: Any, as_json: bool, relay: str | None) -> None:
+    try:
+        result = api.send_now(message, relay=relay)
+    except SMTPError as exc:  # the session itself failed: TLS, AUTH, unreachable
+        if as_json:
+            _echo_json({"error": type(exc).__name__, "code": exc.code, "reply": exc.reply})
+        click.echo(f"error: {type(exc).__name__}: {exc}", err=True)
+        sys.exit(3)
+    rows = [
+        {
+            "address": r.address,
+            "status": r.status,
+            "code": r.code,
+            "enhanced_code": r.enhanced_code,
+            "reply": r.reply,
+        }
+        for r in result.recipients
+    ]
+    if as_json:
+        _echo_json(
+            {
+                "data_code": result.data_code,
+                "data_reply": result.data_reply,
+                "error": type(result.error).__name__ if result.error else None,
+                "recipients": rows,
+            }
+        )
+    else:
+        for row in rows:
+            click.echo(
+                f"{row['status']:<9} {row['code'] or '-':<4} {row['address']}  {row['reply'] or ''}"
+            )
+        if result.data_code is not None:
+            click.echo(f"DATA: {result.data_code} {result.data_reply or ''}")
+        if result.error is not None:
+            click.echo(f"error: {result.error}", err=True)
+    if result.rcpt_failed:
+        sys.exit(3)
+
+
+@cli.command()
+@click.option(
+    "-c", "--concurrency", type=int, default=None, help="Worker processes (default: CPUs)."
+)
+@click.option(
+    "-P",
+    "--pool",
+    "pool_kind",
+    default="prefork",
+    type=click.Choice(["prefork", "solo", "threads"]),
+    help="Celery execution pool.",
+)
+@click.option("-l", "--loglevel", default="INFO", help="Celery log level.")
+@click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
+def worker(
+    concurrency: int | None, pool_kind: str, loglevel: str, celery_args: tuple[str, ...]
+) -> None:
+    """Start a Celery worker that delivers queued mail (extra args go to Celery)."""
+    from .worker.app import get_app
+
+    _ensure_schema()
+    logging.getLogger("mailqueue").setLevel(loglevel.upper())
+    _serve_metrics(multiprocess=True)
+    settings = get_settings()
+    argv = ["worker", f"--loglevel={loglevel}", f"--pool={pool_kind}", "-Q", settings.queue_name]
+    if concurrency:
+        argv.append(f"--concurrency={concurrency}")
+    get_app().worker_main([*argv, *celery_args])
+
+
+@cli.command()
+def scheduler() -> None:
+    """Dispatch due, deferred and orphaned messages, forever."""
+    from .scheduler import run_scheduler
+
+    _ensure_schema()
+    logging.getLogger("mailqueue").setLevel(logging.INFO)
+    _serve_metrics(multiprocess=False)
+    run_scheduler()
+
+
+def _serve_metrics(*, multiprocess: bool) -> None:
+    """Serve Prometheus metrics when MAILQUEUE_METRICS_PORT is set.
+
+    A worker's prefork children write multiprocess files that its parent
+    serves (PROMETHEUS_MULTIPROC_DIR, or a fresh folder under the temp dir).
+    """
+    import os
+    import tempfile
+
+    from . import metrics
+
+    try:
+        port = metrics.metrics_port()
+    except ValueError:
+        raise click.UsageError("MAILQUEUE_METRICS_PORT must be a port number") from None
+    if port is None:
+        return
+    if multiprocess:
+        directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.path.join(
+            tempfile.gettempdir(), f"mailqueue-metrics-{port}"
+        )
+        metrics.enable_multiprocess(directory)
+    metrics.serve(port)
+
+
+def _fmt_time(value: Any) -> str:
+    return value.strftime("%Y-%m-%d %H:%M:%S") if value else "-"
+
+
+@cli.command()
+@click.argument("message_id")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--history", is_flag=True, help="Also every attempt's result per recipient.")
+def status(message_id: str, as_json: bool, history: bool) -> None:
+    """Show one message and each recipient's outcome."""
+    from rich.console import Console
+    from rich.table import Table
+
+    info = api.get_status(message_id)
+    attempts = api.get_attempts(message_id) if history else []
+    if as_json:
+        data = info.to_dict()
+        if history:
+            data["history"] = [a.to_dict() for a in attempts]
+        _echo_json(data)
+        return
+    console = Console()
+    console.print(
+        f"[bold]{info.id}[/]  {info.status}  attempts={info.attempts}  relay={info.relay}"
+    )
+    console.print(f"from {info.mail_from}  subject {info.subject!r}  {info.size} bytes")
+    console.print(
+        f"created {_fmt_time(info.created_at)}  next attempt {_fmt_time(info.next_attempt_at)}"
+        f"  expires {_fmt_time(info.expires_at)}"
+    )
+    table = Table("recipient", "kind", "status", "attempts", "code", "reply")
+    for r in info.recipients:
+        table.add_row(
+            r.address,
+            r.kind,
+            r.status,
+            str(r.attempts),
+            " ".join(x for x in (str(r.smtp_code or ""), r.enhanced_code or "") if x),
+            r.reply or "",
+        )
+    console.print(table)
+    if history:
+        log = Table("when", "recipient", "result", "code", "reply", "worker", title="every attempt")
+        for a in attempts:
+            log.add_row(
+                _fmt_time(a.at),
+                a.address,
+                a.status,
+                " ".join(x for x in (str(a.smtp_code or ""), a.enhanced_code or "") if x),
+                a.reply or "",
+                a.worker or "",
+            )
+        console.print(log)
+
+
+@cli.command("list")
+@click.option("--status", "status_", help="Only messages with this status.")
+@click.option("--limit", type=int, default=50, show_default=True)
+@click.option("--before", help="Page: messages older than this id.")
+@click.option("--relay", help="Only messages for this relay.")
+@click.option("--sender", help="Only messages with this envelope sender.")
+@click.option("--recipient", help="Only messages to this address.")
+@click.option("--tag", help="Only messages enqueued with metadata {'tag': TAG}.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def list_(
+    status_: str | None,
+    limit: int,
+    before: str | None,
+    relay: str | None,
+    sender: str | None,
+    recipient: str | None,
+    tag: str | None,
+    as_json: bool,
+) -> None:
+    """List messages, newest first."""
+    from rich.console import Console
+    from rich.table import Table
+
+    if relay or sender or recipient or tag:
+        from .store import ops
+
+        filters = ops.Filters(
+            status=status_, relay=relay, sender=sender, recipient=recipient, tag=tag
+        )
+        rows = ops.search(_engine(), filters, limit=limit, before=before)
+    else:
+        rows = api.list_messages(status=status_, limit=limit, before=before)
+    if as_json:
+        _echo_json([r.to_dict() for r in rows])
+        return
+    table = Table("id", "status", "created", "from", "subject", "attempts", "last error")
+    for r in rows:
+        table.add_row(
+            r.id,
+            r.status,
+            _fmt_time(r.created_at),
+            r.mail_from,
+            r.subject[:40],
+            str(r.attempts),
+            r.last_error or "",
+        )
+    Console().print(table)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--watch", is_flag=True, help="Refresh until interrupted (Ctrl-C).")
+@click.option(
+    "--interval", type=float, default=2.0, show_default=True, help="Seconds between refreshes."
+)
+@click.option("--count", type=int, default=None, hidden=True, help="Stop after N refreshes.")
+def stats(as_json: bool, watch: bool, interval: float, count: int | None) -> None:
+    """Counts per message status and per recipient status (--watch refreshes)."""
+    if not watch:
+        data: dict[str, Any] = dict(api.stats())
+        paused = [r for r in api.relays() if r["paused"]]
+        data["paused_relays"] = [
+            {k: r[k] for k in ("name", "paused_until", "last_error", "last_reply")} for r in paused
+        ]
+        if as_json:
+            _echo_json(data)
+            return
+        from rich.console import Console
+
+        Console().print(_stats_table(data))
+        for r in paused:
+            click.secho(
+                f"relay {r['name']} PAUSED until {r['paused_until']}: {r['last_error']}: "
+                f"{r['last_reply']}",
+                fg="red",
+                err=True,
+            )
+        return
+    _watch_stats(as_json, interval, count)
+
+
+def _watch_stats(as_json: bool, interval: float, count: int | None) -> None:
+    import time
+
+    from rich.console import Console, Group
+    from rich.live import Live
+    from rich.text import Text
+
+    from .store import get_engine
+    from .store.ops import queue_depth
+
+    def view() -> Any:
+        data = api.stats()
+        depth = queue_depth(get_engine(get_settings().database_url))
+        lines = [
+            f"relay {d.relay}: {d.waiting} waiting, {d.due} due, oldest due "
+            f"{d.oldest_due_age_s:.0f}s"
+            for d in depth
+        ]
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        return data, Group(
+            Text(f"{stamp}  (every {interval:g}s, Ctrl-C to stop)"),
+            _stats_table(data),
+            Text("\n".join(lines) or "queue empty"),
+        )
+
+    n = 0
+    if as_json:  # one JSON object per line, for scripts that follow along
+        while count is None or n < count:
+            data, _ = view()
+            click.echo(json.dumps({"time": time.time(), **data}, sort_keys=True))
+            n += 1
+            if count is None or n < count:
+                time.sleep(interval)
+        return
+    console = Console()
+    with Live(view()[1], console=console, auto_refresh=False) as live:
+        n = 1
+        while count is None or n < count:
+            time.sleep(interval)
+            live.update(view()[1], refresh=True)
+            n += 1
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--resume", metavar="NAME", help="Lift NAME's pause now (after fixing it).")
+def relays(as_json: bool, resume: str | None) -> None:
+    """The configured relays (never their secrets) and any pause after auth/TLS failures."""
+    _ensure_schema()
+    if resume is not None:
+        try:
+            resumed = api.resume_relay(resume)
+        except KeyError as exc:
+            raise click.BadParameter(str(exc.args[0]), param_hint="--resume") from None
+        click.echo(f"relay {resume} resumed" if resumed else f"relay {resume} was not paused")
+        return
+    rows = api.relays()
+    if as_json:
+        _echo_json(rows)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("relay", "url", "starttls", "verify", "auth", "pool", "state")
+    for r in rows:
+        state = (
+            f"[red]PAUSED until {r['paused_until']}[/red]\n{r['last_error']}: {r['last_reply']}"
+            if r["paused"]
+            else "ok"
+        )
+        table.add_row(
+            r["name"],
+            r["url"],
+            r["starttls"],
+            "yes" if r["tls_verify"] and r["tls_check_hostname"] else "[yellow]relaxed[/yellow]",
+            r["auth"] or "-",
+            str(r["pool_size"]),
+            state,
+        )
+    Console().print(table)
+
+
+def _stats_table(data: dict[str, Any]) -> Any:
+    from rich.table import Table
+
+    table = Table("messages", "count", "recipients", "count")
+    m, r = list(data["messages"].items()), list(data["recipients"].items())
+    for i in range(max(len(m), len(r))):
+        left = m[i] if i < len(m) else ("", "")
+        right = r[i] if i < len(r) else ("", "")
+        table.add_row(left[0], str(left[1]), right[0], str(right[1]))
+    return table
+
+
+def _engine() -> Any:
+    from .store import get_engine
+
+    return get_engine(get_settings().database_url)
+
+
+def _retry_since(since: Any) -> int:
+    """Requeue messages whose failed or deferred recipients changed since ``since``."""
+    from .store import admin
+    from .store.ops import failed_since
+    from .worker.app import dispatch
+
+    engine = _engine()
+    candidates = failed_since(engine, since)
+    if not candidates:
+        return 0
+    ids = admin.retry(engine, candidates, lifetime_s=get_settings().message_lifetime_s)
+    dispatch(ids)
+    return len(ids)
+
+
+def _duration(value: str | None, option: str) -> Any:
+    if value is None:
+        return None
+    from .store.ops import parse_duration
+
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint=option) from None
+
+
+@cli.command()
+@click.argument("message_id", required=False)
+@click.option("--failed", "all_failed", is_flag=True, help="Every message with failed recipients.")
+@click.option(
+    "--since", help="With --failed: only recipients that failed this recently (15m, 1h, 2d)."
+)
+def retry(message_id: str | None, all_failed: bool, since: str | None) -> None:
+    """Requeue failed and deferred recipients (sent ones are never resent)."""
+    if bool(message_id) == all_failed:
+        raise click.UsageError("give a message id or --failed")
+    if since and not all_failed:
+        raise click.UsageError("--since goes with --failed")
+    window = _duration(since, "--since")
+    if window is not None:
+        from .store.models import utcnow
+
+        count = _retry_since(utcnow() - window)
+    else:
+        count = api.retry_failed() if all_failed else api.retry(message_id or "")
+    click.echo(f"requeued {count} message(s)")
+    if not count and message_id:
+        sys.exit(1)
+
+
+@cli.command()
+@click.argument("message_id", required=False)
+@click.option("--relay", help="Cancel every waiting message on this relay instead.")
+def cancel(message_id: str | None, relay: str | None) -> None:
+    """Cancel the recipients of a message (or of a relay's waiting messages) not sent yet."""
+    if bool(message_id) == bool(relay):
+        raise click.UsageError("give a message id or --relay")
+    if relay:
+        from .store import ops
+
+        count = ops.cancel_relay(_engine(), relay)
+        click.echo(f"cancelled {count} message(s) on relay {relay}")
+        return
+    info = api.cancel(message_id or "")
+    click.echo(f"{info.id} {info.status}")
+
+
+@cli.command()
+@click.option(
+    "--older-than",
+    "older_than",
+    required=True,
+    help="Delete terminal messages last updated longer ago than this (e.g. 30d).",
+)
+def purge(older_than: str) -> None:
+    """Delete finished messages (sent, partial, failed, cancelled) and their recipients."""
+    window = _duration(older_than, "--older-than")
+    from .store import ops
+    from .store.models import utcnow
+
+    count = ops.purge(_engine(), utcnow() - window)
+    click.echo(f"purged {count} message(s)")
+
+
+@cli.command()
+@click.option(
+    "--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback by default)."
+)
+@click.option("--port", type=int, default=2525, show_default=True)
+@click.option("--reject", multiple=True, help="Answer 550 to recipients matching this glob.")
+@click.option("--defer", multiple=True, help="Answer 450 to recipients matching this glob.")
+@click.option(
+    "--max-size", type=int, default=33554432, show_default=True, help="Largest message (SIZE)."
+)
+@click.option(
+    "--maildir", type=click.Path(file_okay=False, path_type=Path), help="Also store mail here."
+)
+@click.option(
+    "--tls-cert",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Certificate (PEM) for STARTTLS and --tls-port.",
+)
+@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), help="Its private key.")
+@click.option("--tls-port", type=int, help="Also listen with implicit TLS (smtps) here.")
+@click.option(
+    "--require-auth",
+    "users",
+    multiple=True,
+    metavar="USER:PASS",
+    help="Require AUTH (PLAIN, LOGIN, CRAM-MD5; offered over TLS only). Repeatable.",
+)
+@click.option("--pipelining", is_flag=True, help="Advertise ESMTP PIPELINING (RFC 2920).")
+def devserver(
+    host: str,
+    port: int,
+    reject: tuple[str, ...],
+    defer: tuple[str, ...],
+    max_size: int,
+    maildir: Path | None,
+    tls_cert: str | None,
+    tls_key: str | None,
+    tls_port: int | None,
+    users: tuple[str, ...],
+    pipelining: bool,
+) -> None:
+    """Run a local SMTP server that records mail (for development and tests)."""
+    from .devserver import serve
+
+    if (tls_port is not None or tls_key) and not tls_cert:
+        raise click.UsageError("--tls-port and --tls-key need --tls-cert")
+    credentials = {}
+    for entry in users:
+        user, sep, password = entry.partition(":")
+        if not sep or not user:
+            raise click.BadParameter("expected USER:PASS", param_hint="--require-auth")
+        credentials[user] = password
+    serve(
+        host=host,
+        port=port,
+        reject=reject,
+        defer=defer,
+        maildir=maildir,
+        max_size=max_size,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        tls_port=tls_port,
+        users=credentials,
+        pipelining=pipelining,
+    )
+
+
+@cli.command()
+@click.option(
+    "--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback by default)."
+)
+@click.option("--port", type=int, default=8025, show_default=True)
+@click.option(
+    "--token",
+    envvar="MAILQUEUE_WEB_TOKEN",
+    help="Access token for the page and API (env MAILQUEUE_WEB_TOKEN).",
+)
+@click.option(
+    "--no-auth-on-loopback",
+    "no_auth",
+    is_flag=True,
+    help="Allow access without a token; only when bound to 127.0.0.1/::1/localhost.",
+)
+def web(host: str, port: int, token: str | None, no_auth: bool) -> None:
+    """Serve the status page and the JSON API (needs the 'web' extra)."""
+    try:
+        import uvicorn
+
+        from .web.app import LOOPBACK_HOSTS, create_app
+    except ImportError as exc:
+        raise click.UsageError(
+            f"the web page needs the 'web' extra: pip install 'mailqueue[web]' ({exc})"
+        ) from None
+    if not token:
+        if not no_auth:
+            raise click.UsageError(
+                "give --token (or MAILQUEUE_WEB_TOKEN), or --no-auth-on-loopback to run "
+                "without one on 127.0.0.1"
+            )
+        if host not in LOOPBACK_HOSTS:
+            raise click.UsageError(f"--no-auth-on-loopback needs a loopback --host, not {host}")
+    elif no_auth:
+        raise click.UsageError("--token and --no-auth-on-loopback exclude each other")
+    _ensure_schema()
+    app = create_app(token=token or None, allow_anonymous=no_auth)
+    click.echo(f"mailqueue web on http://{host}:{port}/ ({'token' if token else 'no auth'})")
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+
+
+@cli.command()
+@click.option("--messages", type=int, default=300, show_default=True, help="How many to enqueue.")
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("mailqueue-demo"),
+    show_default=True,
+    help="Fresh state goes here.",
+)
+@click.option("--concurrency", type=int, default=2, show_default=True, help="Worker processes.")
+@click.option(
+    "--timeout", type=float, default=180.0, show_default=True, help="Give up after seconds."
+)
+def demo(messages: int, workdir: Path, concurrency: int, timeout: float) -> None:
+    """The whole loop on the embedded default: dev server, worker, scheduler, mail."""
+    from .demo import run_demo
+
+    sys.exit(run_demo(messages=messages, workdir=workdir, concurrency=concurrency, timeout=timeout))
+
+
+def main() -> None:
+    try:
+        cli(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except InvalidMessageError as exc:
+        click.echo(f"error: invalid message: {exc}", err=True)
+        sys.exit(2)
+    except NotFoundError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    except SystemExit:
+        raise

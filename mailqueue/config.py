@@ -1,0 +1,429 @@
+"""Settings: one typed object, read from ``MAILQUEUE_*`` environment variables.
+
+Every field has a documented default that runs the embedded stack (SQLite
+file, kombu's SQLAlchemy transport on SQLite, the dev server on port 2525).
+Production sets ``MAILQUEUE_DATABASE_URL`` (PostgreSQL) and
+``MAILQUEUE_BROKER_URL`` (Redis). Passwords belong in the relay URL's
+environment variable or a file, never in rows or task payloads.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+__all__ = [
+    "RelayConfig",
+    "Settings",
+    "configure",
+    "get_settings",
+    "hide_password",
+    "settings_from_env",
+]
+
+
+STARTTLS_MODES = ("required", "opportunistic", "off")
+TLS_VERSIONS = ("TLSv1.2", "TLSv1.3")
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _to_bool(value: str | bool) -> bool:
+    if isinstance(value, bool):
+        return value
+    lowered = value.strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise ValueError(f"{value!r} is not a boolean (use true or false)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RelayConfig:
+    """Where and how to hand mail over: one SMTP relay, its TLS, AUTH and pool bounds.
+
+    ``url`` is ``smtp://[user[:password]@]host[:port]`` (STARTTLS as
+    ``starttls`` says) or ``smtps://…`` (implicit TLS, port 465). Any field
+    below may also be given as a query parameter of the URL
+    (``smtp://user@host:587?pool_size=10&tls_ca_file=/etc/ca.pem``); the URL
+    wins over the keyword. Prefer ``password_file`` to a password in the URL.
+    """
+
+    name: str = "default"
+    url: str = "smtp://127.0.0.1:2525"
+    pool_size: int = 5
+    """Most connections one worker process opens to this relay."""
+    max_messages_per_connection: int = 100
+    """Close a connection after it carried this many messages."""
+    max_connection_age_s: float = 300.0
+    """Close a connection this long after it was opened (Postfix: 300 s)."""
+    idle_timeout_s: float = 10.0
+    """Close a connection that sat idle this long."""
+    check_after_idle_s: float = 1.0
+    """Send NOOP before reusing a connection that sat idle longer than this."""
+    connect_timeout_s: float = 30.0
+    command_timeout_s: float = 300.0
+    """Per SMTP command; RFC 5321 asks for minutes."""
+    data_timeout_s: float = 600.0
+    """Wait for the reply after the final dot (RFC 5321: 10 minutes)."""
+    ehlo_name: str | None = None
+    starttls: str | None = None
+    """``required``, ``opportunistic`` or ``off``; default: required on port 587
+    and whenever credentials are set, else opportunistic. Ignored for smtps://."""
+    tls_verify: bool = True
+    """Verify the relay's certificate chain. Turn off only on purpose."""
+    tls_check_hostname: bool = True
+    """Check the certificate names the relay's host."""
+    tls_ca_file: str | None = None
+    tls_ca_dir: str | None = None
+    tls_client_cert: str | None = None
+    tls_client_key: str | None = None
+    tls_min_version: str = "TLSv1.2"
+    username: str | None = None
+    password_file: str | None = None
+    """Read the password from this file (mode 0600), instead of the URL."""
+    auth_mechanisms: tuple[str, ...] | None = None
+    """Mechanisms to use, in order of preference (default XOAUTH2 when a token
+    provider is set, then CRAM-MD5, PLAIN, LOGIN), among those the relay offers."""
+    token_provider: str | None = None
+    """``module:callable`` returning an OAuth2 access token for XOAUTH2. Called
+    as ``provider(username, refresh)``; ``refresh=True`` after the relay said
+    the last token was refused. May be async."""
+    allow_plaintext_auth: bool = False
+    """Send credentials over an unencrypted connection. Never by default."""
+
+    def __post_init__(self) -> None:
+        parts = urlsplit(self.url)
+        if parts.scheme not in ("smtp", "smtps"):
+            raise ValueError(f"relay {self.name!r}: URL must start with smtp:// or smtps://")
+        if not parts.hostname:
+            raise ValueError(f"relay {self.name!r}: URL has no host name")
+        known = _RELAY_FIELDS
+        for key, value in parse_qsl(parts.query, keep_blank_values=True):
+            if key not in known or key in ("name", "url"):
+                raise ValueError(f"relay {self.name!r}: unknown URL option {key!r}")
+            object.__setattr__(self, key, _convert_relay_field(key, value))
+        if parts.username and self.username is None:
+            object.__setattr__(self, "username", unquote(parts.username))
+        if self.starttls is not None and self.starttls not in STARTTLS_MODES:
+            raise ValueError(
+                f"relay {self.name!r}: starttls must be one of {', '.join(STARTTLS_MODES)}"
+            )
+        if self.tls_min_version not in TLS_VERSIONS:
+            raise ValueError(
+                f"relay {self.name!r}: tls_min_version must be one of {', '.join(TLS_VERSIONS)}"
+            )
+        if (self.tls_client_key is not None) and self.tls_client_cert is None:
+            raise ValueError(f"relay {self.name!r}: tls_client_key needs tls_client_cert")
+        if self.pool_size < 1:
+            raise ValueError(f"relay {self.name!r}: pool_size must be at least 1")
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).hostname or "127.0.0.1"
+
+    @property
+    def port(self) -> int:
+        parts = urlsplit(self.url)
+        if parts.port:
+            return parts.port
+        return 465 if parts.scheme == "smtps" else 25
+
+    @property
+    def implicit_tls(self) -> bool:
+        return urlsplit(self.url).scheme == "smtps"
+
+    @property
+    def starttls_mode(self) -> str:
+        """What STARTTLS does on this relay, with the default worked out."""
+        if self.implicit_tls:
+            return "off"
+        if self.starttls is not None:
+            return self.starttls
+        if self.port == 587 or self.username:
+            return "required"
+        return "opportunistic"
+
+    @property
+    def password(self) -> str | None:
+        """From ``password_file`` if set, else the URL. Never logged or stored."""
+        if self.password_file:
+            return _read_secret(self.password_file)
+        password = urlsplit(self.url).password
+        return unquote(password) if password else None
+
+    @property
+    def safe_url(self) -> str:
+        """The URL with any password (and the query) left out, fit for logs and ``--json``."""
+        parts = urlsplit(self.url)
+        netloc = parts.hostname or ""
+        if parts.port:
+            netloc = f"{netloc}:{parts.port}"
+        if parts.username:
+            netloc = (
+                f"{parts.username}:***@{netloc}" if parts.password else f"{parts.username}@{netloc}"
+            )
+        return f"{parts.scheme}://{netloc}"
+
+    def describe(self) -> dict[str, Any]:
+        """What operators may see: everything but secrets."""
+        return {
+            "name": self.name,
+            "url": self.safe_url,
+            "starttls": self.starttls_mode,
+            "tls_verify": self.tls_verify,
+            "tls_check_hostname": self.tls_check_hostname,
+            "tls_min_version": self.tls_min_version,
+            "username": self.username,
+            "password": "set" if (self.password_file or urlsplit(self.url).password) else None,
+            "auth": "XOAUTH2" if self.token_provider else ("login" if self.username else None),
+            "pool_size": self.pool_size,
+        }
+
+    def __repr__(self) -> str:  # never print the password
+        return f"RelayConfig(name={self.name!r}, url={self.safe_url!r}, pool_size={self.pool_size})"
+
+
+def _convert_relay_field(key: str, value: Any) -> Any:
+    """Convert a text value (URL query, environment, config file) to the field's type."""
+    kind = _RELAY_TYPES[key]
+    if not isinstance(value, str):
+        return tuple(value) if kind == "tuple" else value
+    if kind == "bool":
+        return _to_bool(value)
+    if kind == "int":
+        return int(value)
+    if kind == "float":
+        return float(value)
+    if kind == "tuple":
+        return tuple(v.strip().upper() for v in value.split(",") if v.strip())
+    return value or None if kind == "optstr" else value
+
+
+_RELAY_TYPES = {
+    "name": "str",
+    "url": "str",
+    "pool_size": "int",
+    "max_messages_per_connection": "int",
+    "max_connection_age_s": "float",
+    "idle_timeout_s": "float",
+    "check_after_idle_s": "float",
+    "connect_timeout_s": "float",
+    "command_timeout_s": "float",
+    "data_timeout_s": "float",
+    "ehlo_name": "optstr",
+    "starttls": "optstr",
+    "tls_verify": "bool",
+    "tls_check_hostname": "bool",
+    "tls_ca_file": "optstr",
+    "tls_ca_dir": "optstr",
+    "tls_client_cert": "optstr",
+    "tls_client_key": "optstr",
+    "tls_min_version": "str",
+    "username": "optstr",
+    "password_file": "optstr",
+    "auth_mechanisms": "tuple",
+    "token_provider": "optstr",
+    "allow_plaintext_auth": "bool",
+}
+_RELAY_FIELDS = set(_RELAY_TYPES)
+
+
+def relay_from_options(name: str, options: Mapping[str, Any]) -> RelayConfig:
+    """Build a relay from text options (environment or config file), converting types."""
+    unknown = set(options) - _RELAY_FIELDS
+    if unknown:
+        raise ValueError(f"relay {name!r}: unknown option(s) {', '.join(sorted(unknown))}")
+    converted = {k: _convert_relay_field(k, v) for k, v in options.items() if k != "name"}
+    return RelayConfig(name=name, **converted)
+
+
+def _default_database_url() -> str:
+    return "sqlite:///mailqueue.db"
+
+
+def _default_broker_url() -> str:
+    return "sqla+sqlite:///mailqueue-broker.db"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """Everything a process needs to enqueue, deliver and schedule."""
+
+    database_url: str = field(default_factory=_default_database_url)
+    broker_url: str = field(default_factory=_default_broker_url)
+    relay: RelayConfig = field(default_factory=RelayConfig)
+    max_message_size: int = 35 * 1024 * 1024
+    """Refuse a message bigger than this at enqueue (bytes, after encoding)."""
+    message_lifetime_s: float = 5 * 24 * 3600
+    """Give up on recipients still deferred this long after enqueue (Postfix: 5 days)."""
+    retry_base_s: float = 300.0
+    """First deferral waits about this long; each further one doubles."""
+    retry_max_s: float = 4000.0
+    """Deferrals never wait longer than this (Postfix: ~67 min)."""
+    lease_s: float = 300.0
+    """A claimed message is released for another worker after this long."""
+    batch_size: int = 50
+    """Message ids per Celery task."""
+    redispatch_after_s: float = 300.0
+    """The scheduler re-sends a queued message's id after this long unclaimed."""
+    scheduler_interval_s: float = 5.0
+    queue_name: str = "mailqueue"
+    on_terminal: str | None = None
+    """``module:callable`` the worker calls with a ``MessageInfo`` when a message
+    reaches a terminal status (sent, partial, failed, cancelled)."""
+    relays: Mapping[str, RelayConfig] = field(default_factory=dict)
+    """Further named relays; a message names one with ``relay=``."""
+
+    def relay_named(self, name: str | None) -> RelayConfig:
+        """The relay called ``name`` (``None`` or ``"default"``: the default relay)."""
+        if name is None or name == "default" or name == self.relay.name:
+            return self.relay
+        try:
+            return self.relays[name]
+        except KeyError:
+            known = ", ".join(["default", *sorted(self.relays)])
+            raise KeyError(f"no relay named {name!r} (configured: {known})") from None
+
+    @property
+    def all_relays(self) -> list[RelayConfig]:
+        return [self.relay, *(r for n, r in sorted(self.relays.items()) if n != self.relay.name)]
+
+    def __repr__(self) -> str:
+        return (
+            f"Settings(database_url={hide_password(self.database_url)!r}, "
+            f"broker_url={hide_password(self.broker_url)!r}, relay={self.relay!r})"
+        )
+
+
+def hide_password(url: str) -> str:
+    """``url`` with its password (if any) replaced by ``***``."""
+    parts = urlsplit(url)
+    if parts.password:
+        return url.replace(f":{parts.password}@", ":***@", 1)
+    return url
+
+
+# env name -> (Settings field or "relay.<field>", converter)
+_ENV: dict[str, tuple[str, Any]] = {
+    "MAILQUEUE_DATABASE_URL": ("database_url", str),
+    "MAILQUEUE_BROKER_URL": ("broker_url", str),
+    "MAILQUEUE_MAX_MESSAGE_SIZE": ("max_message_size", int),
+    "MAILQUEUE_MESSAGE_LIFETIME_S": ("message_lifetime_s", float),
+    "MAILQUEUE_RETRY_BASE_S": ("retry_base_s", float),
+    "MAILQUEUE_RETRY_MAX_S": ("retry_max_s", float),
+    "MAILQUEUE_LEASE_S": ("lease_s", float),
+    "MAILQUEUE_BATCH_SIZE": ("batch_size", int),
+    "MAILQUEUE_REDISPATCH_AFTER_S": ("redispatch_after_s", float),
+    "MAILQUEUE_SCHEDULER_INTERVAL_S": ("scheduler_interval_s", float),
+    "MAILQUEUE_QUEUE": ("queue_name", str),
+    "MAILQUEUE_ON_TERMINAL": ("on_terminal", str),
+    "MAILQUEUE_RELAY_URL": ("relay.url", str),
+    "MAILQUEUE_POOL_SIZE": ("relay.pool_size", int),
+    "MAILQUEUE_POOL_MAX_MESSAGES": ("relay.max_messages_per_connection", int),
+    "MAILQUEUE_POOL_MAX_AGE_S": ("relay.max_connection_age_s", float),
+    "MAILQUEUE_POOL_IDLE_TIMEOUT_S": ("relay.idle_timeout_s", float),
+    "MAILQUEUE_SMTP_CONNECT_TIMEOUT_S": ("relay.connect_timeout_s", float),
+    "MAILQUEUE_SMTP_COMMAND_TIMEOUT_S": ("relay.command_timeout_s", float),
+    "MAILQUEUE_SMTP_DATA_TIMEOUT_S": ("relay.data_timeout_s", float),
+    "MAILQUEUE_EHLO_NAME": ("relay.ehlo_name", str),
+    "MAILQUEUE_RELAY_PASSWORD_FILE": ("relay.password_file", str),
+}
+
+
+def settings_from_env(environ: Mapping[str, str] | None = None) -> Settings:
+    """Build settings from ``MAILQUEUE_*`` variables (and ``MAILQUEUE_CONFIG``, a TOML file).
+
+    The environment wins over the file. Relays: ``MAILQUEUE_RELAY_URL`` and
+    its neighbours set the default relay; ``MAILQUEUE_RELAY__<NAME>__<OPTION>``
+    sets any option of any relay (``DEFAULT`` is the default one), e.g.
+    ``MAILQUEUE_RELAY__BULK__URL=smtp://user@smtp.example.net:587``.
+    """
+    env = os.environ if environ is None else environ
+    top: dict[str, Any] = {}
+    relays: dict[str, dict[str, Any]] = {}
+    config_file = env.get("MAILQUEUE_CONFIG")
+    if config_file:
+        top, relays = _read_config_file(config_file)
+    default = relays.setdefault("default", {})
+    for name, (target, convert) in _ENV.items():
+        raw = env.get(name)
+        if raw is None or raw == "":
+            continue
+        try:
+            value = convert(raw)
+        except ValueError:
+            raise ValueError(f"{name}={raw!r} is not a valid {convert.__name__}") from None
+        if target.startswith("relay."):
+            default[target.removeprefix("relay.")] = value
+        else:
+            top[target] = value
+    for key, raw in env.items():
+        if key.startswith("MAILQUEUE_RELAY__") and raw != "":
+            relay_name, sep, option = key.removeprefix("MAILQUEUE_RELAY__").partition("__")
+            if not sep or not relay_name or not option:
+                raise ValueError(f"{key}: expected MAILQUEUE_RELAY__<NAME>__<OPTION>")
+            relays.setdefault(relay_name.lower(), {})[option.lower()] = raw
+    built = {name: relay_from_options(name, options) for name, options in relays.items()}
+    default_relay = built.pop("default")
+    return Settings(relay=default_relay, relays=built, **top)
+
+
+def _read_config_file(path: str) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """``[mailqueue]`` settings, ``[relay]`` (the default) and ``[relays.<name>]`` tables."""
+    import tomllib
+
+    with open(path, "rb") as fh:
+        data = tomllib.load(fh)
+    known = {f.name for f in fields(Settings)} - {"relay", "relays"}
+    top = dict(data.get("mailqueue", {}))
+    unknown = set(top) - known
+    if unknown:
+        raise ValueError(f"{path}: unknown setting(s) {', '.join(sorted(unknown))}")
+    relays = {str(k).lower(): dict(v) for k, v in data.get("relays", {}).items()}
+    if "relay" in data:
+        relays["default"] = dict(data["relay"])
+    return top, relays
+
+
+def _read_secret(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return fh.read().strip()
+    except OSError as exc:
+        raise ValueError(f"cannot read the secret file {path}: {exc.strerror}") from None
+
+
+_current: Settings | None = None
+
+
+def get_settings() -> Settings:
+    """The process-wide settings: from :func:`configure`, else the environment."""
+    global _current
+    if _current is None:
+        _current = settings_from_env()
+    return _current
+
+
+def configure(settings: Settings | None = None, **overrides: Any) -> Settings:
+    """Replace the process-wide settings (tests, embedding apps).
+
+    ``configure(database_url=...)`` starts from the environment and overrides
+    fields; ``configure(settings)`` installs a ready object. Resets cached
+    engines and Celery apps that were built from the old settings.
+    """
+    global _current
+    base = settings if settings is not None else settings_from_env()
+    known = {f.name for f in fields(Settings)}
+    unknown = set(overrides) - known
+    if unknown:
+        raise TypeError(f"unknown settings: {', '.join(sorted(unknown))}")
+    _current = replace(base, **overrides) if overrides else base
+    from . import _reset_caches
+
+    _reset_caches()
+    return _current

@@ -1,0 +1,404 @@
+"""Django: an email backend that enqueues instead of sending.
+
+Django 5.2 (``EMAIL_BACKEND``)::
+
+    EMAIL_BACKEND = "mailqueue.contrib.django.EmailBackend"
+    MAILQUEUE_DATABASE_URL = "postgresql://app@db/app"    # any MAILQUEUE_* name
+    MAILQUEUE_DJANGO_SAME_DATABASE = True                  # rows in Django's transaction
+
+Django 6.1+ (``MAILERS``; the backend's options go in ``OPTIONS``)::
+
+    MAILERS = {
+        "default": {
+            "BACKEND": "mailqueue.contrib.django.EmailBackend",
+            "OPTIONS": {"same_database": True},
+        },
+        "bulk": {
+            "BACKEND": "mailqueue.contrib.django.EmailBackend",
+            "OPTIONS": {"relay": "bulk"},
+        },
+    }
+
+``send_mail``, ``send_mass_mail``, ``EmailMessage`` and
+``EmailMultiAlternatives`` (attachments, alternatives, headers) then write
+rows instead of talking SMTP; ``send_messages`` returns how many messages
+were accepted for delivery, as Django's contract asks. Each sent
+``EmailMessage`` gets a ``mailqueue_id`` attribute.
+
+**Transactions.** Two modes, chosen per backend:
+
+* ``same_database`` (``MAILQUEUE_DJANGO_SAME_DATABASE = True``, or the
+  ``same_database`` option): the mailqueue tables live in the Django
+  database ``database`` (default ``"default"``), and the rows are written
+  through Django's own connection, in the current ``transaction.atomic()``.
+  They commit or roll back with your data: exactly-once hand-off. The broker
+  is woken in ``transaction.on_commit``; if that is lost, the scheduler finds
+  the rows anyway. PostgreSQL and SQLite.
+* otherwise (separate databases): the message is validated at once (bad
+  input raises in your view), and written to mailqueue's own database in
+  ``transaction.on_commit``. A rolled-back transaction sends nothing; once
+  the on-commit callback has run, the mail is durable. A process that dies
+  between Django's commit and that callback loses the mail (at most once).
+
+**Per-message options**, by either of:
+
+* ``extra_headers`` named ``X-Mailqueue-*`` (removed before the message is
+  built, never sent): ``X-Mailqueue-Relay``, ``X-Mailqueue-Send-At``
+  (ISO 8601 with a UTC offset), ``X-Mailqueue-Idempotency-Key``,
+  ``X-Mailqueue-Metadata`` (a JSON object), ``X-Mailqueue-Tags``
+  (comma-separated; stored as ``metadata["tags"]``). An unknown
+  ``X-Mailqueue-*`` name is refused.
+* :class:`QueuedEmailMessage` / :class:`QueuedEmailMultiAlternatives`,
+  which take ``relay=``, ``send_at=``, ``idempotency_key=``, ``metadata=``
+  and ``tags=`` keyword arguments (they win over the headers).
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import email.utils
+import json
+import logging
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from django.conf import settings as django_settings
+from django.core.exceptions import ImproperlyConfigured
+from django.core.mail import EmailMessage, EmailMultiAlternatives
+from django.core.mail.backends.base import BaseEmailBackend
+from django.db import IntegrityError as DjangoIntegrityError
+from django.db import connections, transaction
+from sqlalchemy.exc import IntegrityError
+
+from ..api import _prepare, _store, _write_and_dispatch
+from ..errors import InvalidMessageError
+from ..message import Message
+from ..store.models import utcnow
+from ..store.queue import NewMessage
+from ..worker.app import dispatch
+from . import CONFIG_NAMES, apply_config
+
+__all__ = [
+    "EmailBackend",
+    "OPTION_HEADERS",
+    "QueuedEmailMessage",
+    "QueuedEmailMultiAlternatives",
+    "to_mailqueue",
+]
+
+log = logging.getLogger("mailqueue.django")
+
+OPTION_HEADERS = {
+    "x-mailqueue-relay": "relay",
+    "x-mailqueue-send-at": "send_at",
+    "x-mailqueue-idempotency-key": "idempotency_key",
+    "x-mailqueue-metadata": "metadata",
+    "x-mailqueue-tags": "tags",
+}
+"""``extra_headers`` names (any case) read as options and stripped before sending."""
+
+
+class _QueuedOptions:
+    """Takes mailqueue's per-message options as keyword arguments, the rest goes to Django."""
+
+    mailqueue_options: dict[str, Any]
+
+    def __init__(
+        self,
+        *args: Any,
+        relay: str | None = None,
+        send_at: dt.datetime | None = None,
+        idempotency_key: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        tags: Sequence[str] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        options = dict(
+            relay=relay,
+            send_at=send_at,
+            idempotency_key=idempotency_key,
+            metadata=metadata,
+            tags=tags,
+        )
+        self.mailqueue_options = {k: v for k, v in options.items() if v is not None}
+
+
+class QueuedEmailMessage(_QueuedOptions, EmailMessage):
+    """An ``EmailMessage`` with mailqueue's per-message options as keyword arguments."""
+
+
+class QueuedEmailMultiAlternatives(_QueuedOptions, EmailMultiAlternatives):
+    """An ``EmailMultiAlternatives`` with mailqueue's per-message options."""
+
+
+def _parse_option(name: str, value: Any) -> Any:
+    if name == "send_at" and not isinstance(value, dt.datetime):
+        try:
+            value = dt.datetime.fromisoformat(str(value))
+        except ValueError:
+            raise InvalidMessageError(
+                f"X-Mailqueue-Send-At: {value!r} is not an ISO 8601 date-time", field="send_at"
+            ) from None
+    if name == "send_at" and value.tzinfo is None:
+        raise InvalidMessageError("send_at must carry a UTC offset", field="send_at")
+    if name == "metadata" and not isinstance(value, dict):
+        try:
+            value = json.loads(str(value))
+        except ValueError:
+            value = None
+        if not isinstance(value, dict):
+            raise InvalidMessageError(
+                "X-Mailqueue-Metadata must be a JSON object", field="metadata"
+            )
+    if name == "tags" and isinstance(value, str):
+        value = [t.strip() for t in value.split(",") if t.strip()]
+    return value
+
+
+def to_mailqueue(message: EmailMessage) -> tuple[Message, dict[str, Any]]:
+    """A Django message as a mailqueue ``Message`` (Django's own MIME) and its options."""
+    options: dict[str, Any] = {}
+    headers: dict[str, Any] = {}
+    for name, value in message.extra_headers.items():
+        key = name.lower()
+        if key.startswith("x-mailqueue-"):
+            if key not in OPTION_HEADERS:
+                known = ", ".join(h.title() for h in OPTION_HEADERS)
+                raise InvalidMessageError(f"unknown header {name!r} (known: {known})", field=name)
+            options[OPTION_HEADERS[key]] = _parse_option(OPTION_HEADERS[key], value)
+        else:
+            headers[name] = value
+    for name, value in getattr(message, "mailqueue_options", {}).items():
+        options[name] = _parse_option(name, value)
+    tags = options.pop("tags", None)
+    if tags:
+        options["metadata"] = {**options.get("metadata", {}), "tags": list(tags)}
+
+    clean = copy.copy(message)
+    clean.extra_headers = headers
+    mime = clean.message()  # Django builds the MIME exactly as its SMTP backend would
+    recipients = [a for a in message.recipients() if a]
+    if message.bcc:
+        mime["Bcc"] = ", ".join(message.bcc)  # mailqueue takes the kind from it, then strips it
+    in_headers = {
+        addr.lower()
+        for field_name in ("To", "Cc", "Bcc")
+        for _, addr in email.utils.getaddresses([str(v) for v in mime.get_all(field_name, [])])
+    }
+    wanted = {email.utils.parseaddr(a)[1].lower() for a in recipients}
+    return (
+        Message(
+            eml=mime.as_bytes(),
+            envelope_from=email.utils.parseaddr(str(message.from_email))[1],
+            # Headers may differ from the envelope (an extra_headers "To"): Django
+            # sends to recipients(), so do we.
+            envelope_to=None if in_headers == wanted else recipients,
+        ),
+        options,
+    )
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _plain(value: Any) -> Any:
+    # psycopg2 cannot adapt uuid.UUID unless told to; PostgreSQL casts the text.
+    return str(value) if isinstance(value, uuid.UUID) else value
+
+
+class _DjangoExecutor:
+    """Runs mailqueue's INSERTs on a Django connection (so they join its transaction)."""
+
+    def __init__(self, alias: str) -> None:
+        # Driver-neutral dialects: values come out as plain Python objects (JSON as
+        # text, UUIDs as below) that Django's psycopg, psycopg2 and sqlite3 all take.
+        from sqlalchemy.dialects.postgresql.base import PGDialect
+        from sqlalchemy.dialects.sqlite.base import SQLiteDialect
+
+        self.connection = connections[alias]
+        self.dialect: Any
+        vendor = self.connection.vendor
+        if vendor == "postgresql":
+            self.dialect = PGDialect()
+        elif vendor == "sqlite":
+            self.dialect = SQLiteDialect()
+        else:
+            raise ImproperlyConfigured(
+                f"mailqueue same_database mode supports PostgreSQL and SQLite, not {vendor}"
+            )
+
+    def execute(self, statement: Any, rows: list[dict[str, Any]]) -> None:
+        if not rows:
+            return
+        table = statement.table
+        columns = list(rows[0])
+        processors = [
+            table.c[c].type.dialect_impl(self.dialect).bind_processor(self.dialect) for c in columns
+        ]
+        quote = self.connection.ops.quote_name
+        sql = "INSERT INTO {} ({}) VALUES ({})".format(
+            quote(table.name),
+            ", ".join(quote(c) for c in columns),
+            ", ".join(["%s"] * len(columns)),
+        )
+        params = [
+            [_plain(p(row[c]) if p else row[c]) for c, p in zip(columns, processors, strict=True)]
+            for row in rows
+        ]
+        with self.connection.cursor() as cursor:
+            cursor.executemany(sql, params)
+
+    def find_by_key(self, key: str) -> str | None:
+        with self.connection.cursor() as cursor:
+            cursor.execute("SELECT id FROM mq_message WHERE idempotency_key = %s", [key])
+            row = cursor.fetchone()
+        return None if row is None else str(uuid.UUID(str(row[0])))
+
+
+def _write_in_django_transaction(alias: str, prepared: list[NewMessage]) -> list[str]:
+    """Rows through Django's connection, in its transaction; the broker after the commit."""
+    executor = _DjangoExecutor(alias)
+    store = _store()
+    ids: list[str] = []
+    due: list[uuid.UUID] = []
+    with transaction.atomic(using=alias):
+        for message in prepared:
+            existing = message.idempotency_key and executor.find_by_key(message.idempotency_key)
+            if existing:
+                ids.append(existing)
+                continue
+            try:
+                with transaction.atomic(using=alias):  # a savepoint: a lost race is not fatal
+                    store.insert([message], conn=executor)
+            except DjangoIntegrityError:
+                existing = message.idempotency_key and executor.find_by_key(message.idempotency_key)
+                if not existing:
+                    raise
+                ids.append(existing)
+                continue
+            ids.append(str(message.id))
+            if message.dispatched:
+                due.append(message.id)
+        if due:
+            transaction.on_commit(lambda: dispatch(due), using=alias)
+    return ids
+
+
+def _write_own_database(prepared: list[NewMessage]) -> list[str]:
+    """Rows in mailqueue's database (its own transaction), then the broker."""
+    store = _store()
+    ids: list[str] = []
+    for message in prepared:
+        key = message.idempotency_key
+        existing = store.find_by_idempotency_key(key) if key else None
+        if existing is not None:
+            ids.append(str(existing))
+            continue
+        try:
+            ids.extend(str(i) for i in _write_and_dispatch([message], None))
+        except IntegrityError:
+            existing = store.find_by_idempotency_key(key) if key else None
+            if existing is None:
+                raise
+            ids.append(str(existing))
+    return ids
+
+
+def _django_config() -> dict[str, Any]:
+    return {n: getattr(django_settings, n) for n in CONFIG_NAMES if hasattr(django_settings, n)}
+
+
+class EmailBackend(BaseEmailBackend):
+    """Enqueue Django mail in mailqueue (see the module's documentation).
+
+    Options (``MAILERS[...]["OPTIONS"]`` on Django 6.1+, or ``get_connection``
+    keyword arguments), each defaulting to a Django setting:
+
+    * ``relay`` (``MAILQUEUE_DJANGO_RELAY``): the relay name for this backend's mail;
+    * ``database`` (``MAILQUEUE_DJANGO_DATABASE``, default ``"default"``): the
+      Django database whose transaction decides;
+    * ``same_database`` (``MAILQUEUE_DJANGO_SAME_DATABASE``, default False):
+      write the rows through that database's connection.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        relay: str | None = None,
+        database: str | None = None,
+        same_database: bool | None = None,
+        **kwargs: Any,
+    ) -> None:
+        fail_silently = args[0] if args else kwargs.get("fail_silently", False)
+        super().__init__(*args, **kwargs)
+        self.mailqueue_fail_silently = bool(fail_silently)
+        self.relay = (
+            relay if relay is not None else getattr(django_settings, "MAILQUEUE_DJANGO_RELAY", None)
+        )
+        self.database = str(
+            database or getattr(django_settings, "MAILQUEUE_DJANGO_DATABASE", "default")
+        )
+        if same_database is None:
+            same_database = getattr(django_settings, "MAILQUEUE_DJANGO_SAME_DATABASE", False)
+        self.same_database = bool(same_database)
+        apply_config(_django_config())
+
+    def send_messages(self, email_messages: Sequence[EmailMessage]) -> int:
+        """Validate and enqueue; the number of messages accepted (Django's contract)."""
+        if not email_messages:
+            return 0
+        prepared: list[NewMessage] = []
+        sent: list[EmailMessage] = []
+        now = utcnow()
+        for message in email_messages:
+            if not message.recipients():
+                continue
+            try:
+                mq_message, options = to_mailqueue(message)
+                options.setdefault("relay", self.relay)
+                prepared.append(
+                    _prepare(
+                        mq_message,
+                        relay=options.get("relay"),
+                        send_at=options.get("send_at"),
+                        idempotency_key=options.get("idempotency_key"),
+                        metadata=options.get("metadata"),
+                        now=now,
+                    )
+                )
+                sent.append(message)
+            except Exception:
+                if self.mailqueue_fail_silently:
+                    continue
+                raise
+        if not prepared:
+            return 0
+        try:
+            if self.same_database:
+                ids = _write_in_django_transaction(self.database, prepared)
+                for message, mid in zip(sent, ids, strict=True):
+                    message.mailqueue_id = mid  # type: ignore[attr-defined]
+            else:
+                for message, new in zip(sent, prepared, strict=True):
+                    message.mailqueue_id = str(new.id)  # type: ignore[attr-defined]
+                self._on_commit(prepared, sent)
+        except Exception:
+            if self.mailqueue_fail_silently:
+                return 0
+            raise
+        return len(prepared)
+
+    def _on_commit(self, prepared: list[NewMessage], sent: list[EmailMessage]) -> None:
+        def write() -> None:
+            ids = _write_own_database(prepared)
+            for message, mid in zip(sent, ids, strict=True):
+                message.mailqueue_id = mid  # type: ignore[attr-defined]
+
+        if connections[self.database].in_atomic_block:
+            # robust: an error here (after your commit) is logged by Django, not raised
+            transaction.on_commit(write, using=self.database, robust=True)
+        else:
+            write()

@@ -1,0 +1,120 @@
+"""Logging: plain text by default, JSON lines with ``MAILQUEUE_LOG_JSON=1``.
+
+JSON records carry ``message_id``, ``recipient``, ``relay``, ``status``,
+``smtp_code`` and ``attempt`` as fields when the log call has them (the
+worker logs one record per recipient outcome, see ``log_attempt``). A filter
+on every handler masks anything that looks like a password in a URL
+(``scheme://user:secret@host``) or an ``AUTH``/``password=`` value, as a last
+line of defence: mailqueue never logs secrets on purpose.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+from typing import Any
+
+__all__ = ["configure_logging", "json_enabled", "log_attempt", "SecretFilter"]
+
+log = logging.getLogger("mailqueue.delivery")
+
+_URL_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*:)[^@\s]+(?=@)")
+_KEY_VALUE = re.compile(
+    r"(?P<head>\b(?:password|passwd|pwd|secret|token|api_key)\s*[=:]\s*)[^\s,;&]+", re.I
+)
+_AUTH_LINE = re.compile(r"(?P<head>\bAUTH\s+(?:PLAIN|LOGIN|XOAUTH2)\s+)\S+", re.I)
+
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def scrub(text: str) -> str:
+    """``text`` with URL passwords, ``password=…`` values and AUTH blobs masked."""
+    for pattern in (_URL_PASSWORD, _KEY_VALUE, _AUTH_LINE):
+        text = pattern.sub(lambda m: m.group("head") + "***", text)
+    return text
+
+
+class SecretFilter(logging.Filter):
+    """Mask secrets in the formatted message and in string extras."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - leave broken records to the formatter
+            return True
+        clean = scrub(message)
+        if clean != message:
+            record.msg, record.args = clean, None
+        for key, value in list(record.__dict__.items()):
+            if key not in _STANDARD and isinstance(value, str):
+                setattr(record, key, scrub(value))
+        return True
+
+
+_STANDARD = set(vars(logging.LogRecord("x", 0, "x", 0, "x", None, None))) | {"message", "asctime"}
+
+
+def json_enabled(environ: dict[str, str] | None = None) -> bool:
+    value = (environ if environ is not None else os.environ).get("MAILQUEUE_LOG_JSON", "")
+    return value.strip().lower() in ("1", "true", "yes", "on")
+
+
+def _formatter(as_json: bool) -> logging.Formatter:
+    if not as_json:
+        return logging.Formatter(TEXT_FORMAT)
+    from pythonjsonlogger.json import JsonFormatter
+
+    return JsonFormatter(
+        "%(asctime)s %(levelname)s %(name)s %(message)s %(process)d",
+        rename_fields={"levelname": "level", "name": "logger", "asctime": "time"},
+        datefmt="%Y-%m-%dT%H:%M:%S%z",
+    )
+
+
+def configure_logging(level: int | str = logging.WARNING, *, as_json: bool | None = None) -> None:
+    """One stderr handler on the root logger, text or JSON, with the secret filter."""
+    as_json = json_enabled() if as_json is None else as_json
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(handler, "_mailqueue", False):
+            root.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler._mailqueue = True  # type: ignore[attr-defined]
+    handler.setFormatter(_formatter(as_json))
+    handler.addFilter(SecretFilter())
+    root.addHandler(handler)
+    root.setLevel(level)
+
+
+def log_attempt(message: Any, outcome: Any) -> None:
+    """One record per recipient outcome of an attempt (INFO; failures at WARNING)."""
+    if not log.isEnabledFor(logging.WARNING):
+        return
+    try:
+        addresses = {r.id: r.address for r in message.recipients}
+        for r in outcome.recipients:
+            level = logging.WARNING if r.status == "failed" else logging.INFO
+            if not log.isEnabledFor(level):
+                continue
+            log.log(
+                level,
+                "%s %s %s %s",
+                message.id,
+                addresses.get(r.recipient_id, "?"),
+                r.status,
+                f"{r.code or ''} {r.reply or r.error or ''}".strip(),
+                extra={
+                    "message_id": str(message.id),
+                    "recipient": addresses.get(r.recipient_id),
+                    "relay": message.relay,
+                    "status": r.status,
+                    "smtp_code": r.code,
+                    "enhanced_code": r.enhanced_code,
+                    "attempt": message.attempts,
+                    "error": r.error,
+                },
+            )
+    except Exception:  # noqa: BLE001 - logging never stops delivery
+        logging.getLogger("mailqueue.metrics").debug("log_attempt failed", exc_info=True)

@@ -1,0 +1,352 @@
+"""Prometheus metrics: definitions, the hooks the worker, pool and scheduler call, exposure.
+
+Metric objects are built on first use, not at import: under Celery's prefork
+pool the worker must switch prometheus_client to multiprocess mode
+(``PROMETHEUS_MULTIPROC_DIR``) before the first metric exists, and the
+worker, pool and scheduler modules import this one early.
+
+Exposure (see ``serve``): set ``MAILQUEUE_METRICS_PORT`` and
+
+* ``mailqueue worker`` collects its prefork children's metrics through
+  multiprocess files (``PROMETHEUS_MULTIPROC_DIR``, a fresh temporary folder
+  unless you set one) and serves them all from the parent on that port;
+* ``mailqueue scheduler`` serves its own on that port.
+
+The hooks (``observe_attempt``, ``pool_changed``, ``pool_waited``,
+``scheduler_tick``) never raise: a metrics problem must not stop delivery.
+
+Metric names:
+
+==========================================  =========  ==========================================
+``mailqueue_messages_total``                counter    attempts by message outcome (``relay``,
+                                                       ``outcome``: sent/partial/failed/deferred/
+                                                       queued)
+``mailqueue_recipients_total``              counter    recipient outcomes (``relay``,
+                                                       ``outcome``: sent/deferred/failed)
+``mailqueue_smtp_replies_total``            counter    replies by class (``relay``, ``class``:
+                                                       2xx/4xx/5xx/none = no reply, e.g. refused)
+``mailqueue_delivery_latency_seconds``      histogram  enqueue → accepted, per recipient
+``mailqueue_delivery_attempts``             histogram  attempt number at which recipients ended
+``mailqueue_attempts_total``                counter    delivery attempts made (``relay``)
+``mailqueue_pool_connections``              gauge      ``state``: open/idle/in_use (summed over
+                                                       live worker processes)
+``mailqueue_pool_waits_total``              counter    borrowers that waited for a connection
+``mailqueue_pool_connections_opened_total`` counter    connections opened
+``mailqueue_worker_processes``              gauge      live delivering processes
+``mailqueue_queue_depth``                   gauge      ``state``: waiting/due, per relay (scheduler)
+``mailqueue_oldest_due_age_seconds``        gauge      how long the oldest due message waits
+``mailqueue_scheduler_dispatched_total``    counter    ids handed to the broker
+``mailqueue_scheduler_undispatched_total``  counter    ids the broker refused
+``mailqueue_scheduler_last_tick_timestamp`` gauge      unix time of the last finished tick
+==========================================  =========  ==========================================
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import uuid
+from typing import Any
+
+__all__ = [
+    "get",
+    "enable_multiprocess",
+    "serve",
+    "observe_attempt",
+    "pool_changed",
+    "pool_waited",
+    "scheduler_tick",
+    "observe_queue",
+    "reply_class",
+]
+
+log = logging.getLogger("mailqueue.metrics")
+
+LATENCY_BUCKETS = (
+    0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600, 86400, 5 * 86400,
+)  # fmt: skip
+ATTEMPT_BUCKETS = (1, 2, 3, 4, 5, 7, 10, 15, 20, 30)
+
+
+class _Metrics:
+    def __init__(self) -> None:
+        from prometheus_client import Counter, Gauge, Histogram
+
+        self.messages = Counter(
+            "mailqueue_messages_total",
+            "Delivery attempts by the message's status afterwards",
+            ["relay", "outcome"],
+        )
+        self.recipients = Counter(
+            "mailqueue_recipients_total",
+            "Recipient outcomes of delivery attempts",
+            ["relay", "outcome"],
+        )
+        self.replies = Counter(
+            "mailqueue_smtp_replies_total",
+            "SMTP replies to RCPT/DATA by class; 'none' when no reply came (connection failed)",
+            ["relay", "class"],
+        )
+        self.latency = Histogram(
+            "mailqueue_delivery_latency_seconds",
+            "Seconds from enqueue to the relay accepting a recipient",
+            ["relay"],
+            buckets=LATENCY_BUCKETS,
+        )
+        self.attempt_number = Histogram(
+            "mailqueue_delivery_attempts",
+            "Attempt number at which a recipient reached sent or failed",
+            ["relay", "outcome"],
+            buckets=ATTEMPT_BUCKETS,
+        )
+        self.attempts = Counter(
+            "mailqueue_attempts_total", "Delivery attempts made on messages", ["relay"]
+        )
+        self.pool = Gauge(
+            "mailqueue_pool_connections",
+            "SMTP connections of the worker pools by state (open = idle + in_use)",
+            ["relay", "state"],
+            multiprocess_mode="livesum",
+        )
+        self.pool_waits = Counter(
+            "mailqueue_pool_waits_total",
+            "Times a sender waited because the pool was at its bound",
+            ["relay"],
+        )
+        self.pool_opened = Counter(
+            "mailqueue_pool_connections_opened_total", "SMTP connections opened", ["relay"]
+        )
+        self.worker_processes = Gauge(
+            "mailqueue_worker_processes",
+            "Live worker processes that have delivered since they started",
+            multiprocess_mode="livesum",
+        )
+        self.queue_depth = Gauge(
+            "mailqueue_queue_depth",
+            "Messages waiting (queued or deferred) and, of those, due now",
+            ["relay", "state"],
+            multiprocess_mode="max",
+        )
+        self.oldest_due = Gauge(
+            "mailqueue_oldest_due_age_seconds",
+            "How long the longest-waiting due message has been due",
+            ["relay"],
+            multiprocess_mode="max",
+        )
+        self.relay_paused = Gauge(
+            "mailqueue_relay_paused",
+            "1 while a relay is paused after an auth or TLS failure (mq_relay), else 0",
+            ["relay"],
+            multiprocess_mode="max",
+        )
+        self.dispatched = Counter(
+            "mailqueue_scheduler_dispatched_total", "Message ids the scheduler handed to the broker"
+        )
+        self.undispatched = Counter(
+            "mailqueue_scheduler_undispatched_total",
+            "Message ids the scheduler could not hand to the broker",
+        )
+        self.last_tick = Gauge(
+            "mailqueue_scheduler_last_tick_timestamp",
+            "Unix time when the scheduler last finished a tick",
+            multiprocess_mode="max",
+        )
+        self._relays_seen: set[str] = set()
+        self._worker_marked = False
+
+
+_metrics: _Metrics | None = None
+_lock = threading.Lock()
+
+
+def get() -> _Metrics:
+    """The process's metric objects (built on first use)."""
+    global _metrics
+    if _metrics is None:
+        with _lock:
+            if _metrics is None:
+                _metrics = _Metrics()
+    return _metrics
+
+
+def enable_multiprocess(directory: str) -> None:
+    """Switch this process (and children forked later) to multiprocess files in ``directory``.
+
+    Must run before the first metric is built. Stale files from an earlier
+    run are removed; each prefork child's files are marked dead when it exits.
+    """
+    if _metrics is not None:
+        raise RuntimeError("metrics already built; enable multiprocess mode earlier")
+    os.makedirs(directory, exist_ok=True)
+    for name in os.listdir(directory):
+        if name.endswith(".db"):
+            os.unlink(os.path.join(directory, name))
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    from prometheus_client import values
+
+    values.ValueClass = values.get_value_class()
+
+    from celery import signals
+
+    signals.worker_process_init.connect(_child_started, weak=False)
+    signals.worker_process_shutdown.connect(_child_exited, weak=False)
+
+
+def _child_started(**_: Any) -> None:
+    """Each prefork child counts itself once (a livesum gauge: dead children drop out)."""
+    m = get()
+    m._worker_marked = True
+    m.worker_processes.set(1)
+
+
+def _child_exited(**_: Any) -> None:
+    from prometheus_client import multiprocess
+
+    try:
+        multiprocess.mark_process_dead(os.getpid())
+    except Exception:  # noqa: BLE001
+        log.debug("could not mark metrics of process %d dead", os.getpid(), exc_info=True)
+
+
+def serve(port: int, addr: str = "0.0.0.0") -> Any:
+    """Serve ``/metrics`` on ``port`` from a background thread; multiprocess-aware."""
+    from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
+
+    registry = REGISTRY
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+    server, _thread = start_http_server(port, addr=addr, registry=registry)
+    log.info("metrics on http://%s:%d/metrics", addr, port)
+    return server
+
+
+def metrics_port(environ: dict[str, str] | None = None) -> int | None:
+    """``MAILQUEUE_METRICS_PORT`` as an int, or None when unset or empty."""
+    value = (environ if environ is not None else os.environ).get("MAILQUEUE_METRICS_PORT", "")
+    return int(value) if value.strip() else None
+
+
+# -- hooks ------------------------------------------------------------------------------
+
+
+def reply_class(code: int | None) -> str:
+    """``2xx``/``4xx``/``5xx`` for a reply code, ``none`` when no reply came."""
+    if not code:
+        return "none"
+    return f"{code // 100}xx"
+
+
+def _enqueued_at(message_id: uuid.UUID) -> float | None:
+    """Message ids are UUIDv7: their first 48 bits are the enqueue time in ms."""
+    if message_id.version != 7:
+        return None
+    return (message_id.int >> 80) / 1000.0
+
+
+def observe_attempt(message: Any, result: Any, outcome: Any) -> None:
+    """After one attempt on one claimed message is recorded (``worker.service``)."""
+    try:
+        _observe_attempt(message, result, outcome)
+    except Exception:  # noqa: BLE001 - metrics never stop delivery
+        log.debug("metrics: observe_attempt failed", exc_info=True)
+
+
+def _observe_attempt(message: Any, result: Any, outcome: Any) -> None:
+    from .store.queue import derive_status
+
+    m = get()
+    relay = message.relay
+    if not m._worker_marked:
+        m._worker_marked = True
+        m.worker_processes.set(1)
+    m.attempts.labels(relay).inc()
+    now = time.time()
+    enqueued = _enqueued_at(message.id)
+    attempt = message.attempts  # the claim counted this attempt already
+    final = {r.id: r.status for r in message.recipients}
+    for r in outcome.recipients:
+        final[r.recipient_id] = r.status
+        m.recipients.labels(relay, r.status).inc()
+        if r.status in ("sent", "failed"):
+            m.attempt_number.labels(relay, r.status).observe(attempt)
+        if r.status == "sent" and enqueued is not None:
+            m.latency.labels(relay).observe(max(0.0, now - enqueued))
+    for r in result.recipients:
+        m.replies.labels(relay, reply_class(r.code)).inc()
+    if outcome.recipients:
+        m.messages.labels(relay, derive_status(final.values())).inc()
+
+
+def pool_changed(pool: Any) -> None:
+    """After the pool's state changed (``smtp.pool``): open/idle/in-use gauges."""
+    try:
+        m = get()
+        relay = pool.relay.name
+        idle = pool.idle_count
+        busy = pool.busy_count
+        m.pool.labels(relay, "open").set(pool.open_count)
+        m.pool.labels(relay, "idle").set(idle)
+        m.pool.labels(relay, "in_use").set(busy)
+    except Exception:  # noqa: BLE001
+        log.debug("metrics: pool_changed failed", exc_info=True)
+
+
+def pool_waited(pool: Any) -> None:
+    try:
+        get().pool_waits.labels(pool.relay.name).inc()
+    except Exception:  # noqa: BLE001
+        log.debug("metrics: pool_waited failed", exc_info=True)
+
+
+def pool_opened(pool: Any) -> None:
+    try:
+        get().pool_opened.labels(pool.relay.name).inc()
+    except Exception:  # noqa: BLE001
+        log.debug("metrics: pool_opened failed", exc_info=True)
+
+
+_last_queue_check = 0.0
+
+
+def scheduler_tick(report: Any, engine: Any, *, every_s: float = 15.0) -> None:
+    """After each scheduler tick: dispatch counters, and queue depth every ``every_s``."""
+    global _last_queue_check
+    try:
+        m = get()
+        m.dispatched.inc(report.dispatched)
+        m.undispatched.inc(report.undispatched)
+        m.last_tick.set(time.time())
+        now = time.monotonic()
+        if now - _last_queue_check >= every_s:
+            _last_queue_check = now
+            observe_queue(engine)
+    except Exception:  # noqa: BLE001 - a metrics query must not stop the scheduler
+        log.warning("metrics: could not read the queue depth", exc_info=True)
+
+
+def observe_queue(engine: Any) -> None:
+    """Set queue depth and oldest-due-age gauges per relay from SQL."""
+    from .store.ops import queue_depth
+
+    m = get()
+    depths = queue_depth(engine)
+    seen = set()
+    for d in depths:
+        seen.add(d.relay)
+        m.queue_depth.labels(d.relay, "waiting").set(d.waiting)
+        m.queue_depth.labels(d.relay, "due").set(d.due)
+        m.oldest_due.labels(d.relay).set(d.oldest_due_age_s)
+    for relay in (m._relays_seen | {"default"}) - seen:
+        m.queue_depth.labels(relay, "waiting").set(0)
+        m.queue_depth.labels(relay, "due").set(0)
+        m.oldest_due.labels(relay).set(0)
+    m._relays_seen |= seen
+    from .store.relays import relay_states
+
+    for state in relay_states(engine):
+        m.relay_paused.labels(state.name).set(1 if state.paused else 0)

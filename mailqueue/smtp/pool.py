@@ -1,0 +1,301 @@
+"""A bounded pool of reused SMTP connections to one relay, for one event loop.
+
+Modelled on httpcore's pool: the pool's state is plain data (a list of
+connections, a queue of waiters) changed only by code that never awaits, so
+on one event loop no lock is needed; connect and close happen outside those
+steps. A connection is handed out and marked busy in the same step, so the
+open count never exceeds ``max_size`` even while connections are being made.
+
+Connections are known to the pool only through small predicates
+(``is_idle``, ``has_expired``, ``is_usable``). Expiry is checked whenever a
+connection is handed out or returned; an idle connection is also closed by a
+timer when its idle deadline passes, so the relay does not hold sockets for a
+worker that has gone quiet.
+
+A connection that timed out, dropped, or heard 421 is *poisoned*: it is
+closed and never handed out again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+import aiosmtplib
+
+from .. import metrics as _metrics
+from ..config import RelayConfig
+from ..errors import SMTPError
+from .session import TokenCache, open_session
+
+__all__ = ["Connection", "Pool", "PoolStats"]
+
+log = logging.getLogger("mailqueue.pool")
+
+
+class Connection:
+    """One SMTP session and the bookkeeping the pool needs about it."""
+
+    def __init__(self, smtp: aiosmtplib.SMTP, *, number: int) -> None:
+        self.smtp = smtp
+        self.number = number
+        self.opened_at = time.monotonic()
+        self.last_used_at = self.opened_at
+        self.messages = 0
+        self.busy = False
+        self.poisoned = False
+
+    def is_idle(self) -> bool:
+        """Open and not handed out."""
+        return not self.busy and self.is_usable()
+
+    def is_usable(self) -> bool:
+        """Still connected and not poisoned by a failure."""
+        return not self.poisoned and self.smtp.is_connected
+
+    def has_expired(self, now: float, relay: RelayConfig) -> bool:
+        """Carried its share of messages, lived too long, or sat idle too long."""
+        return (
+            self.messages >= relay.max_messages_per_connection
+            or now - self.opened_at >= relay.max_connection_age_s
+            or (not self.busy and now - self.last_used_at >= relay.idle_timeout_s)
+        )
+
+    def needs_check(self, now: float, relay: RelayConfig) -> bool:
+        """Idle long enough that the server may have dropped it quietly."""
+        return now - self.last_used_at >= relay.check_after_idle_s
+
+    def poison(self) -> None:
+        """Never hand this connection out again."""
+        self.poisoned = True
+
+
+@dataclass
+class PoolStats:
+    """Counters that tests, metrics and the demo read."""
+
+    opened: int = 0
+    closed: int = 0
+    messages: int = 0
+    waits: int = 0
+    peak_open: int = 0
+    open_now: int = field(default=0)
+
+
+Connector = Callable[[RelayConfig], Awaitable[aiosmtplib.SMTP]]
+
+
+class Pool:
+    """At most ``relay.pool_size`` connections to one relay, reused across messages.
+
+    Use ``async with pool.connection() as conn:``. Leaving the block returns
+    the connection; call ``conn.poison()`` first when it must not be reused.
+    """
+
+    def __init__(self, relay: RelayConfig, *, connector: Connector | None = None) -> None:
+        if relay.pool_size < 1:
+            raise ValueError("pool_size must be at least 1")
+        self.relay = relay
+        self.tokens = TokenCache()  # OAuth2 tokens outlive any one connection
+        self._connector = connector or (lambda r: open_session(r, self.tokens))
+        self._connections: list[Connection] = []
+        self._reserved = 0  # slots taken by connections being opened
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._numbers = 0
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._closed = False
+        self.stats = PoolStats()
+
+    # -- state, changed only by the non-awaiting methods below ----------------
+
+    @property
+    def open_count(self) -> int:
+        return len(self._connections) + self._reserved
+
+    @property
+    def idle_count(self) -> int:
+        return sum(1 for c in self._connections if c.is_idle())
+
+    @property
+    def busy_count(self) -> int:
+        return sum(1 for c in self._connections if c.busy) + self._reserved
+
+    def _take(self) -> tuple[Connection | None, bool, list[Connection]]:
+        """Hand out an idle connection or reserve a slot for a new one.
+
+        Returns ``(connection, reserved, to_close)``; both empty means wait.
+        """
+        now = time.monotonic()
+        to_close = self._drop_unusable(now)
+        for conn in self._connections:
+            if conn.is_idle():
+                conn.busy = True
+                return conn, False, to_close
+        if self.open_count < self.relay.pool_size:
+            self._reserved += 1
+            self._note_open()
+            return None, True, to_close
+        return None, False, to_close
+
+    def _drop_unusable(self, now: float) -> list[Connection]:
+        """Remove expired, poisoned and disconnected idle connections."""
+        keep, drop = [], []
+        for conn in self._connections:
+            if not conn.busy and (not conn.is_usable() or conn.has_expired(now, self.relay)):
+                drop.append(conn)
+            else:
+                keep.append(conn)
+        if drop:
+            self._connections = keep
+            self._wake_one()
+        return drop
+
+    def _note_open(self) -> None:
+        self.stats.open_now = self.open_count
+        self.stats.peak_open = max(self.stats.peak_open, self.stats.open_now)
+        _metrics.pool_changed(self)
+
+    def _give_back(self, conn: Connection) -> list[Connection]:
+        conn.busy = False
+        conn.last_used_at = time.monotonic()
+        to_close = self._drop_unusable(conn.last_used_at)
+        if conn in self._connections:
+            self._wake_one()
+            self._arm_idle_timer()
+        _metrics.pool_changed(self)
+        return to_close
+
+    def _wake_one(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    def _arm_idle_timer(self) -> None:
+        if self._idle_timer is None:
+            loop = asyncio.get_running_loop()
+            self._idle_timer = loop.call_later(self.relay.idle_timeout_s, self._on_idle_timer)
+
+    def _on_idle_timer(self) -> None:
+        self._idle_timer = None
+        to_close = self._drop_unusable(time.monotonic())
+        for conn in to_close:
+            asyncio.ensure_future(self._close(conn))
+        if any(c.is_idle() for c in self._connections):
+            self._arm_idle_timer()
+
+    # -- I/O -------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[Connection]:
+        """Borrow a connection: reused when one is idle, else opened within the bound."""
+        conn = await self._acquire()
+        try:
+            yield conn
+        except BaseException:
+            conn.poison()  # an exception mid-transaction leaves the session in doubt
+            raise
+        finally:
+            conn.messages += 1
+            for dead in self._give_back(conn):
+                await self._close(dead)
+
+    async def _acquire(self) -> Connection:
+        if self._closed:
+            raise RuntimeError("pool is closed")
+        while True:
+            conn, reserved, to_close = self._take()
+            for dead in to_close:
+                await self._close(dead)
+            if conn is not None:
+                if conn.needs_check(time.monotonic(), self.relay) and not await self._alive(conn):
+                    self._connections.remove(conn)
+                    await self._close(conn)
+                    self._wake_one()
+                    continue
+                self.stats.messages += 1
+                _metrics.pool_changed(self)
+                return conn
+            if reserved:
+                return await self._open()
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            self.stats.waits += 1
+            _metrics.pool_waited(self)
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake_one()  # pass on the wake-up we were given
+                raise
+
+    async def _open(self) -> Connection:
+        try:
+            smtp = await self._connector(self.relay)
+        except BaseException:
+            self._reserved -= 1
+            self.stats.open_now = self.open_count
+            _metrics.pool_changed(self)
+            self._wake_one()
+            raise
+        self._reserved -= 1
+        self._numbers += 1
+        conn = Connection(smtp, number=self._numbers)
+        conn.busy = True
+        self._connections.append(conn)
+        self.stats.opened += 1
+        self.stats.messages += 1
+        _metrics.pool_opened(self)
+        log.debug("opened connection %d to %s", conn.number, self.relay.safe_url)
+        return conn
+
+    async def _alive(self, conn: Connection) -> bool:
+        try:
+            await conn.smtp.noop(timeout=min(10.0, self.relay.command_timeout_s))
+        except (aiosmtplib.SMTPException, OSError):
+            conn.poison()
+            return False
+        return True
+
+    async def _close(self, conn: Connection) -> None:
+        """Say QUIT when the session is healthy, then drop the socket."""
+        if conn in self._connections:
+            self._connections.remove(conn)
+        self.stats.closed += 1
+        self.stats.open_now = self.open_count
+        _metrics.pool_changed(self)
+        smtp = conn.smtp
+        if smtp.is_connected and not conn.poisoned:
+            with contextlib.suppress(aiosmtplib.SMTPException, OSError, asyncio.TimeoutError):
+                await asyncio.shield(smtp.quit(timeout=5))
+        smtp.close()
+
+    async def aclose(self) -> None:
+        """Close every idle connection and refuse new borrowers."""
+        self._closed = True
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+        for conn in list(self._connections):
+            if not conn.busy:
+                await self._close(conn)
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_exception(RuntimeError("pool is closed"))
+
+
+def is_poisoning(exc: BaseException) -> bool:
+    """Whether a failure leaves the session unusable (drop, timeout, 421)."""
+    if isinstance(exc, (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError)):
+        return True
+    if isinstance(exc, aiosmtplib.SMTPResponseException):
+        return exc.code == 421
+    if isinstance(exc, SMTPError):
+        return exc.code == 421 or exc.code is None
+    return False

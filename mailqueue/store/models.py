@@ -1,0 +1,236 @@
+"""The two tables that are the queue's truth: messages and their recipients.
+
+Status words live here and only here (the README's table is built from
+them):
+
+Recipient: ``pending`` (not tried yet), ``sent`` (the relay accepted it),
+``deferred`` (a temporary failure; tried again at the message's
+``next_attempt_at``), ``failed`` (refused for good, or expired),
+``cancelled``.
+
+Message, derived from its recipients: ``queued``, ``sending`` (a worker holds
+its lease), ``deferred``, ``sent`` (all accepted), ``partial`` (terminal:
+some accepted, the rest failed or cancelled), ``failed`` (none accepted),
+``cancelled``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from typing import Any, cast
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    SmallInteger,
+    String,
+    Table,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+    Uuid,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+__all__ = [
+    "Base",
+    "MessageRow",
+    "RecipientRow",
+    "MessageStatus",
+    "RecipientStatus",
+    "TERMINAL_MESSAGE",
+    "utcnow",
+]
+
+
+class MessageStatus:
+    QUEUED = "queued"
+    SENDING = "sending"
+    DEFERRED = "deferred"
+    SENT = "sent"
+    PARTIAL = "partial"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    ALL = (QUEUED, SENDING, DEFERRED, SENT, PARTIAL, FAILED, CANCELLED)
+
+
+class RecipientStatus:
+    PENDING = "pending"
+    SENT = "sent"
+    DEFERRED = "deferred"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    ALL = (PENDING, SENT, DEFERRED, FAILED, CANCELLED)
+    OPEN = (PENDING, DEFERRED)
+    """Recipients that a delivery attempt still carries."""
+
+
+TERMINAL_MESSAGE = (
+    MessageStatus.SENT,
+    MessageStatus.PARTIAL,
+    MessageStatus.FAILED,
+    MessageStatus.CANCELLED,
+)
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class UTCDateTime(TypeDecorator[dt.datetime]):
+    """Timezone-aware UTC in Python on every backend (SQLite keeps naive text)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: Any) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given; use an aware UTC datetime")
+        value = value.astimezone(dt.UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: dt.datetime | None, dialect: Any) -> dt.datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
+
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class MessageRow(Base):
+    """One message: its bytes, envelope sender and scheduling state."""
+
+    __tablename__ = "mq_message"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    status: Mapped[str] = mapped_column(String(16))
+    relay: Mapped[str] = mapped_column(String(64), default="default")
+    mail_from: Mapped[str] = mapped_column(String(320))
+    subject: Mapped[str] = mapped_column(Text, default="")
+    size: Mapped[int] = mapped_column(Integer)
+    content: Mapped[bytes] = mapped_column(LargeBinary)
+    smtputf8: Mapped[bool] = mapped_column(Boolean, default=False)
+    eightbit: Mapped[bool] = mapped_column(Boolean, default=False)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    """When the message is next due; for ``sending`` rows, meaningless."""
+    expires_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    dispatched_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    """Last time its id was handed to the broker; NULL when it needs a dispatch."""
+    lease_owner: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    lease_until: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    idempotency_key: Mapped[str | None] = mapped_column(String(255), nullable=True, unique=True)
+    meta: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    last_error: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    last_reply: Mapped[str | None] = mapped_column(Text, nullable=True)
+    worker: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    """Which worker (host:pid) made the latest attempt."""
+
+    __table_args__ = (
+        # serves the scheduler's "what is due" and the per-status counts
+        Index("ix_mq_message_status_due", "status", "next_attempt_at"),
+        Index("ix_mq_message_created_at", "created_at"),
+    )
+
+
+class RecipientRow(Base):
+    """One recipient of one message and everything its last attempt said."""
+
+    __tablename__ = "mq_recipient"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    message_id: Mapped[uuid.UUID] = mapped_column(
+        Uuid, ForeignKey("mq_message.id", ondelete="CASCADE")
+    )
+    address: Mapped[str] = mapped_column(String(320))
+    kind: Mapped[str] = mapped_column(String(8))
+    status: Mapped[str] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    smtp_code: Mapped[int | None] = mapped_column(SmallInteger, nullable=True)
+    enhanced_code: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    reply: Mapped[str | None] = mapped_column(Text, nullable=True)
+    error: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    sent_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+    __table_args__ = (
+        UniqueConstraint("message_id", "address"),
+        Index("ix_mq_recipient_status", "status"),
+        Index("ix_mq_recipient_address", "address"),
+    )
+
+
+class RelayRow(Base):
+    """A relay that refused our credentials or TLS: paused until ``paused_until``.
+
+    Auth and TLS failures are the relay's (or our configuration's), not the
+    message's: they pause the relay with backoff instead of spending every
+    message's attempts, and show here for ``mailqueue relays``/``stats``.
+    """
+
+    __tablename__ = "mq_relay"
+
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    paused_until: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    failures: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    last_reply: Mapped[str | None] = mapped_column(Text, nullable=True)
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+
+
+# The tables, typed as Core tables for the statements in queue.py, admin.py, relays.py.
+MESSAGES = cast(Table, MessageRow.__table__)
+RECIPIENTS = cast(Table, RecipientRow.__table__)
+RELAYS = cast(Table, RelayRow.__table__)
+
+
+class AttemptRow(Base):
+    """One recipient's result in one attempt: the history behind ``RecipientRow``'s last word."""
+
+    __tablename__ = "mq_attempt"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    message_id: Mapped[uuid.UUID] = mapped_column(
+        Uuid, ForeignKey("mq_message.id", ondelete="CASCADE")
+    )
+    recipient_id: Mapped[int] = mapped_column(
+        BigId, ForeignKey("mq_recipient.id", ondelete="CASCADE")
+    )
+    status: Mapped[str] = mapped_column(String(16))
+    smtp_code: Mapped[int | None] = mapped_column(SmallInteger, nullable=True)
+    enhanced_code: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    reply: Mapped[str | None] = mapped_column(Text, nullable=True)
+    error: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    worker: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+
+    __table_args__ = (Index("ix_mq_attempt_message", "message_id", "id"),)
+
+
+ATTEMPTS = cast(Table, AttemptRow.__table__)

@@ -1,0 +1,1 @@
+"""The status page and JSON API (``mailqueue web``)."""

@@ -1,0 +1,546 @@
+"""The status page and the JSON API, as one Starlette app.
+
+Access: with a token, the API wants ``Authorization: Bearer <token>`` and
+the page a login (the token typed once, kept as a signed cookie). Without a
+token the app only runs bound to loopback and only when asked explicitly
+(``--no-auth-on-loopback``); it then also refuses other ``Host`` headers, so
+a web page elsewhere cannot reach it through DNS rebinding.
+
+Every state change is a POST. Page forms carry a CSRF token that must match
+a ``SameSite=Strict`` cookie; API POSTs must be JSON (a cross-site form can
+not send that without a CORS preflight, which this app never grants).
+
+Nothing secret is ever rendered: relay URLs are shown without passwords and
+settings are never dumped.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import hmac
+import json
+import re
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, RedirectResponse, Response
+from starlette.responses import JSONResponse as _StarletteJSON
+from starlette.routing import Route
+
+from .. import api
+from ..config import get_settings
+from ..errors import InvalidMessageError, NotFoundError
+from ..store import get_engine, ops
+from ..store.models import MessageStatus, RecipientStatus
+from .chart import render_chart
+
+__all__ = ["create_app"]
+
+SESSION_COOKIE = "mq_session"
+CSRF_COOKIE = "mq_csrf"
+LOOPBACK_HOSTS = ["127.0.0.1", "localhost", "[::1]", "::1"]
+MAX_LIMIT = 200
+RELAY_NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+NOTICES = {
+    "requeued": "Requeued for delivery: failed and deferred recipients will be tried again.",
+    "nothing-to-retry": "Nothing to retry: no failed or deferred recipient (or it is sending).",
+    "cancelled": "Cancelled the recipients that were not sent yet.",
+}
+"""Fixed texts shown after an action: the URL names one, it never carries the words."""
+
+_templates = Environment(
+    loader=FileSystemLoader(str(Path(__file__).parent / "templates")),
+    autoescape=select_autoescape(["html"]),
+)
+
+
+def _fmt_time(value: Any) -> str:
+    if not value:
+        return "–"
+    if isinstance(value, str):
+        value = dt.datetime.fromisoformat(value)
+    return value.strftime("%Y-%m-%d %H:%M:%S")
+
+
+_templates.filters["t"] = _fmt_time
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, dt.datetime):
+        return value.isoformat()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+class JSONResponse(_StarletteJSON):
+    """JSON with ISO 8601 datetimes wherever they sit."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(
+            content, default=_json_default, ensure_ascii=False, separators=(",", ":")
+        ).encode("utf-8")
+
+
+class _Cache:
+    """Tiny time-bounded memo: the counts and the chart cost a scan of an index."""
+
+    def __init__(self, ttl_s: float) -> None:
+        self.ttl_s = ttl_s
+        self._values: dict[str, tuple[float, Any]] = {}
+
+    async def get(self, key: str, fn: Callable[[], Any]) -> Any:
+        hit = self._values.get(key)
+        now = time.monotonic()
+        if hit is not None and now - hit[0] < self.ttl_s:
+            return hit[1]
+        value = await run_in_threadpool(fn)
+        self._values[key] = (now, value)
+        return value
+
+    def clear(self) -> None:
+        self._values.clear()
+
+
+def _engine() -> Any:
+    return get_engine(get_settings().database_url)
+
+
+def _parse_time(value: str | None, field: str) -> dt.datetime | None:
+    if not value:
+        return None
+    try:
+        parsed = dt.datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise InvalidMessageError(
+            f"{value!r} is not an ISO 8601 date or time", field=field
+        ) from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
+
+
+def _filters(params: Any) -> ops.Filters:
+    status = (params.get("status") or "").strip() or None
+    if status and status not in MessageStatus.ALL:
+        raise InvalidMessageError(f"unknown status {status!r}", field="status")
+    return ops.Filters(
+        status=status,
+        relay=(params.get("relay") or "").strip() or None,
+        sender=(params.get("sender") or "").strip() or None,
+        recipient=(params.get("recipient") or "").strip() or None,
+        tag=(params.get("tag") or "").strip() or None,
+        since=_parse_time(params.get("since"), "since"),
+        until=_until(params.get("until")),
+    )
+
+
+def _until(value: str | None) -> dt.datetime | None:
+    """A bare date means "to the end of that day"; a time is taken as it is."""
+    parsed = _parse_time(value, "until")
+    if parsed is not None and value is not None and len(value.strip()) == 10:
+        parsed += dt.timedelta(days=1)
+    return parsed
+
+
+def _limit(params: Any, default: int = 50) -> int:
+    try:
+        value = int(params.get("limit") or default)
+    except ValueError:
+        raise InvalidMessageError("limit must be a number", field="limit") from None
+    return max(1, min(MAX_LIMIT, value))
+
+
+_WINDOWS = {"1h": (3600, 60), "6h": (6 * 3600, 600), "24h": (86400, 3600), "7d": (7 * 86400, 21600)}
+
+
+def create_app(*, token: str | None, allow_anonymous: bool = False) -> Starlette:
+    """The ASGI app; ``token=None`` requires ``allow_anonymous`` (loopback only)."""
+    if not token and not allow_anonymous:
+        raise ValueError("a token is required unless anonymous loopback access is allowed")
+    key = hashlib.sha256(b"mailqueue-web:" + (token or secrets.token_hex(16)).encode()).digest()
+    session_value = hmac.new(key, b"session", hashlib.sha256).hexdigest()
+    cache = _Cache(5.0)
+
+    def authed(request: Request, *, api_call: bool) -> bool:
+        if not token:
+            return True
+        header = request.headers.get("authorization", "")
+        if header.lower().startswith("bearer ") and hmac.compare_digest(
+            header[7:].strip().encode(), token.encode()
+        ):
+            return True
+        if api_call:
+            return False
+        cookie = request.cookies.get(SESSION_COOKIE, "")
+        return hmac.compare_digest(cookie.encode(), session_value.encode())
+
+    def csrf_token(request: Request) -> str:
+        return request.cookies.get(CSRF_COOKIE) or request.state.new_csrf
+
+    async def csrf_ok(request: Request) -> bool:
+        form = await request.form()
+        sent = str(form.get("csrf") or "")
+        cookie = request.cookies.get(CSRF_COOKIE, "")
+        return bool(cookie) and hmac.compare_digest(sent.encode(), cookie.encode())
+
+    def render(request: Request, name: str, status_code: int = 200, **ctx: Any) -> HTMLResponse:
+        html = _templates.get_template(name).render(
+            request=request,
+            csrf=csrf_token(request),
+            auth=bool(token) and authed(request, api_call=False),
+            **ctx,
+        )
+        response = HTMLResponse(html, status_code=status_code)
+        if not request.cookies.get(CSRF_COOKIE):
+            response.set_cookie(
+                CSRF_COOKIE, request.state.new_csrf, httponly=True, samesite="strict"
+            )
+        return response
+
+    def page(
+        fn: Callable[[Request], Awaitable[Response]],
+    ) -> Callable[[Request], Awaitable[Response]]:
+        async def wrapper(request: Request) -> Response:
+            request.state.new_csrf = secrets.token_urlsafe(24)
+            if not authed(request, api_call=False):
+                return RedirectResponse(
+                    "/login?" + urlencode({"next": request.url.path}), status_code=303
+                )
+            if request.method == "POST" and not await csrf_ok(request):
+                return render(
+                    request, "error.html", 403, title="Forbidden", detail="CSRF check failed"
+                )
+            try:
+                return await fn(request)
+            except NotFoundError as exc:
+                return render(request, "error.html", 404, title="Not found", detail=str(exc))
+            except InvalidMessageError as exc:
+                return render(request, "error.html", 400, title="Bad request", detail=str(exc))
+
+        return wrapper
+
+    def endpoint(
+        fn: Callable[[Request], Awaitable[Any]],
+    ) -> Callable[[Request], Awaitable[Response]]:
+        async def wrapper(request: Request) -> Response:
+            if not authed(request, api_call=True):
+                return JSONResponse(
+                    {"error": "unauthorized", "detail": "send Authorization: Bearer <token>"},
+                    status_code=401,
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+            if request.method == "POST":
+                ctype = request.headers.get("content-type", "").split(";")[0].strip()
+                if ctype != "application/json":
+                    return JSONResponse(
+                        {"error": "bad_request", "detail": "POST bodies must be application/json"},
+                        status_code=415,
+                    )
+            try:
+                result = await fn(request)
+            except NotFoundError as exc:
+                return JSONResponse({"error": "not_found", "detail": str(exc)}, status_code=404)
+            except InvalidMessageError as exc:
+                return JSONResponse(
+                    {"error": "invalid", "field": exc.field, "detail": str(exc)}, status_code=400
+                )
+            if isinstance(result, Response):
+                return result
+            return JSONResponse(result)
+
+        return wrapper
+
+    # -- data, shared by page and API ------------------------------------------------
+
+    async def stats_data() -> dict[str, Any]:
+        return await cache.get("stats", api.stats)
+
+    async def series_data(window: str) -> dict[str, Any]:
+        window_s, bucket_s = _WINDOWS.get(window, _WINDOWS["24h"])
+        return await cache.get(
+            f"series:{window}",
+            lambda: ops.series(_engine(), window_s=window_s, bucket_s=bucket_s),
+        )
+
+    async def list_data(params: Any) -> tuple[ops.Filters, list[Any], int]:
+        filters = _filters(params)
+        limit = _limit(params)
+        before = (params.get("before") or "").strip() or None
+        rows = await run_in_threadpool(ops.search, _engine(), filters, limit=limit, before=before)
+        return filters, rows, limit
+
+    async def detail_data(message_id: str) -> dict[str, Any]:
+        info = await run_in_threadpool(api.get_status, message_id)
+        meta, headers = await run_in_threadpool(ops.message_meta, _engine(), message_id)
+        data = info.to_dict()
+        data["metadata"] = meta or {}
+        data["headers"] = headers.decode("utf-8", errors="replace")
+        attempts = await run_in_threadpool(api.get_attempts, message_id)
+        data["history"] = [a.to_dict() for a in attempts]
+        return data
+
+    # -- the page ---------------------------------------------------------------------
+
+    @page
+    async def index(request: Request) -> Response:
+        window = request.query_params.get("window", "24h")
+        if window not in _WINDOWS:
+            window = "24h"
+        filters, rows, limit = await list_data(request.query_params)
+        stats = await stats_data()
+        series = await series_data(window)
+        older = None
+        if len(rows) == limit:
+            older = "/?" + urlencode(
+                {**filters.as_query(), "before": rows[-1].id, "window": window}
+            )
+        return render(
+            request,
+            "index.html",
+            stats=stats,
+            series=series,
+            chart=render_chart(series),
+            window=window,
+            windows=list(_WINDOWS),
+            filters=filters,
+            rows=rows,
+            older=older,
+            paged=bool(request.query_params.get("before")),
+            newest="/?" + urlencode({**filters.as_query(), "window": window}),
+            message_statuses=MessageStatus.ALL,
+            recipient_statuses=RecipientStatus.ALL,
+            notice=None,
+            form=request.query_params,
+        )
+
+    @page
+    async def message_page(request: Request) -> Response:
+        data = await detail_data(request.path_params["message_id"])
+        return render(
+            request,
+            "message.html",
+            m=data,
+            notice=NOTICES.get(request.query_params.get("notice", "")),
+            can_retry=any(r["status"] in ("failed", "deferred") for r in data["recipients"]),
+            can_cancel=any(r["status"] in RecipientStatus.OPEN for r in data["recipients"]),
+        )
+
+    @page
+    async def message_retry(request: Request) -> Response:
+        mid = request.path_params["message_id"]
+        count = await run_in_threadpool(api.retry, mid)
+        cache.clear()
+        notice = "requeued" if count else "nothing-to-retry"
+        return RedirectResponse(f"/messages/{mid}?" + urlencode({"notice": notice}), 303)
+
+    @page
+    async def message_cancel(request: Request) -> Response:
+        mid = request.path_params["message_id"]
+        await run_in_threadpool(api.cancel, mid)
+        cache.clear()
+        return RedirectResponse(f"/messages/{mid}?" + urlencode({"notice": "cancelled"}), 303)
+
+    async def login(request: Request) -> Response:
+        request.state.new_csrf = secrets.token_urlsafe(24)
+        nxt = request.query_params.get("next", "/")
+        if not nxt.startswith("/") or nxt.startswith("//"):
+            nxt = "/"
+        if request.method == "GET":
+            return render(request, "login.html", next=nxt, error=None)
+        if not await csrf_ok(request):
+            return render(request, "login.html", 403, next=nxt, error="CSRF check failed")
+        form = await request.form()
+        given = str(form.get("token") or "")
+        if not token or not hmac.compare_digest(given.encode(), token.encode()):
+            return render(request, "login.html", 401, next=nxt, error="wrong token")
+        response = RedirectResponse(nxt, status_code=303)
+        response.set_cookie(
+            SESSION_COOKIE, session_value, httponly=True, samesite="strict", max_age=12 * 3600
+        )
+        return response
+
+    async def logout(request: Request) -> Response:
+        response = RedirectResponse("/login", status_code=303)
+        response.delete_cookie(SESSION_COOKIE)
+        return response
+
+    # -- the JSON API -----------------------------------------------------------------
+
+    @endpoint
+    async def api_stats(request: Request) -> Any:
+        return await run_in_threadpool(api.stats)
+
+    @endpoint
+    async def api_series(request: Request) -> Any:
+        window = request.query_params.get("window", "24h")
+        if window not in _WINDOWS:
+            raise InvalidMessageError(
+                f"window must be one of {', '.join(_WINDOWS)}", field="window"
+            )
+        return await series_data(window)
+
+    @endpoint
+    async def api_list(request: Request) -> Any:
+        _filters_, rows, limit = await list_data(request.query_params)
+        return {
+            "messages": [r.to_dict() for r in rows],
+            "next_before": rows[-1].id if len(rows) == limit else None,
+        }
+
+    @endpoint
+    async def api_status(request: Request) -> Any:
+        return await detail_data(request.path_params["message_id"])
+
+    @endpoint
+    async def api_retry(request: Request) -> Any:
+        mid = request.path_params["message_id"]
+        count = await run_in_threadpool(api.retry, mid)
+        cache.clear()
+        info = await run_in_threadpool(api.get_status, mid)
+        return {"requeued": count, "status": info.status}
+
+    @endpoint
+    async def api_cancel(request: Request) -> Any:
+        info = await run_in_threadpool(api.cancel, request.path_params["message_id"])
+        cache.clear()
+        return info.to_dict()
+
+    @endpoint
+    async def api_enqueue(request: Request) -> Any:
+        try:
+            body = await request.json()
+        except ValueError:
+            raise InvalidMessageError("body is not valid JSON", field="body") from None
+        kwargs = _enqueue_args(body)
+        message_id = await run_in_threadpool(lambda: api.enqueue(kwargs.pop("message"), **kwargs))
+        cache.clear()
+        return JSONResponse({"id": message_id}, status_code=201)
+
+    async def healthz(request: Request) -> Response:
+        from sqlalchemy import text
+
+        def ping() -> None:
+            with _engine().connect() as conn:
+                conn.execute(text("select 1"))
+
+        try:
+            await run_in_threadpool(ping)
+        except Exception as exc:  # noqa: BLE001 - report, never raise
+            return JSONResponse({"ok": False, "error": type(exc).__name__}, status_code=503)
+        return JSONResponse({"ok": True})
+
+    routes = [
+        Route("/", index),
+        Route("/messages/{message_id}", message_page),
+        Route("/messages/{message_id}/retry", message_retry, methods=["POST"]),
+        Route("/messages/{message_id}/cancel", message_cancel, methods=["POST"]),
+        Route("/login", login, methods=["GET", "POST"]),
+        Route("/logout", logout, methods=["POST"]),
+        Route("/healthz", healthz),
+        Route("/api/v1/stats", api_stats),
+        Route("/api/v1/series", api_series),
+        Route("/api/v1/messages", api_list),
+        Route("/api/v1/messages", api_enqueue, methods=["POST"]),
+        Route("/api/v1/messages/{message_id}", api_status),
+        Route("/api/v1/messages/{message_id}/retry", api_retry, methods=["POST"]),
+        Route("/api/v1/messages/{message_id}/cancel", api_cancel, methods=["POST"]),
+    ]
+    middleware = []
+    if not token:
+        middleware.append(Middleware(TrustedHostMiddleware, allowed_hosts=LOOPBACK_HOSTS))
+    return Starlette(routes=routes, middleware=middleware)
+
+
+_ENQUEUE_FIELDS = {
+    "sender",
+    "to",
+    "cc",
+    "bcc",
+    "reply_to",
+    "subject",
+    "text",
+    "html",
+    "headers",
+    "attachments",
+    "relay",
+    "send_at",
+    "idempotency_key",
+    "metadata",
+}
+
+
+def _enqueue_args(body: Any) -> dict[str, Any]:
+    """Turn the API's JSON body into ``enqueue`` arguments; refuse anything unexpected."""
+    from ..message import Attachment, Message
+
+    if not isinstance(body, dict):
+        raise InvalidMessageError("body must be a JSON object", field="body")
+    unknown = set(body) - _ENQUEUE_FIELDS
+    if unknown:
+        raise InvalidMessageError(f"unknown field(s): {', '.join(sorted(unknown))}", field="body")
+    for name in ("sender", "subject", "text", "html", "relay", "idempotency_key"):
+        if body.get(name) is not None and not isinstance(body[name], str):
+            raise InvalidMessageError("must be a string", field=name)
+    for name in ("to", "cc", "bcc", "reply_to"):
+        value = body.get(name, [])
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise InvalidMessageError("must be a string or a list of strings", field=name)
+        body[name] = value
+    headers = body.get("headers") or {}
+    if not isinstance(headers, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
+    ):
+        raise InvalidMessageError("must be an object of strings", field="headers")
+    attachments = []
+    for index, item in enumerate(body.get("attachments") or []):
+        if not isinstance(item, dict) or not isinstance(item.get("filename"), str):
+            raise InvalidMessageError(f"#{index} needs a filename", field="attachments")
+        try:
+            content = base64.b64decode(str(item.get("content_base64", "")), validate=True)
+        except ValueError:
+            raise InvalidMessageError(
+                f"#{index}: content_base64 is not base64", field="attachments"
+            ) from None
+        attachments.append(
+            Attachment(
+                filename=item["filename"],
+                content=content,
+                content_type=item.get("content_type"),
+            )
+        )
+    if body.get("relay") is not None and not RELAY_NAME.match(body["relay"]):
+        raise InvalidMessageError("1 to 64 letters, digits, '.', '_' or '-'", field="relay")
+    metadata = body.get("metadata")
+    if metadata is not None and not isinstance(metadata, dict):
+        raise InvalidMessageError("must be an object", field="metadata")
+    send_at = _parse_time(body.get("send_at"), "send_at") if body.get("send_at") else None
+    message = Message(
+        sender=body.get("sender"),
+        to=body["to"],
+        cc=body["cc"],
+        bcc=body["bcc"],
+        reply_to=body["reply_to"],
+        subject=body.get("subject") or "",
+        text=body.get("text"),
+        html=body.get("html"),
+        headers=list(headers.items()),
+        attachments=attachments,
+    )
+    return {
+        "message": message,
+        "relay": body.get("relay"),
+        "send_at": send_at,
+        "idempotency_key": body.get("idempotency_key"),
+        "metadata": metadata,
+    }

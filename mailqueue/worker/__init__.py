@@ -1,0 +1,1 @@
+"""Celery workers: the app and task, the asyncio bridge, the batch deliverer."""

@@ -1,0 +1,322 @@
+"""Deliver a batch of message ids: claim, send through the pool, record.
+
+This is what a Celery task runs (on the process's event loop, see
+``loop.py``) and what tests call directly. The order of events for one
+message is the queue's safety argument:
+
+1. ``claim``: the rows are leased to this worker in one transaction; a
+   duplicate task finds nothing to claim.
+2. send: through the relay's pool; the lease is renewed while we work.
+3. ``record``: each message's outcome is written as soon as its DATA reply
+   arrives (outcomes that arrive together share one commit), before the
+   connection is used for anything else by this message. A crash between
+   the relay's 250 and this commit is the one window in which a recipient
+   can receive a second copy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import os
+import random
+import socket
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from .. import metrics as _metrics
+from ..config import RelayConfig, Settings
+from ..errors import AuthError, ConnectError, SMTPError, TLSError
+from ..logging_setup import log_attempt
+from ..smtp.delivery import TransactionResult, deliver, failed_everyone
+from ..smtp.pool import Pool
+from ..store.models import RecipientStatus, utcnow
+from ..store.queue import ClaimedMessage, MessageOutcome, RecipientOutcome, Store
+from ..store.relays import pause_relay, relay_states, resume_relay
+from .hooks import notify_if_terminal
+
+__all__ = ["Deliverer", "BatchReport", "plan_outcome", "backoff_s"]
+
+log = logging.getLogger("mailqueue.worker")
+
+_PAUSE_RECHECK_S = 5.0
+
+
+def backoff_s(
+    attempt: int, *, base_s: float, max_s: float, rng: random.Random | None = None
+) -> float:
+    """Seconds to wait after the ``attempt``-th failed try: doubling, capped, ±20 % jitter."""
+    delay = min(max_s, base_s * (2 ** max(0, attempt - 1)))
+    return delay * (rng or random).uniform(0.8, 1.2)
+
+
+def plan_outcome(
+    message: ClaimedMessage,
+    result: TransactionResult,
+    *,
+    settings: Settings,
+    now: dt.datetime,
+) -> MessageOutcome:
+    """Turn one attempt's replies into rows: when to retry, or give up (expired)."""
+    by_address = {r.address: r for r in result.recipients}
+    next_at: dt.datetime | None = None
+    deferred = any(r.status == RecipientStatus.DEFERRED for r in result.recipients)
+    expired = False
+    if deferred:
+        wait = backoff_s(message.attempts, base_s=settings.retry_base_s, max_s=settings.retry_max_s)
+        next_at = now + dt.timedelta(seconds=wait)
+        expired = next_at >= message.expires_at
+    outcomes = []
+    for rcpt in message.open_recipients:
+        r = by_address.get(rcpt.address)
+        if r is None:  # not attempted: keep it open for the next try
+            continue
+        status: str = r.status
+        error = r.error
+        if status == RecipientStatus.DEFERRED and expired:
+            status, error = RecipientStatus.FAILED, "Expired"
+        outcomes.append(RecipientOutcome(rcpt.id, status, r.code, r.enhanced_code, r.reply, error))
+    last_error = type(result.error).__name__ if result.error else None
+    if expired:
+        last_error = "Expired"
+    last_reply = None
+    if result.error is not None:
+        code = f"{result.error.code} " if result.error.code else ""
+        last_reply = f"{code}{result.error.reply or result.error.reason}"
+    return MessageOutcome(
+        message_id=message.id,
+        next_attempt_at=None if expired else next_at,
+        recipients=tuple(outcomes),
+        last_error=last_error,
+        last_reply=last_reply,
+    )
+
+
+def _expired_result(message: ClaimedMessage) -> TransactionResult:
+    from ..smtp.delivery import RecipientResult
+
+    reply = "message expired in the queue before it could be delivered"
+    return TransactionResult(
+        tuple(
+            RecipientResult(r.address, "failed", None, reply, "Expired")
+            for r in message.open_recipients
+        ),
+        error=SMTPError(reply, retryable=False),
+    )
+
+
+@dataclass
+class BatchReport:
+    """What one batch did, for logs, metrics and tests."""
+
+    claimed: int = 0
+    skipped: int = 0
+    recipients: dict[str, int] = field(default_factory=dict)
+
+
+class _Recorder:
+    """Group commit of outcomes, and the keeper of outcomes the database could not take yet.
+
+    Outcomes that finish while a write is in flight share the next commit.
+    If the database is unreachable, the outcomes stay in memory and the write
+    is retried with backoff until it succeeds: a delivery that happened is
+    never forgotten (forgetting it would send it again once the lease ran
+    out). Nothing new is claimed meanwhile, since claiming needs the database.
+    """
+
+    retry_initial_s = 0.5
+    retry_max_s = 10.0
+
+    def __init__(self, store: Store, owner: str) -> None:
+        self._store = store
+        self._owner = owner
+        self._pending: list[tuple[MessageOutcome, asyncio.Future[None]]] = []
+        self._writer: asyncio.Task[None] | None = None
+        self.write_failures = 0
+
+    async def record(self, outcome: MessageOutcome) -> None:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((outcome, future))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write())
+        await future
+
+    async def _write(self) -> None:
+        delay = self.retry_initial_s
+        while self._pending:
+            batch, self._pending = self._pending, []
+            try:
+                await asyncio.to_thread(
+                    self._store.record, [o for o, _ in batch], owner=self._owner
+                )
+            except Exception as exc:  # noqa: BLE001 - keep the outcomes and try again
+                self.write_failures += 1
+                log.warning(
+                    "could not record %d outcome(s) (%s: %s); keeping them, retry in %.1fs",
+                    len(batch),
+                    type(exc).__name__,
+                    str(exc).splitlines()[0] if str(exc) else "",
+                    delay,
+                )
+                self._pending = batch + self._pending
+                await asyncio.sleep(delay)
+                delay = min(self.retry_max_s, delay * 2)
+                continue
+            delay = self.retry_initial_s
+            for _, future in batch:
+                if not future.done():
+                    future.set_result(None)
+
+
+class Deliverer:
+    """One per process and event loop: the pools, the store and the recorder."""
+
+    def __init__(self, settings: Settings, store: Store, *, owner: str | None = None) -> None:
+        self.settings = settings
+        self.store = store
+        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._pools: dict[str, Pool] = {}
+        self._recorder = _Recorder(store, self.owner)
+        self._paused: dict[str, dt.datetime] = {}  # relay name -> until (auth/TLS trouble)
+        self._paused_checked: dict[str, float] = {}  # relay name -> when we last read SQL
+
+    def pool_for(self, relay_name: str) -> Pool:
+        """The pool of the named relay (KeyError when no such relay is configured)."""
+        relay: RelayConfig = self.settings.relay_named(relay_name)
+        pool = self._pools.get(relay.name)
+        if pool is None:
+            pool = self._pools[relay.name] = Pool(relay)
+        return pool
+
+    @property
+    def pools(self) -> dict[str, Pool]:
+        return dict(self._pools)
+
+    async def deliver_batch(self, ids: Sequence[uuid.UUID]) -> BatchReport:
+        """Claim what is due among ``ids`` and deliver it; record every outcome."""
+        lease_s = self.settings.lease_s
+        claimed = await asyncio.to_thread(self.store.claim, ids, owner=self.owner, lease_s=lease_s)
+        report = BatchReport(claimed=len(claimed), skipped=len(ids) - len(claimed))
+        if not claimed:
+            return report
+        renewer = asyncio.create_task(self._renew([m.id for m in claimed], lease_s))
+        try:
+            results = await asyncio.gather(
+                *(self._deliver_one(m) for m in claimed), return_exceptions=True
+            )
+        finally:
+            renewer.cancel()
+        failures = [r for r in results if isinstance(r, BaseException)]
+        for outcome in results:
+            if isinstance(outcome, MessageOutcome):
+                for r in outcome.recipients:
+                    report.recipients[r.status] = report.recipients.get(r.status, 0) + 1
+        if failures:
+            # The leases of these messages stay; they expire and the scheduler
+            # hands the messages out again. Surface the first cause.
+            raise failures[0]
+        return report
+
+    async def _deliver_one(self, message: ClaimedMessage) -> MessageOutcome | None:
+        now = utcnow()
+        open_recipients = message.open_recipients
+        addresses = [r.address for r in open_recipients]
+        if not open_recipients:
+            result = TransactionResult(())
+        elif message.expires_at <= now:
+            result = _expired_result(message)
+        else:
+            try:
+                pool = self.pool_for(message.relay)
+            except KeyError as exc:
+                # Configuration changed under queued mail: wait for it to come back.
+                result = failed_everyone(
+                    addresses, "deferred", ConnectError(str(exc.args[0]), retryable=True)
+                )
+            else:
+                paused_until = await self._paused_until(pool.relay.name, now)
+                if paused_until is not None and paused_until > now:
+                    await self._release(message, paused_until, None)
+                    return None
+                content: bytes | bytearray | None = message.content
+                if content is None:  # a big message: read in slices, not with the claim
+                    content = await asyncio.to_thread(
+                        self.store.load_content, message.id, message.size
+                    )
+                try:
+                    result = await deliver(
+                        pool,
+                        message.mail_from,
+                        addresses,
+                        content,
+                        smtputf8=message.smtputf8,
+                        eightbit=message.eightbit,
+                    )
+                except (AuthError, TLSError) as exc:
+                    await self._pause(pool.relay, exc)
+                    await self._release(message, self._paused[pool.relay.name], exc)
+                    return None
+                if paused_until is not None:
+                    self._paused.pop(pool.relay.name, None)
+                    await asyncio.to_thread(resume_relay, self.store.engine, pool.relay.name)
+        outcome = plan_outcome(message, result, settings=self.settings, now=utcnow())
+        await self._recorder.record(outcome)
+        _metrics.observe_attempt(message, result, outcome)
+        log_attempt(message, outcome)
+        if self.settings.on_terminal:  # MAILQUEUE_ON_TERMINAL (see hooks.py)
+            await notify_if_terminal(self.settings.on_terminal, self.store, message.id)
+        return outcome
+
+    async def _paused_until(self, name: str, now: dt.datetime) -> dt.datetime | None:
+        """This relay's pause, as SQL says (read at most every few seconds per process)."""
+        clock = time.monotonic()
+        if clock - self._paused_checked.get(name, -1e9) > _PAUSE_RECHECK_S:
+            self._paused_checked[name] = clock
+            states = await asyncio.to_thread(relay_states, self.store.engine)
+            state = next((st for st in states if st.name == name), None)
+            if state is not None and state.paused_until is not None:
+                self._paused[name] = state.paused_until
+            else:
+                self._paused.pop(name, None)
+        return self._paused.get(name)
+
+    async def _pause(self, relay: RelayConfig, exc: SMTPError) -> None:
+        """Auth/TLS trouble is the relay's: pause it (with backoff) for every message."""
+        until = await asyncio.to_thread(
+            pause_relay, self.store.engine, relay.name, error=type(exc).__name__, reply=str(exc)
+        )
+        self._paused[relay.name] = until
+        log.error(
+            "relay %s paused until %s: %s: %s",
+            relay.name,
+            until.isoformat(),
+            type(exc).__name__,
+            exc,
+        )
+
+    async def _release(
+        self, message: ClaimedMessage, until: dt.datetime, exc: SMTPError | None
+    ) -> None:
+        await asyncio.to_thread(
+            self.store.release,
+            [message.id],
+            owner=self.owner,
+            due_at=until,
+            error=type(exc).__name__ if exc else "RelayPaused",
+            reply=str(exc) if exc else f"relay {message.relay!r} is paused after auth/TLS errors",
+        )
+
+    async def _renew(self, ids: list[uuid.UUID], lease_s: float) -> None:
+        while True:
+            await asyncio.sleep(lease_s / 3)
+            try:
+                await asyncio.to_thread(self.store.renew, ids, owner=self.owner, lease_s=lease_s)
+            except Exception:  # noqa: BLE001 - the lease then simply runs out
+                log.warning("could not renew leases", exc_info=True)
+
+    async def aclose(self) -> None:
+        for pool in self._pools.values():
+            await pool.aclose()

@@ -1,0 +1,9 @@
+from django.urls import path
+
+from .shop import views
+
+urlpatterns = [
+    path("order/", views.place_order),
+    path("welcome/", views.welcome),
+    path("newsletter/", views.newsletter),
+]

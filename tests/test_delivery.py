@@ -1,0 +1,242 @@
+"""Per-recipient outcomes, retries and never-twice, on both stacks (in-process worker code).
+
+These drive the very code a Celery task runs (``Deliverer.deliver_batch``)
+against the real dev SMTP server and a real database, and assert on what the
+server received and what the status table says.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import threading
+import uuid
+from collections import Counter
+
+import sqlalchemy as sa
+
+import mailqueue
+from mailqueue import Message
+from mailqueue.store.models import MessageRow
+from mailqueue.worker.service import BatchReport, Deliverer
+
+
+def deliver(stack, ids, *, owner=None) -> BatchReport:
+    """Run one batch the way a worker does, with its own pools, then close them."""
+
+    async def go() -> BatchReport:
+        deliverer = Deliverer(stack.settings, stack.store, owner=owner)
+        try:
+            return await deliverer.deliver_batch([uuid.UUID(str(i)) for i in ids])
+        finally:
+            await deliverer.aclose()
+
+    return asyncio.run(go())
+
+
+def make_due(stack, ids) -> None:
+    """Move deferred messages' next attempt to now (instead of waiting minutes)."""
+    table = MessageRow.__table__
+    past = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)
+    with stack.engine.begin() as conn:
+        conn.execute(
+            sa.update(table)
+            .where(table.c.id.in_([uuid.UUID(str(i)) for i in ids]))
+            .values(next_attempt_at=past)
+        )
+
+
+def copies(server, address) -> int:
+    return len(server.received_for(address))
+
+
+def test_refused_and_deferred_recipients_do_not_stop_the_accepted_one(stack, smtp_server):
+    smtp_server.reject = ["refused@*"]
+    smtp_server.defer = ["later@*"]
+    mid = mailqueue.enqueue(
+        Message(
+            sender="app@example.com",
+            to=["ok@example.com", "refused@example.com"],
+            cc=["later@example.com"],
+            subject="three recipients",
+            text="hello",
+        )
+    )
+
+    deliver(stack, [mid])
+
+    assert copies(smtp_server, "ok@example.com") == 1
+    assert copies(smtp_server, "refused@example.com") == 0
+    assert copies(smtp_server, "later@example.com") == 0
+    info = mailqueue.get_status(mid)
+    assert info.status == "deferred"
+    by = {r.address: r for r in info.recipients}
+    assert (by["ok@example.com"].status, by["ok@example.com"].smtp_code) == ("sent", 250)
+    assert by["ok@example.com"].sent_at is not None
+    assert (by["refused@example.com"].status, by["refused@example.com"].smtp_code) == (
+        "failed",
+        550,
+    )
+    assert by["refused@example.com"].enhanced_code == "5.1.1"
+    assert "refused@example.com" in by["refused@example.com"].reply
+    assert by["refused@example.com"].error == "RecipientError"
+    assert (by["later@example.com"].status, by["later@example.com"].smtp_code) == ("deferred", 450)
+    assert by["later@example.com"].enhanced_code.startswith("4.")
+    assert info.next_attempt_at is not None
+    assert info.next_attempt_at > dt.datetime.now(dt.UTC) + dt.timedelta(
+        seconds=30
+    )  # backoff, not a spin
+
+    # Not due yet: a second task does nothing.
+    assert deliver(stack, [mid]).claimed == 0
+
+    # The relay recovers and the retry comes due: only the deferred one is sent.
+    smtp_server.defer = []
+    make_due(stack, [mid])
+    deliver(stack, [mid])
+
+    assert copies(smtp_server, "later@example.com") == 1
+    assert copies(smtp_server, "ok@example.com") == 1  # never sent again
+    assert copies(smtp_server, "refused@example.com") == 0
+    retry_envelope = smtp_server.messages[-1]
+    assert retry_envelope.rcpt_tos == ("later@example.com",)
+    info = mailqueue.get_status(mid)
+    assert info.status == "partial"
+    by = {r.address: r for r in info.recipients}
+    assert by["later@example.com"].status == "sent"
+    assert by["later@example.com"].attempts == 2
+    assert by["ok@example.com"].attempts == 1
+    assert info.attempts == 2
+
+    # The history keeps every attempt, not only each recipient's last word.
+    history = [(a.address, a.status, a.smtp_code) for a in mailqueue.get_attempts(mid)]
+    assert history == [
+        ("ok@example.com", "sent", 250),
+        ("refused@example.com", "failed", 550),
+        ("later@example.com", "deferred", 450),
+        ("later@example.com", "sent", 250),
+    ]
+
+
+def test_all_accepted_is_sent_and_all_refused_is_failed(stack, smtp_server):
+    smtp_server.reject = ["*@bad.example.com"]
+    good = mailqueue.enqueue(
+        Message(sender="a@example.com", to="x@example.com", subject="s", text="t")
+    )
+    bad = mailqueue.enqueue(
+        Message(
+            sender="a@example.com",
+            to=["y@bad.example.com", "z@bad.example.com"],
+            subject="s",
+            text="t",
+        )
+    )
+    deliver(stack, [good, bad])
+    assert mailqueue.get_status(good).status == "sent"
+    info = mailqueue.get_status(bad)
+    assert info.status == "failed"
+    assert info.last_error == "RecipientError"
+    assert {r.status for r in info.recipients} == {"failed"}
+    assert smtp_server.messages and all(
+        "bad.example.com" not in " ".join(m.rcpt_tos) for m in smtp_server.messages
+    )
+
+
+def test_bcc_is_delivered_but_never_in_the_headers(stack, smtp_server):
+    mid = mailqueue.enqueue(
+        Message(
+            sender="a@example.com",
+            to="to@example.com",
+            bcc="hidden@example.com",
+            subject="s",
+            text="t",
+        )
+    )
+    deliver(stack, [mid])
+    (received,) = smtp_server.messages
+    assert set(received.rcpt_tos) == {"to@example.com", "hidden@example.com"}
+    assert b"hidden@example.com" not in received.data
+
+
+def test_a_task_delivered_twice_sends_once(stack, smtp_server):
+    ids = mailqueue.enqueue_many(
+        Message(sender="a@example.com", to=f"r{i}@example.com", subject="s", text="t")
+        for i in range(20)
+    )
+    # Two workers get the same task at the same moment (a broker redelivery).
+    reports: list[BatchReport] = []
+    threads = [
+        threading.Thread(target=lambda o=o: reports.append(deliver(stack, ids, owner=o)))
+        for o in ("host:1:a", "host:2:b")
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    # And once more, later.
+    reports.append(deliver(stack, ids))
+
+    counts = Counter(rcpt for m in smtp_server.messages for rcpt in m.rcpt_tos)
+    assert len(counts) == 20
+    assert set(counts.values()) == {1}
+    assert sum(r.claimed for r in reports) == 20
+    assert all(mailqueue.get_status(i).status == "sent" for i in ids)
+
+
+def test_a_failed_connection_defers_instead_of_failing(stack, smtp_server):
+    mid = mailqueue.enqueue(
+        Message(sender="a@example.com", to="x@example.com", subject="s", text="t")
+    )
+    smtp_server.stop()  # nothing listens any more: connection refused
+    deliver(stack, [mid])
+    info = mailqueue.get_status(mid)
+    assert info.status == "deferred"
+    assert info.last_error == "ConnectError"
+    (r,) = info.recipients
+    assert r.status == "deferred" and r.error == "ConnectError"
+
+
+def test_expired_messages_fail_instead_of_retrying_forever(stack, smtp_server):
+    stack.reconfigure(message_lifetime_s=1.0, retry_base_s=5.0)
+    smtp_server.defer = ["*"]
+    mid = mailqueue.enqueue(
+        Message(sender="a@example.com", to="x@example.com", subject="s", text="t")
+    )
+    deliver(stack, [mid])
+    info = mailqueue.get_status(mid)
+    # the next try would fall after the 1 s lifetime: give up now, keep the last reply
+    assert info.status == "failed"
+    assert info.last_error == "Expired"
+    (r,) = info.recipients
+    assert (r.status, r.smtp_code, r.error) == ("failed", 450, "Expired")
+
+
+def test_retry_requeues_failed_recipients_only(stack, smtp_server):
+    smtp_server.reject = ["no@*"]
+    mid = mailqueue.enqueue(
+        Message(
+            sender="a@example.com", to=["yes@example.com", "no@example.com"], subject="s", text="t"
+        )
+    )
+    deliver(stack, [mid])
+    assert mailqueue.get_status(mid).status == "partial"
+
+    smtp_server.reject = []
+    assert mailqueue.retry(mid) == 1
+    assert mailqueue.get_status(mid).status == "queued"
+    deliver(stack, [mid])
+
+    assert copies(smtp_server, "yes@example.com") == 1
+    assert copies(smtp_server, "no@example.com") == 1
+    assert mailqueue.get_status(mid).status == "sent"
+    assert mailqueue.retry(mid) == 0  # nothing left to retry
+
+
+def test_cancel_stops_pending_recipients(stack, smtp_server):
+    mid = mailqueue.enqueue(
+        Message(sender="a@example.com", to="x@example.com", subject="s", text="t")
+    )
+    info = mailqueue.cancel(mid)
+    assert info.status == "cancelled"
+    assert deliver(stack, [mid]).claimed == 0
+    assert smtp_server.messages == []

@@ -1,0 +1,322 @@
+"""Django integration, as a user has it: a project whose views send mail through mailqueue.
+
+``tests/django_project`` is a real Django project (settings, urls, an app
+with a model and a migration). Its views call ``send_mail``,
+``send_mass_mail`` and ``EmailMultiAlternatives.send()``; the backend is
+``mailqueue.contrib.django.EmailBackend`` (``EMAIL_BACKEND`` on Django 5.2,
+``MAILERS`` on 6.1+). The tests drive the views with Django's test
+``Client``, deliver in-process with the worker's own code to the dev SMTP
+server, and assert on what the server received and on the status rows —
+on SQLite and PostgreSQL, in both transaction modes.
+
+The default run (Python 3.11) tests Django 5.2; ``make test`` runs this
+file again under Python 3.12 with Django 6.1 (``.venv-django61``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import django
+import pytest
+import sqlalchemy as sa
+from django.core import mail as django_mail
+from django.test import Client, override_settings
+
+import mailqueue
+from mailqueue.config import configure, settings_from_env
+from mailqueue.contrib.status import anymail_statuses, find_by_metadata
+from mailqueue.migrate import upgrade
+from tests.conftest import REDIS_URL, Stack, _base_settings, _check_postgres, require
+from tests.contrib_helpers import all_ids, deliver, parsed, row_count
+
+
+@dataclass
+class DjangoEnv:
+    sqlite_url: str
+    pg_url: str | None
+
+
+@pytest.fixture(scope="session")
+def django_env(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest):
+    """Configure and set up the test project once: a SQLite and (if reachable) a PG database."""
+    sqlite_path: Path = tmp_path_factory.mktemp("django") / "app.db"
+    sqlite_url = f"sqlite:///{sqlite_path}"
+    upgrade(sqlite_url)  # mailqueue's tables (`mailqueue migrate`) next to Django's
+    pg_url = None
+    env = {
+        "DJANGO_SETTINGS_MODULE": "tests.django_project.settings",
+        "MQ_DJANGO_SQLITE": str(sqlite_path),
+    }
+    if _check_postgres() is None:
+        pg_url = request.getfixturevalue("pg_database")  # already holds mailqueue's tables
+        url = sa.engine.make_url(pg_url)
+        env.update(
+            MQ_DJANGO_PG_NAME=url.database,
+            MQ_DJANGO_PG_USER=url.username or "",
+            MQ_DJANGO_PG_PASSWORD=url.password or "",
+            MQ_DJANGO_PG_HOST=url.host or "127.0.0.1",
+            MQ_DJANGO_PG_PORT=str(url.port or 5432),
+        )
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        django.setup()
+        from django.conf import settings
+        from django.core.management import call_command
+
+        for alias in settings.DATABASES:
+            call_command("migrate", database=alias, verbosity=0)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    yield DjangoEnv(sqlite_url, pg_url)
+    from django.db import connections
+
+    connections.close_all()
+
+
+@dataclass
+class DjangoStack(Stack):
+    alias: str = "default"
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def dj(request, django_env, smtp_server, tmp_path):
+    """mailqueue configured on the same database as one of the project's Django databases."""
+    if request.param == "postgres":
+        require("postgres")
+        require("redis")
+        url, broker, alias = django_env.pg_url, REDIS_URL, "pg"
+    else:
+        url, broker, alias = (
+            django_env.sqlite_url,
+            f"sqla+sqlite:///{tmp_path / 'broker.db'}",
+            "default",
+        )
+    settings = configure(
+        _base_settings(url, broker, smtp_server.url, f"mq-test-{uuid.uuid4().hex[:8]}")
+    )
+    stack = DjangoStack(request.param, settings, alias=alias)
+    with stack.engine.begin() as conn:
+        for table in ("mq_recipient", "mq_message", "shop_order"):
+            conn.execute(sa.text(f"DELETE FROM {table}"))
+    try:
+        with override_settings(SHOP_DATABASE=alias, MAILQUEUE_DJANGO_DATABASE=alias):
+            yield stack
+    finally:
+        mailqueue._reset_caches()
+        configure(settings_from_env({}))
+
+
+both_modes = pytest.mark.parametrize("same_database", [True, False], ids=["same-db", "on-commit"])
+
+
+@both_modes
+def test_order_view_queues_receipt_that_reaches_the_smtp_server(dj, smtp_server, same_database):
+    with override_settings(MAILQUEUE_DJANGO_SAME_DATABASE=same_database):
+        response = Client().post("/order/", {"email": "ana@example.org"})
+    assert response.status_code == 200, response.content
+    body = response.json()
+    order, mid = body["order"], body["mailqueue_id"]
+    assert row_count(dj, "shop_order") == 1
+
+    info = mailqueue.get_status(mid)
+    assert info.status == "queued"
+    assert info.subject == f"Order {order} confirmed"
+    assert {(r.address, r.kind) for r in info.recipients} == {
+        ("ana@example.org", "to"),
+        ("sales@example.com", "cc"),
+        ("audit@example.com", "bcc"),
+    }
+    # Lookups the app can use without having kept the id.
+    assert mailqueue.get_status_by_key(f"order-{dj.alias}-{order}").id == mid
+    assert [m.id for m in find_by_metadata(order=str(order))] == [mid]
+
+    report = deliver(dj, [mid])
+    assert report.claimed == 1
+
+    assert len(smtp_server.messages) == 1
+    received = smtp_server.messages[0]
+    assert received.mail_from == "shop@example.com"
+    assert sorted(received.rcpt_tos) == [
+        "ana@example.org",
+        "audit@example.com",
+        "sales@example.com",
+    ]
+    msg = parsed(received)
+    assert msg["Subject"] == f"Order {order} confirmed"
+    assert msg["To"] == "ana@example.org"
+    assert msg["Cc"] == "sales@example.com"
+    assert msg["Reply-To"] == "help@example.com"
+    assert msg["X-Shop-Order"] == str(order)
+    assert msg["Bcc"] is None
+    assert not [k for k in msg if k.lower().startswith("x-mailqueue")]
+    assert msg.get_body(("plain",)).get_content().strip() == f"Thanks for order {order}."
+    assert f"<b>{order}</b>" in msg.get_body(("html",)).get_content()
+    (attachment,) = list(msg.iter_attachments())
+    assert attachment.get_filename() == "receipt.txt"
+    assert attachment.get_content().splitlines() == [
+        f"order {order}: 42.00 EUR"
+    ]  # CRLF on the wire
+
+    info = mailqueue.get_status(mid)
+    assert info.status == "sent"
+    assert {r.status for r in info.recipients} == {"sent"}
+    assert anymail_statuses(info) == {"sent"}
+    with dj.engine.connect() as conn:
+        meta = conn.execute(sa.text("SELECT meta FROM mq_message")).scalar_one()
+    meta = json.loads(meta) if isinstance(meta, str) else meta
+    assert meta == {"order": str(order), "tags": ["receipt", "shop"]}
+
+
+@both_modes
+def test_declined_order_rolls_back_and_sends_nothing(dj, smtp_server, same_database):
+    with override_settings(MAILQUEUE_DJANGO_SAME_DATABASE=same_database):
+        response = Client().post("/order/", {"email": "ana@example.org", "card": "declined"})
+    assert response.status_code == 402
+    assert row_count(dj, "shop_order") == 0
+    assert row_count(dj, "mq_message") == 0
+    assert row_count(dj, "mq_recipient") == 0
+    assert smtp_server.messages == []
+
+    # The next, paid order is queued and delivered as usual.
+    with override_settings(MAILQUEUE_DJANGO_SAME_DATABASE=same_database):
+        response = Client().post("/order/", {"email": "bo@example.org"})
+    assert response.status_code == 200
+    deliver(dj, all_ids(dj))
+    assert len(smtp_server.messages) == 1
+    assert sorted(smtp_server.messages[0].rcpt_tos) == [
+        "audit@example.com",
+        "bo@example.org",
+        "sales@example.com",
+    ]
+
+
+def test_send_mail_and_send_mass_mail_return_djangos_counts(dj, smtp_server):
+    client = Client()
+    assert client.post("/welcome/", {"email": "new@example.org"}).json() == {"sent": 1}
+    assert client.post("/newsletter/", {"email": ["a@example.org", "b@example.org"]}).json() == {
+        "sent": 2
+    }
+    ids = all_ids(dj)
+    assert len(ids) == 3
+    deliver(dj, ids)
+
+    assert sorted(m.rcpt_tos for m in smtp_server.messages) == [
+        ("a@example.org",),
+        ("b@example.org",),
+        ("new@example.org",),
+    ]
+    welcome = parsed(smtp_server.received_for("new@example.org")[0])
+    assert welcome["From"] == "Shop <shop@example.com>"
+    assert welcome.get_body(("html",)).get_content().strip() == "<h1>Welcome</h1>"
+    assert welcome.get_body(("plain",)).get_content().strip() == "Hello and welcome."
+    news = parsed(smtp_server.received_for("b@example.org")[0])
+    assert news["Subject"] == "News for b@example.org"
+    assert {mailqueue.get_status(i).status for i in ids} == {"sent"}
+
+
+def test_settings_options_send_at_relay_and_bad_input(dj, smtp_server):
+    from django.core.mail import EmailMessage
+
+    from mailqueue.contrib.django import QueuedEmailMessage
+
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(hours=2)
+    scheduled = EmailMessage(
+        "Later",
+        "in two hours",
+        to=["later@example.org"],
+        headers={"X-Mailqueue-Send-At": later.isoformat(), "X-Mailqueue-Relay": "bulk"},
+    )
+    assert scheduled.send() == 1
+    info = mailqueue.get_status(scheduled.mailqueue_id)
+    assert info.relay == "bulk"
+    assert abs((info.next_attempt_at - later).total_seconds()) < 1
+    assert deliver(dj, [info.id]).claimed == 0  # not due: nothing goes out
+    assert smtp_server.messages == []
+
+    # The subclass takes the same options as keyword arguments.
+    once = QueuedEmailMessage("Once", "x", to=["once@example.org"], idempotency_key="k-1")
+    twice = QueuedEmailMessage("Once", "x", to=["once@example.org"], idempotency_key="k-1")
+    assert once.send() == 1 and twice.send() == 1
+    assert twice.mailqueue_id == once.mailqueue_id
+    assert row_count(dj, "mq_message") == 2
+
+    # Bad input is refused whole, in the view's code path, and writes nothing.
+    bad = [
+        EmailMessage("x", "y", to=["not an address"]),
+        EmailMessage("x", "y", to=["ok@example.org"], headers={"X-Mailqueue-Relya": "typo"}),
+        EmailMessage("x", "y", to=["ok@example.org"], headers={"X-Mailqueue-Send-At": "soon"}),
+    ]
+    for message in bad:
+        with pytest.raises(mailqueue.InvalidMessageError):
+            message.send()
+    assert row_count(dj, "mq_message") == 2
+
+
+def test_a_second_backend_with_its_own_relay(dj, smtp_server):
+    """MAILERS["bulk"] on Django 6.1+; ``get_connection(..., relay=)`` on 5.2."""
+    from django.core.mail import EmailMessage
+
+    message = EmailMessage("Bulk", "news", to=["many@example.org"])
+    if django.VERSION >= (6, 1):
+        assert message.send(using="bulk") == 1
+    else:
+        connection = django_mail.get_connection(
+            "mailqueue.contrib.django.EmailBackend", relay="bulk"
+        )
+        assert connection.send_messages([message]) == 1
+    assert mailqueue.get_status(message.mailqueue_id).relay == "bulk"
+    deliver(dj, [message.mailqueue_id])
+    assert [m.rcpt_tos for m in smtp_server.messages] == [("many@example.org",)]
+
+
+def test_mailqueue_settings_are_read_from_django_settings(dj, smtp_server, tmp_path):
+    """``MAILQUEUE_*`` in settings.py configure mailqueue, over the environment."""
+    from django.core.mail import send_mail
+
+    queue = f"mq-test-{uuid.uuid4().hex[:8]}"
+    with override_settings(
+        MAILQUEUE_DATABASE_URL=dj.settings.database_url,
+        MAILQUEUE_BROKER_URL=dj.settings.broker_url,
+        MAILQUEUE_RELAY_URL=smtp_server.url,
+        MAILQUEUE_QUEUE=queue,
+        MAILQUEUE_MESSAGE_LIFETIME_S=3600,
+    ):
+        assert send_mail("Hi", "there", None, ["cfg@example.org"]) == 1
+    current = mailqueue.get_settings()
+    assert (current.queue_name, current.message_lifetime_s) == (queue, 3600.0)
+    (mid,) = all_ids(dj)
+    info = mailqueue.get_status(mid)
+    assert dt.timedelta(minutes=59) < info.expires_at - info.created_at <= dt.timedelta(hours=1)
+
+
+def test_fail_silently_skips_the_bad_message_and_counts_the_rest(dj, smtp_server):
+    import warnings
+
+    from django.core.mail import EmailMessage
+
+    from mailqueue.contrib.django import EmailBackend
+
+    with warnings.catch_warnings():
+        # Django 6.1 deprecates fail_silently (RemovedInDjango2028Warning); 5.2 does not warn.
+        warnings.filterwarnings("ignore", message=".*fail_silently.*")
+        backend = EmailBackend(fail_silently=True)
+    good = EmailMessage("ok", "fine", to=["good@example.org"])
+    bad = EmailMessage("bad", "x", to=["not an address"])
+    assert backend.send_messages([bad, good]) == 1
+    assert [r.address for r in mailqueue.get_status(good.mailqueue_id).recipients] == [
+        "good@example.org"
+    ]
+    assert not hasattr(bad, "mailqueue_id")
+    assert row_count(dj, "mq_message") == 1
+    assert EmailBackend().send_messages([]) == 0

@@ -1,0 +1,166 @@
+"""Enqueue: durable before it returns, all-or-nothing, and inside the caller's transaction."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+import mailqueue
+from mailqueue import InvalidMessageError, Message
+from mailqueue.store.models import MessageRow, RecipientRow
+
+M = MessageRow.__table__
+R = RecipientRow.__table__
+
+
+def counts(stack) -> tuple[int, int]:
+    with stack.engine.connect() as conn:
+        return (
+            conn.execute(sa.select(sa.func.count()).select_from(M)).scalar(),
+            conn.execute(sa.select(sa.func.count()).select_from(R)).scalar(),
+        )
+
+
+def broker_depth(stack) -> int:
+    """How many task messages wait in the broker's queue."""
+    from mailqueue.worker.app import get_app
+
+    with get_app().connection_for_write() as conn:
+        _, depth, _ = conn.default_channel.queue_declare(
+            stack.settings.queue_name, passive=False, durable=True, auto_delete=False
+        )
+        return depth
+
+
+def test_enqueue_writes_message_and_deduplicated_recipients(stack):
+    mid = mailqueue.enqueue(
+        Message(
+            sender="Shop <shop@example.com>",
+            to=["a@example.com", "B@example.com"],
+            cc=["a@example.com"],
+            bcc=["c@example.com", "b@example.com"],
+            subject="Order",
+            text="thanks",
+        )
+    )
+    info = mailqueue.get_status(mid)
+    assert info.status == "queued"
+    assert info.mail_from == "shop@example.com"
+    assert [(r.address.lower(), r.kind, r.status) for r in info.recipients] == [
+        ("a@example.com", "to", "pending"),
+        ("b@example.com", "to", "pending"),
+        ("c@example.com", "bcc", "pending"),
+    ]
+    assert broker_depth(stack) == 1  # woken with one task carrying ids
+
+
+@pytest.mark.parametrize(
+    "bad, field",
+    [
+        (dict(to=["not-an-address"]), "to"),
+        (dict(to=[]), "to"),
+        (dict(subject="hi\r\nBcc: victim@example.com"), "subject"),
+        (dict(headers={"X-Tag": "a\nInjected: yes"}), "headers"),
+        (dict(text="x" * 5000), "size"),
+    ],
+)
+def test_bad_input_is_refused_whole(stack, bad, field):
+    stack.reconfigure(max_message_size=4096)
+    good = [
+        Message(sender="a@example.com", to=f"r{i}@example.com", subject="s", text="t")
+        for i in range(3)
+    ]
+    fields = dict(sender="a@example.com", to=["x@example.com"], subject="s", text="t")
+    fields.update(bad)
+    with pytest.raises(InvalidMessageError) as caught:
+        mailqueue.enqueue_many([*good, Message(**fields)])
+    assert caught.value.field == field
+    assert "message #3" in str(caught.value)
+    with pytest.raises(InvalidMessageError):
+        mailqueue.enqueue(Message(**fields))
+    assert counts(stack) == (0, 0)  # nothing half-written
+
+
+def test_rows_commit_with_the_callers_session_and_dispatch_after_commit(stack):
+    engine = stack.engine
+    with Session(engine) as session:
+        mailqueue.enqueue(
+            Message(sender="a@example.com", to="x@example.com", subject="s", text="t"),
+            session=session,
+        )
+        session.rollback()
+    assert counts(stack) == (0, 0)
+    assert broker_depth(stack) == 0  # a rolled-back order sends no mail
+
+    with Session(engine) as session:
+        mid = mailqueue.enqueue(
+            Message(sender="a@example.com", to="x@example.com", subject="s", text="t"),
+            session=session,
+        )
+        assert broker_depth(stack) == 0  # not before the commit
+        session.commit()
+    assert counts(stack) == (1, 1)
+    assert broker_depth(stack) == 1
+    assert mailqueue.get_status(mid).status == "queued"
+
+
+def test_core_connection_leaves_dispatch_to_the_scheduler(stack):
+    from mailqueue.scheduler import Scheduler
+
+    with stack.engine.begin() as conn:
+        mid = mailqueue.enqueue(
+            Message(sender="a@example.com", to="x@example.com", subject="s", text="t"), session=conn
+        )
+    assert broker_depth(stack) == 0
+    assert Scheduler(stack.settings).tick().dispatched == 1
+    assert broker_depth(stack) == 1
+    assert Scheduler(stack.settings).tick().dispatched == 0  # not twice while in flight
+    assert mailqueue.get_status(mid).status == "queued"
+
+
+def test_send_at_in_the_future_waits_for_the_scheduler(stack):
+    from mailqueue.scheduler import Scheduler
+
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
+    mailqueue.enqueue(
+        Message(sender="a@example.com", to="x@example.com", subject="s", text="t"), send_at=later
+    )
+    assert broker_depth(stack) == 0
+    assert Scheduler(stack.settings).tick().dispatched == 0
+
+
+def test_idempotency_key_enqueues_once(stack):
+    msg = Message(sender="a@example.com", to="x@example.com", subject="s", text="t")
+    first = mailqueue.enqueue(msg, idempotency_key="order-42")
+    second = mailqueue.enqueue(msg, idempotency_key="order-42")
+    assert first == second
+    assert counts(stack) == (1, 1)
+
+
+def test_enqueue_many_reports_progress_in_chunks(stack):
+    seen: list[int] = []
+    ids = mailqueue.enqueue_many(
+        (
+            Message(sender="a@example.com", to=f"r{i}@example.com", subject="s", text="t")
+            for i in range(25)
+        ),
+        chunk_size=10,
+        progress=seen.append,
+    )
+    assert len(set(ids)) == 25
+    assert seen == [10, 20, 25]
+    assert counts(stack) == (25, 25)
+
+
+def test_status_to_dict_is_json_ready_all_the_way_down(stack):
+    import json
+
+    mid = mailqueue.enqueue(
+        Message(sender="a@example.com", to=["x@example.com", "y@example.com"], text="t")
+    )
+    data = mailqueue.get_status(mid).to_dict()
+    json.dumps(data)  # no datetime left anywhere, recipients included
+    assert all(isinstance(r["updated_at"], str) for r in data["recipients"])

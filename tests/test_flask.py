@@ -1,0 +1,180 @@
+"""Flask integration, as a user has it: ``tests/flask_app`` with Flask-SQLAlchemy and MailQueue.
+
+The app's view writes an order and queues its receipt in ``db.session``;
+the tests drive it with Flask's test client, deliver in-process with the
+worker's own code to the dev SMTP server, and assert on what the server
+received and on the status rows, on SQLite and PostgreSQL. The last tests
+cover status back to the app: Anymail's words and ``MAILQUEUE_ON_TERMINAL``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+
+import mailqueue
+from mailqueue import Message as CoreMessage
+from mailqueue.contrib.status import anymail_status, anymail_statuses
+from tests import contrib_helpers
+from tests.contrib_helpers import all_ids, deliver, parsed, row_count
+from tests.flask_app.app import create_app, db, mail
+
+
+@pytest.fixture
+def app(stack):
+    app = create_app(
+        {
+            "TESTING": True,
+            "SQLALCHEMY_DATABASE_URI": stack.settings.database_url,
+            # MAILQUEUE_DATABASE_URL defaults to SQLALCHEMY_DATABASE_URI (db= given)
+            "MAILQUEUE_BROKER_URL": stack.settings.broker_url,
+            "MAILQUEUE_QUEUE": stack.settings.queue_name,
+            "MAILQUEUE_RELAY_URL": stack.settings.relay.url,
+            "MAILQUEUE_DEFAULT_SENDER": ("Shop", "shop@example.com"),
+        }
+    )
+    with app.app_context():
+        db.session.execute(db.text("DELETE FROM flask_order"))
+        db.session.commit()
+    yield app
+    with app.app_context():
+        db.session.remove()
+        for engine in db.engines.values():
+            engine.dispose()
+
+
+def test_committed_order_queues_receipt_that_reaches_the_smtp_server(app, stack, smtp_server):
+    settings = mailqueue.get_settings()
+    assert (settings.database_url, settings.queue_name) == (
+        stack.settings.database_url,
+        stack.settings.queue_name,
+    )
+    with mail.record_messages() as outbox:
+        response = app.test_client().post("/orders", data={"email": "ana@example.org"})
+    assert response.status_code == 200, response.text
+    order, mid = response.json["order"], response.json["mailqueue_id"]
+    assert [(m.subject, i) for m, i in outbox] == [(f"Order {order}", mid)]
+    assert row_count(stack, "flask_order") == 1
+    assert mail.get_status(mid).status == "queued"
+    assert mailqueue.get_status_by_key(f"flask-order-{order}").id == mid
+
+    assert deliver(stack, [mid]).claimed == 1
+
+    (received,) = smtp_server.messages
+    assert received.mail_from == "shop@example.com"
+    assert sorted(received.rcpt_tos) == [
+        "ana@example.org",
+        "audit@example.com",
+        "sales@example.com",
+    ]
+    msg = parsed(received)
+    assert msg["From"] == "Shop <shop@example.com>"
+    assert msg["Subject"] == f"Order {order}"
+    assert msg["Cc"] == "sales@example.com"
+    assert msg["Reply-To"] == "help@example.com"
+    assert msg["X-Shop-Order"] == str(order)
+    assert msg["Bcc"] is None
+    assert msg.get_body(("plain",)).get_content().strip() == f"Thanks for order {order}."
+    assert f"<b>{order}</b>" in msg.get_body(("html",)).get_content()
+    (attachment,) = list(msg.iter_attachments())
+    assert (attachment.get_filename(), attachment.get_content_type()) == ("receipt.csv", "text/csv")
+    assert attachment.get_content().splitlines() == ["order,total", f"{order},42.00"]
+
+    info = mailqueue.get_status(mid)
+    assert info.status == "sent"
+    assert anymail_statuses(info) == {"sent"}
+
+
+def test_declined_order_rolls_back_and_sends_nothing(app, stack, smtp_server):
+    response = app.test_client().post(
+        "/orders", data={"email": "ana@example.org", "card": "declined"}
+    )
+    assert response.status_code == 402
+    assert row_count(stack, "flask_order") == 0
+    assert row_count(stack, "mq_message") == 0
+    assert row_count(stack, "mq_recipient") == 0
+    assert smtp_server.messages == []
+
+
+def test_outside_a_transaction_and_flask_mail_style_send_message(app, stack, smtp_server):
+    response = app.test_client().post("/contact", data={"text": "Hello there"})
+    assert response.status_code == 200
+    contact_id = response.json["mailqueue_id"]
+    assert mailqueue.get_status(contact_id).status == "queued"  # committed before the response
+
+    with app.app_context():
+        report_id = mail.send_message(
+            "Report", recipients=[("Ops Team", "ops@example.com")], body="numbers"
+        )
+        db.session.commit()  # in db.session: queued by this commit
+    assert row_count(stack, "mq_message") == 2
+
+    deliver(stack, all_ids(stack))
+    assert sorted(m.rcpt_tos for m in smtp_server.messages) == [
+        ("ops@example.com",),
+        ("team@example.com",),
+    ]
+    report = parsed(smtp_server.received_for("ops@example.com")[0])
+    assert report["To"] == "Ops Team <ops@example.com>"
+    assert report.get_body(("plain",)).get_content().strip() == "numbers"
+    assert {mailqueue.get_status(i).status for i in (contact_id, report_id)} == {"sent"}
+
+
+def test_anymail_words_and_the_terminal_callback(stack, smtp_server):
+    """Anymail words we produce; MAILQUEUE_ON_TERMINAL is called for terminal messages only."""
+    stack.reconfigure(on_terminal="tests.contrib_helpers:record_terminal")
+    contrib_helpers.terminal_calls.clear()
+    smtp_server.reject = ["refused@*"]
+    smtp_server.defer = ["later@*", "never@*"]
+
+    mixed = mailqueue.enqueue(
+        CoreMessage(
+            sender="app@example.com",
+            to=["ok@example.com", "refused@example.com", "later@example.com"],
+            subject="mixed",
+            text="x",
+        )
+    )
+    info = mailqueue.get_status(mixed)
+    assert anymail_statuses(info) == {"queued"}
+
+    deliver(stack, [mixed])
+    info = mailqueue.get_status(mixed)
+    assert info.status == "deferred"
+    words = {r.address: anymail_status(r) for r in info.recipients}
+    assert words == {
+        "ok@example.com": "sent",
+        "refused@example.com": "rejected",
+        "later@example.com": "deferred",
+    }
+    assert contrib_helpers.terminal_calls == []  # deferred is not terminal
+
+    # A recipient still deferred when the message's lifetime runs out: "bounced".
+    stack.reconfigure(message_lifetime_s=1.0)
+    doomed = mailqueue.enqueue(
+        CoreMessage(sender="app@example.com", to="never@example.com", subject="doomed", text="x")
+    )
+    deliver(stack, [doomed])
+    info = mailqueue.get_status(doomed)
+    assert (info.status, info.recipients[0].error) == ("failed", "Expired")
+    assert anymail_status(info.recipients[0]) == "bounced"
+    assert [(c.id, c.status) for c in contrib_helpers.terminal_calls] == [(doomed, "failed")]
+
+    # A cancelled recipient reads as "failed" in Anymail's words.
+    stack.reconfigure(message_lifetime_s=3600.0)
+    cancelled = mailqueue.enqueue(
+        CoreMessage(sender="app@example.com", to="c@example.com", subject="c", text="x")
+    )
+    mailqueue.cancel(cancelled)
+    assert anymail_statuses(mailqueue.get_status(cancelled)) == {"failed"}
+
+    # A message reaching a terminal status by delivery calls back with what get_status says.
+    contrib_helpers.terminal_calls.clear()
+    done = mailqueue.enqueue(
+        CoreMessage(sender="app@example.com", to="fine@example.com", subject="ok", text="x")
+    )
+    deliver(stack, [done])
+    (call,) = contrib_helpers.terminal_calls
+    assert (call.id, call.status, call.recipients[0].smtp_code) == (done, "sent", 250)
+    assert dt.datetime.now(dt.UTC) - call.updated_at < dt.timedelta(minutes=1)

@@ -1,0 +1,234 @@
+"""Prometheus metrics move with real deliveries; workers and the scheduler serve them."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import logging
+import socket
+import urllib.request
+import uuid
+
+import pytest
+import sqlalchemy as sa
+from prometheus_client import REGISTRY
+from prometheus_client.parser import text_string_to_metric_families
+
+import mailqueue
+from mailqueue import Message, metrics
+from mailqueue.logging_setup import SecretFilter, configure_logging, scrub
+from mailqueue.store.models import MessageRow
+from mailqueue.worker.service import Deliverer
+
+from .conftest import wait_until
+
+
+def sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def deliver(stack, ids) -> None:
+    async def go() -> None:
+        d = Deliverer(stack.settings, stack.store)
+        try:
+            await d.deliver_batch([uuid.UUID(str(i)) for i in ids])
+        finally:
+            await d.aclose()
+
+    asyncio.run(go())
+
+
+def test_a_real_delivery_moves_outcome_reply_latency_and_pool_metrics(stack, smtp_server):
+    metrics.get()  # build them so the "before" samples exist
+    names = {
+        "sent": ("mailqueue_recipients_total", {"relay": "default", "outcome": "sent"}),
+        "failed": ("mailqueue_recipients_total", {"relay": "default", "outcome": "failed"}),
+        "deferred": ("mailqueue_recipients_total", {"relay": "default", "outcome": "deferred"}),
+        "2xx": ("mailqueue_smtp_replies_total", {"relay": "default", "class": "2xx"}),
+        "4xx": ("mailqueue_smtp_replies_total", {"relay": "default", "class": "4xx"}),
+        "5xx": ("mailqueue_smtp_replies_total", {"relay": "default", "class": "5xx"}),
+        "partial": ("mailqueue_messages_total", {"relay": "default", "outcome": "partial"}),
+        "msg_deferred": ("mailqueue_messages_total", {"relay": "default", "outcome": "deferred"}),
+        "latency": ("mailqueue_delivery_latency_seconds_count", {"relay": "default"}),
+        "attempts": ("mailqueue_attempts_total", {"relay": "default"}),
+        "opened": ("mailqueue_pool_connections_opened_total", {"relay": "default"}),
+    }
+    before = {k: sample(n, **labels) for k, (n, labels) in names.items()}
+
+    smtp_server.reject = ["no@*"]
+    smtp_server.defer = ["later@*"]
+    a = mailqueue.enqueue(
+        Message(sender="s@example.com", to=["yes@example.com", "no@example.com"], text="x")
+    )
+    b = mailqueue.enqueue(Message(sender="s@example.com", to=["later@example.com"], text="x"))
+    deliver(stack, [a, b])
+
+    delta = {k: sample(n, **labels) - before[k] for k, (n, labels) in names.items()}
+    assert delta == {
+        "sent": 1,
+        "failed": 1,
+        "deferred": 1,
+        "2xx": 1,
+        "4xx": 1,
+        "5xx": 1,
+        "partial": 1,
+        "msg_deferred": 1,
+        "latency": 1,
+        "attempts": 2,
+        "opened": 2,  # the two messages went out side by side
+    }
+    # enqueue -> accepted took well under a minute here
+    le_60 = sample("mailqueue_delivery_latency_seconds_bucket", relay="default", le="60.0")
+    total = sample("mailqueue_delivery_latency_seconds_count", relay="default")
+    assert le_60 == total
+    # the pool was closed after the batch: nothing open, nothing in use
+    assert sample("mailqueue_pool_connections", relay="default", state="open") == 0
+    assert sample("mailqueue_pool_connections", relay="default", state="in_use") == 0
+    assert sample("mailqueue_worker_processes") == 1
+
+
+def test_queue_depth_and_oldest_due_age_per_relay(stack):
+    old = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=10)
+    ids = [
+        mailqueue.enqueue(Message(sender="s@example.com", to=[f"r{i}@example.com"], text="x"))
+        for i in range(3)
+    ]
+    later = mailqueue.enqueue(
+        Message(sender="s@example.com", to=["r@example.com"], text="x"),
+        relay="bulk",
+        send_at=dt.datetime.now(dt.UTC) + dt.timedelta(hours=1),
+    )
+    table = MessageRow.__table__
+    with stack.engine.begin() as conn:
+        conn.execute(
+            sa.update(table).where(table.c.id == uuid.UUID(ids[0])).values(next_attempt_at=old)
+        )
+    metrics.observe_queue(stack.engine)
+    assert sample("mailqueue_queue_depth", relay="default", state="waiting") == 3
+    assert sample("mailqueue_queue_depth", relay="default", state="due") == 3
+    assert 590 < sample("mailqueue_oldest_due_age_seconds", relay="default") < 900
+    assert sample("mailqueue_queue_depth", relay="bulk", state="waiting") == 1
+    assert sample("mailqueue_queue_depth", relay="bulk", state="due") == 0
+    assert sample("mailqueue_oldest_due_age_seconds", relay="bulk") == 0
+
+    mailqueue.cancel(later)
+    metrics.observe_queue(stack.engine)
+    assert sample("mailqueue_queue_depth", relay="bulk", state="waiting") == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+@pytest.mark.slow
+def test_prefork_worker_and_scheduler_serve_metrics(stack, smtp_server, spawn):
+    """Two prefork children deliver; the parent serves their summed counters."""
+    worker_port, scheduler_port = _free_port(), _free_port()
+    smtp_server.reject = ["no@*"]
+    env = stack.env()
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # the worker makes its own folder
+    spawn(
+        "worker",
+        "-c",
+        "2",
+        "-l",
+        "WARNING",
+        env={**env, "MAILQUEUE_METRICS_PORT": str(worker_port)},
+    )
+    spawn("scheduler", env={**env, "MAILQUEUE_METRICS_PORT": str(scheduler_port)})
+    ids = mailqueue.enqueue_many(
+        Message(sender="s@example.com", to=[f"r{i}@example.com"], text="x") for i in range(12)
+    )
+    refused = mailqueue.enqueue(Message(sender="s@example.com", to=["no@example.com"], text="x"))
+    terminal = {"sent", "failed"}
+    wait_until(
+        lambda: all(mailqueue.get_status(i).status in terminal for i in [*ids, refused]),
+        timeout=60,
+        what="deliveries",
+    )
+
+    def worker_counts():
+        try:
+            return scrape(worker_port)
+        except OSError:
+            return None
+
+    key_sent = ("mailqueue_recipients_total", (("outcome", "sent"), ("relay", "default")))
+    key_failed = ("mailqueue_recipients_total", (("outcome", "failed"), ("relay", "default")))
+    wait_until(lambda: (worker_counts() or {}).get(key_sent) == 12, what="worker metrics")
+    got = worker_counts()
+    assert got[key_failed] == 1
+    assert got[("mailqueue_smtp_replies_total", (("class", "5xx"), ("relay", "default")))] == 1
+    assert got[("mailqueue_worker_processes", ())] >= 1
+    assert got[("mailqueue_delivery_latency_seconds_count", (("relay", "default"),))] == 12
+
+    wait_until(
+        lambda: ("mailqueue_scheduler_last_tick_timestamp", ()) in scrape(scheduler_port),
+        what="scheduler metrics",
+    )
+    sched = scrape(scheduler_port)
+    assert sched[("mailqueue_queue_depth", (("relay", "default"), ("state", "waiting")))] >= 0
+    assert sched[("mailqueue_scheduler_last_tick_timestamp", ())] > 0
+
+
+def test_json_logs_carry_message_id_and_recipient_and_no_secrets(stack, smtp_server, capsys):
+    smtp_server.reject = ["no@*"]
+    configure_logging(logging.INFO, as_json=True)
+    try:
+        mid = mailqueue.enqueue(Message(sender="s@example.com", to=["no@example.com"], text="x"))
+        deliver(stack, [mid])
+        logging.getLogger("mailqueue.test").warning(
+            "connecting to smtp://u:topsecretpw@relay:25 password=hunter2"
+        )
+    finally:
+        root = logging.getLogger()
+        for h in list(root.handlers):
+            if getattr(h, "_mailqueue", False):
+                root.removeHandler(h)
+        root.setLevel(logging.WARNING)
+    err = capsys.readouterr().err
+    assert "topsecretpw" not in err and "hunter2" not in err
+    records = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    mine = [r for r in records if r.get("message_id") == mid]
+    assert mine and mine[0]["recipient"] == "no@example.com"
+    assert mine[0]["status"] == "failed" and mine[0]["smtp_code"] == 550
+    assert mine[0]["level"] == "WARNING"
+    assert any("smtp://u:***@relay:25" in r["message"] for r in records)
+
+
+def test_secret_filter_masks_urls_keys_and_auth_lines():
+    assert scrub("redis://:pw@host:6379/0") == "redis://:***@host:6379/0"
+    assert scrub("postgresql://mail:s3cr3t@db/mail") == "postgresql://mail:***@db/mail"
+    assert scrub("token=abc123 rest") == "token=*** rest"
+    assert scrub("AUTH PLAIN AGFuYQBzZWNyZXQ=") == "AUTH PLAIN ***"
+    assert scrub("smtp://relay:25 ok") == "smtp://relay:25 ok"
+    record = logging.LogRecord("x", logging.INFO, "f", 1, "url %s", ("smtp://a:b@c",), None)
+    record.extra_field = "password: zzz"
+    SecretFilter().filter(record)
+    assert record.getMessage() == "url smtp://a:***@c"
+    assert record.extra_field == "password: ***"
+
+
+def test_a_paused_relay_shows_in_the_metrics(stack):
+    from mailqueue.metrics import observe_queue
+    from mailqueue.store.relays import pause_relay, resume_relay
+
+    pause_relay(stack.engine, "default", error="AuthError", reply="535 5.7.8 no")
+    observe_queue(stack.engine)
+    assert sample("mailqueue_relay_paused", relay="default") == 1
+    resume_relay(stack.engine, "default")
+    observe_queue(stack.engine)
+    assert sample("mailqueue_relay_paused", relay="default") == 0
