@@ -14,7 +14,6 @@ import asyncio
 import os
 import shutil
 import socket
-import subprocess
 import tempfile
 import threading
 import time
@@ -29,7 +28,7 @@ from mailqueue import Message
 from mailqueue.web.app import create_app
 from mailqueue.worker.service import Deliverer
 
-from .conftest import ON_CI
+from .system_packages import require_debian_packages
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -40,32 +39,11 @@ DOCS = Path(__file__).resolve().parent.parent / "docs"
 pytestmark = pytest.mark.timeout(900)
 
 
-def _have_browser() -> bool:
-    return os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)
-
-
-def _install_browser() -> str:
-    cmd = ["apt-get", "install", "-y", "chromium", "chromium-driver"]
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    if out.returncode != 0:  # a stale package list: refresh once and try again
-        subprocess.run(["apt-get", "update"], capture_output=True, env=env, timeout=300)
-        out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    return out.stdout[-2000:] + out.stderr[-2000:]
-
-
 @pytest.fixture(scope="session")
 def browser_binaries() -> None:
-    if _have_browser():
-        return
-    if not ON_CI:
-        pytest.skip(
-            "headless Chromium is not installed (apt-get install chromium chromium-driver); "
-            "skipped the browser tests"
-        )
-    log = _install_browser()
-    if not _have_browser():
-        pytest.fail(f"CI=true and chromium/chromedriver could not be installed:\n{log}")
+    require_debian_packages(
+        ["chromium", "chromium-driver"], [CHROMIUM, CHROMEDRIVER], "headless Chromium"
+    )
 
 
 @pytest.fixture

@@ -9,9 +9,7 @@ a row with ``next_attempt_at`` that the scheduler dispatches when due.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import threading
 import uuid
 from collections.abc import Sequence
@@ -24,6 +22,7 @@ from ..config import Settings, get_settings
 from ..store import Store, dispose_engines, get_engine
 from .loop import get_loop_thread
 from .service import Deliverer
+from .sqlite_broker import prepare_sqlite_broker
 
 __all__ = ["get_app", "dispatch", "get_deliverer", "TASK_NAME"]
 
@@ -45,7 +44,7 @@ def _make_app(settings: Settings) -> Celery:
         from kombu.transport.sqlalchemy import Transport
 
         Transport.polling_interval = 0.2
-        _sqlite_broker_wal(settings.broker_url)
+        prepare_sqlite_broker(settings.broker_url, [settings.queue_name])
     if settings.broker_url.startswith(("redis", "rediss")):
         # A task is redelivered if not acknowledged within this time; it must
         # outlast the longest batch (the claim makes a redelivery harmless).
@@ -86,28 +85,6 @@ def _make_app(settings: Settings) -> Celery:
         return {"claimed": report.claimed, "skipped": report.skipped, **report.recipients}
 
     return app
-
-
-def _sqlite_broker_wal(broker_url: str) -> None:
-    """Put kombu's SQLite broker file in WAL mode (a setting kept in the file).
-
-    In its default rollback-journal mode every publish is several fsyncs and a
-    writer blocks the workers polling the table: measured, a single
-    ``enqueue`` spent most of its ~10 ms there. The broker is not the source
-    of truth (the scheduler re-dispatches from SQL), WAL only makes it cheaper.
-    """
-    prefix = "sqla+sqlite:///"
-    path = broker_url[len(prefix) :].split("?", 1)[0] if broker_url.startswith(prefix) else ""
-    if not path or path == ":memory:":
-        return
-    import sqlite3
-
-    try:
-        os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-        with contextlib.closing(sqlite3.connect(path, timeout=30)) as db:
-            db.execute("PRAGMA journal_mode=WAL")
-    except sqlite3.Error as exc:
-        log.warning("could not switch the SQLite broker to WAL mode: %s", exc)
 
 
 def get_app() -> Celery:

@@ -50,6 +50,8 @@ from typing import Any
 import psutil
 import sqlalchemy as sa
 
+from mailqueue.worker.sqlite_broker import prepare_sqlite_broker
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
@@ -503,6 +505,8 @@ def phase_naive(stack: Stack, children: Children, n: int, concurrency: int) -> d
     engine = naive_app.make_engine(stack.naive_database_url)
     naive_app.create_table(engine)
     engine.dispose()
+    # The broker's queue row exists before the worker and producer race to make it.
+    prepare_sqlite_broker(stack.broker_url, [stack.naive_queue])
     worker = children.start(
         f"naive-worker-{stack.kind}",
         [sys.executable, "-m", "celery", "-A", "naive_app", "worker", "-c", str(concurrency),
@@ -523,10 +527,13 @@ def phase_naive(stack: Stack, children: Children, n: int, concurrency: int) -> d
         [sys.executable, str(HERE / "naive_produce.py"), "20"],
         env=env,
     )
-    deadline = time.monotonic() + 120
-    while drained() < 20:
-        if time.monotonic() > deadline or worker.poll() is not None:
-            raise RuntimeError("naive warm-up did not finish; see the logs")
+    deadline = time.monotonic() + stack.args.timeout
+    while (done := drained()) < 20:
+        progress(f"[{stack.kind}] naive warm-up: {done}/20")
+        if worker.poll() is not None or warm.poll() not in (None, 0):
+            raise RuntimeError("naive warm-up: the worker or producer died; see the logs")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"naive warm-up timed out at {done}/20; see the logs")
         time.sleep(0.2)
     children.stop(warm)
     with engine.begin() as conn:
