@@ -20,7 +20,7 @@ from .config import get_settings
 from .errors import InvalidMessageError, NotFoundError
 from .message import Message, build_envelope
 from .smtp.delivery import TransactionResult, deliver
-from .smtp.pool import Pool
+from .smtp.pool import Pool, pool_for_relay
 from .store import Store, get_engine
 from .store import admin as _admin
 from .store.admin import MessageInfo
@@ -315,7 +315,7 @@ async def asend_now(
     own = pool is None
     if pool is None:
         try:
-            pool = Pool(settings.relay_named(relay))
+            pool = pool_for_relay(settings.relay_named(relay), settings)
         except KeyError as exc:
             raise InvalidMessageError(str(exc.args[0]), field="relay") from None
     try:

@@ -95,6 +95,18 @@ class RelayConfig:
     the last token was refused. May be async."""
     allow_plaintext_auth: bool = False
     """Send credentials over an unencrypted connection. Never by default."""
+    cluster_max_connections: int | None = None
+    """Most connections open to this relay from all workers on all hosts together
+    (kept in Redis, see ``smtp/cluster_limits.py``); ``pool_size`` still bounds
+    each process."""
+    rate_limit: float | None = None
+    """Most messages per second to this relay from all workers together (Redis)."""
+    rate_limit_burst: int | None = None
+    """Messages that may go at once after a quiet spell, within ``rate_limit``
+    (default: 50 ms worth, at least 1). It lets a sender that fell a little
+    behind catch up, so the long-run rate reaches the limit."""
+    cluster_wait_s: float = 120.0
+    """Longest wait for a cluster-wide connection slot before the attempt is deferred."""
 
     def __post_init__(self) -> None:
         parts = urlsplit(self.url)
@@ -121,6 +133,15 @@ class RelayConfig:
             raise ValueError(f"relay {self.name!r}: tls_client_key needs tls_client_cert")
         if self.pool_size < 1:
             raise ValueError(f"relay {self.name!r}: pool_size must be at least 1")
+        if self.cluster_max_connections is not None and self.cluster_max_connections < 1:
+            raise ValueError(f"relay {self.name!r}: cluster_max_connections must be at least 1")
+        if self.rate_limit is not None and self.rate_limit <= 0:
+            raise ValueError(f"relay {self.name!r}: rate_limit must be above 0 messages/s")
+
+    @property
+    def has_cluster_limits(self) -> bool:
+        """Whether this relay's limits are shared through Redis."""
+        return bool(self.cluster_max_connections or self.rate_limit)
 
     @property
     def host(self) -> str:
@@ -182,6 +203,8 @@ class RelayConfig:
             "password": "set" if (self.password_file or urlsplit(self.url).password) else None,
             "auth": "XOAUTH2" if self.token_provider else ("login" if self.username else None),
             "pool_size": self.pool_size,
+            "cluster_max_connections": self.cluster_max_connections,
+            "rate_limit": self.rate_limit,
         }
 
     def __repr__(self) -> str:  # never print the password
@@ -199,6 +222,10 @@ def _convert_relay_field(key: str, value: Any) -> Any:
         return int(value)
     if kind == "float":
         return float(value)
+    if kind in ("optint", "optfloat"):
+        if value.strip().lower() in ("", "none"):
+            return None
+        return float(value) if kind == "optfloat" else int(value)
     if kind == "tuple":
         return tuple(v.strip().upper() for v in value.split(",") if v.strip())
     return value or None if kind == "optstr" else value
@@ -229,6 +256,10 @@ _RELAY_TYPES = {
     "auth_mechanisms": "tuple",
     "token_provider": "optstr",
     "allow_plaintext_auth": "bool",
+    "cluster_max_connections": "optint",
+    "rate_limit": "optfloat",
+    "rate_limit_burst": "optint",
+    "cluster_wait_s": "float",
 }
 _RELAY_FIELDS = set(_RELAY_TYPES)
 
@@ -278,6 +309,26 @@ class Settings:
     reaches a terminal status (sent, partial, failed, cancelled)."""
     relays: Mapping[str, RelayConfig] = field(default_factory=dict)
     """Further named relays; a message names one with ``relay=``."""
+    limits_redis_url: str | None = None
+    """Redis for the relays' cluster-wide limits; default: the broker, when it is Redis."""
+
+    def __post_init__(self) -> None:
+        limited = [r.name for r in self.all_relays if r.has_cluster_limits]
+        if limited and self.cluster_redis_url is None:
+            raise ValueError(
+                f"relay(s) {', '.join(limited)} set cluster_max_connections or rate_limit, "
+                "which all workers share through Redis: set MAILQUEUE_LIMITS_REDIS_URL "
+                "(or use a redis:// broker)"
+            )
+
+    @property
+    def cluster_redis_url(self) -> str | None:
+        """Where the cluster-wide relay limits live (None: no Redis configured)."""
+        if self.limits_redis_url:
+            return self.limits_redis_url
+        if self.broker_url.startswith(("redis://", "rediss://")):
+            return self.broker_url
+        return None
 
     def relay_named(self, name: str | None) -> RelayConfig:
         """The relay called ``name`` (``None`` or ``"default"``: the default relay)."""
@@ -322,6 +373,7 @@ _ENV: dict[str, tuple[str, Any]] = {
     "MAILQUEUE_SCHEDULER_INTERVAL_S": ("scheduler_interval_s", float),
     "MAILQUEUE_QUEUE": ("queue_name", str),
     "MAILQUEUE_ON_TERMINAL": ("on_terminal", str),
+    "MAILQUEUE_LIMITS_REDIS_URL": ("limits_redis_url", str),
     "MAILQUEUE_RELAY_URL": ("relay.url", str),
     "MAILQUEUE_POOL_SIZE": ("relay.pool_size", int),
     "MAILQUEUE_POOL_MAX_MESSAGES": ("relay.max_messages_per_connection", int),

@@ -23,6 +23,7 @@ __all__ = [
     "NotFoundError",
     "SMTPError",
     "ConnectError",
+    "ClusterLimitError",
     "AuthError",
     "UnknownAuthError",
     "TLSError",
@@ -124,6 +125,14 @@ class ConnectError(SMTPError):
     """The relay could not be reached, or the connection dropped or timed out."""
 
     hint = "check that the relay is up and reachable"
+
+
+class ClusterLimitError(ConnectError):
+    """A relay's cluster-wide limit could not be met: no connection slot came
+    free in time, or the Redis that keeps the limits is unreachable. Nothing
+    was sent; the recipients are deferred."""
+
+    hint = "see the relay's cluster_max_connections, rate_limit and MAILQUEUE_LIMITS_REDIS_URL"
 
 
 class AuthError(SMTPError):

@@ -37,6 +37,7 @@ from tenacity import (
 )
 
 from ..errors import (
+    ClusterLimitError,
     ConnectError,
     DeliveryError,
     RecipientError,
@@ -440,6 +441,10 @@ async def deliver(
 
     async def attempt_once() -> TransactionResult:
         async with pool.connection() as conn:
+            if pool.limits is not None:
+                # The relay's cluster-wide rate. Reserved once a connection is in
+                # hand: a reservation made while waiting for a slot would be lost.
+                await pool.limits.pace()
             try:
                 return await send_transaction(
                     conn,
@@ -462,6 +467,8 @@ async def deliver(
         # waits of 0.1·2^(n-1) s (at most 2 s) plus up to 1 s of jitter.
         try:
             return await attempt_once()
+        except ClusterLimitError:
+            raise  # it already waited its while; a quick retry cannot help
         except (_DroppedBeforeData, ConnectError):
             if attempts <= 1:
                 raise

@@ -29,11 +29,12 @@ from dataclasses import dataclass, field
 import aiosmtplib
 
 from .. import metrics as _metrics
-from ..config import RelayConfig
+from ..config import RelayConfig, Settings
 from ..errors import SMTPError
+from .cluster_limits import ClusterLimits, Lease
 from .session import TokenCache, open_session
 
-__all__ = ["Connection", "Pool", "PoolStats"]
+__all__ = ["Connection", "Pool", "PoolStats", "pool_for_relay"]
 
 log = logging.getLogger("mailqueue.pool")
 
@@ -49,14 +50,16 @@ class Connection:
         self.messages = 0
         self.busy = False
         self.poisoned = False
+        self.lease: Lease | None = None  # its cluster-wide slot, if the relay has a limit
 
     def is_idle(self) -> bool:
         """Open and not handed out."""
         return not self.busy and self.is_usable()
 
     def is_usable(self) -> bool:
-        """Still connected and not poisoned by a failure."""
-        return not self.poisoned and self.smtp.is_connected
+        """Still connected, not poisoned by a failure, and its cluster slot still held."""
+        lost_slot = self.lease is not None and self.lease.lost
+        return not self.poisoned and not lost_slot and self.smtp.is_connected
 
     def has_expired(self, now: float, relay: RelayConfig) -> bool:
         """Carried its share of messages, lived too long, or sat idle too long."""
@@ -97,10 +100,18 @@ class Pool:
     the connection; call ``conn.poison()`` first when it must not be reused.
     """
 
-    def __init__(self, relay: RelayConfig, *, connector: Connector | None = None) -> None:
+    def __init__(
+        self,
+        relay: RelayConfig,
+        *,
+        connector: Connector | None = None,
+        limits: ClusterLimits | None = None,
+    ) -> None:
         if relay.pool_size < 1:
             raise ValueError("pool_size must be at least 1")
         self.relay = relay
+        self.limits = limits  # cluster-wide connection slots and rate (Redis)
+        self._yielding: asyncio.Task[None] | None = None
         self.tokens = TokenCache()  # OAuth2 tokens outlive any one connection
         self._connector = connector or (lambda r: open_session(r, self.tokens))
         self._connections: list[Connection] = []
@@ -165,17 +176,32 @@ class Pool:
         conn.last_used_at = time.monotonic()
         to_close = self._drop_unusable(conn.last_used_at)
         if conn in self._connections:
-            self._wake_one()
+            if not self._wake_one() and self.limits is not None:
+                self._yield_slots_if_wanted()
             self._arm_idle_timer()
         _metrics.pool_changed(self)
         return to_close
 
-    def _wake_one(self) -> None:
+    def _wake_one(self) -> bool:
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
                 waiter.set_result(None)
-                return
+                return True
+        return False
+
+    def _yield_slots_if_wanted(self) -> None:
+        """A connection fell idle: if other processes wait for a cluster slot, close idle ones."""
+        if self._yielding is None or self._yielding.done():
+            self._yielding = asyncio.ensure_future(self._yield_slots())
+
+    async def _yield_slots(self) -> None:
+        assert self.limits is not None
+        if not await self.limits.others_waiting():
+            return
+        for conn in [c for c in self._connections if c.is_idle()]:
+            if conn.is_idle():  # not borrowed while an earlier one was closing
+                await self._close(conn)
 
     def _arm_idle_timer(self) -> None:
         if self._idle_timer is None:
@@ -236,9 +262,15 @@ class Pool:
                 raise
 
     async def _open(self) -> Connection:
+        lease: Lease | None = None
         try:
+            if self.limits is not None:
+                lease = await self.limits.acquire()
             smtp = await self._connector(self.relay)
         except BaseException:
+            if lease is not None:
+                assert self.limits is not None
+                await asyncio.shield(self.limits.release(lease))
             self._reserved -= 1
             self.stats.open_now = self.open_count
             _metrics.pool_changed(self)
@@ -247,6 +279,7 @@ class Pool:
         self._reserved -= 1
         self._numbers += 1
         conn = Connection(smtp, number=self._numbers)
+        conn.lease = lease
         conn.busy = True
         self._connections.append(conn)
         self.stats.opened += 1
@@ -275,6 +308,9 @@ class Pool:
             with contextlib.suppress(aiosmtplib.SMTPException, OSError, asyncio.TimeoutError):
                 await asyncio.shield(smtp.quit(timeout=5))
         smtp.close()
+        if conn.lease is not None and self.limits is not None:
+            lease, conn.lease = conn.lease, None
+            await asyncio.shield(self.limits.release(lease))
 
     async def aclose(self) -> None:
         """Close every idle connection and refuse new borrowers."""
@@ -288,6 +324,16 @@ class Pool:
         for waiter in self._waiters:
             if not waiter.done():
                 waiter.set_exception(RuntimeError("pool is closed"))
+        if self.limits is not None and not any(c.busy for c in self._connections):
+            await self.limits.aclose()
+
+
+def pool_for_relay(relay: RelayConfig, settings: Settings) -> Pool:
+    """A pool for ``relay``, sharing its cluster-wide limits through Redis when it has any."""
+    limits = None
+    if relay.has_cluster_limits and settings.cluster_redis_url:
+        limits = ClusterLimits(relay, settings.cluster_redis_url)
+    return Pool(relay, limits=limits)
 
 
 def is_poisoning(exc: BaseException) -> bool:

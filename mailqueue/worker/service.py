@@ -32,7 +32,7 @@ from ..config import RelayConfig, Settings
 from ..errors import AuthError, ConnectError, SMTPError, TLSError
 from ..logging_setup import log_attempt
 from ..smtp.delivery import TransactionResult, deliver, failed_everyone
-from ..smtp.pool import Pool
+from ..smtp.pool import Pool, pool_for_relay
 from ..store.models import RecipientStatus, utcnow
 from ..store.queue import ClaimedMessage, MessageOutcome, RecipientOutcome, Store
 from ..store.relays import pause_relay, relay_states, resume_relay
@@ -188,7 +188,7 @@ class Deliverer:
         relay: RelayConfig = self.settings.relay_named(relay_name)
         pool = self._pools.get(relay.name)
         if pool is None:
-            pool = self._pools[relay.name] = Pool(relay)
+            pool = self._pools[relay.name] = pool_for_relay(relay, self.settings)
         return pool
 
     @property
