@@ -96,13 +96,20 @@ def plan(engine: sa.Engine, stmt) -> str:
         return "\n".join(r[-1] for r in rows)
 
 
+# Each filter and the indexes that serve it. For status=failed (5 % of the
+# rows) PostgreSQL may also walk created_at backwards and skip the others:
+# about 20 rows read per row shown, as cheap as the status index; it picks
+# either from its sampled statistics (seen both ways on the same data).
 FILTERS = {
-    "status": (ops.Filters(status="failed"), "ix_mq_message_status_created"),
-    "relay": (ops.Filters(relay="bulk"), "ix_mq_message_relay_created"),
-    "sender": (ops.Filters(sender="sender7@example.com"), "ix_mq_message_from_created"),
-    "tag": (ops.Filters(tag="rare"), "ix_mq_message_tag_created"),
-    "recipient": (ops.Filters(recipient="user777@example.org"), "ix_mq_recipient_address"),
-    "none": (ops.Filters(), "ix_mq_message_created_at"),
+    "status": (
+        ops.Filters(status="failed"),
+        ("ix_mq_message_status_created", "ix_mq_message_created_at"),
+    ),
+    "relay": (ops.Filters(relay="bulk"), ("ix_mq_message_relay_created",)),
+    "sender": (ops.Filters(sender="sender7@example.com"), ("ix_mq_message_from_created",)),
+    "tag": (ops.Filters(tag="rare"), ("ix_mq_message_tag_created",)),
+    "recipient": (ops.Filters(recipient="user777@example.org"), ("ix_mq_recipient_address",)),
+    "none": (ops.Filters(), ("ix_mq_message_created_at",)),
 }
 
 
@@ -112,9 +119,9 @@ def test_listing_filters_use_their_index_and_pages_answer_fast(stack):
     seed(stack.engine, ROWS)
     seeded_s = time.perf_counter() - started
 
-    for name, (filters, index) in FILTERS.items():
+    for name, (filters, indexes) in FILTERS.items():
         text = plan(stack.engine, ops.search_statement(stack.engine, filters, limit=50))
-        assert index in text, f"{name}: {index} not used:\n{text}"
+        assert any(i in text for i in indexes), f"{name}: none of {indexes} used:\n{text}"
         assert "Seq Scan on mq_message" not in text, f"{name}:\n{text}"
 
     client = TestClient(create_app(token=TOKEN))
