@@ -96,20 +96,20 @@ def plan(engine: sa.Engine, stmt) -> str:
         return "\n".join(r[-1] for r in rows)
 
 
-# Each filter and the indexes that serve it. For status=failed (5 % of the
-# rows) PostgreSQL may also walk created_at backwards and skip the others:
-# about 20 rows read per row shown, as cheap as the status index; it picks
-# either from its sampled statistics (seen both ways on the same data).
+# Each filter and the indexes that may serve it. For values that are common
+# in the seed (status=failed 5 %, relay=bulk 10 %, one sender 2 %)
+# PostgreSQL may instead walk created_at backwards and skip the rest: at
+# most ~50 rows read per row shown, as cheap as the filter's own index; it
+# picks either from sampled statistics (seen both ways on the same data).
+# Rare values (a tag, one recipient) must use their own index.
+_NEWEST = "ix_mq_message_created_at"
 FILTERS = {
-    "status": (
-        ops.Filters(status="failed"),
-        ("ix_mq_message_status_created", "ix_mq_message_created_at"),
-    ),
-    "relay": (ops.Filters(relay="bulk"), ("ix_mq_message_relay_created",)),
-    "sender": (ops.Filters(sender="sender7@example.com"), ("ix_mq_message_from_created",)),
+    "status": (ops.Filters(status="failed"), ("ix_mq_message_status_created", _NEWEST)),
+    "relay": (ops.Filters(relay="bulk"), ("ix_mq_message_relay_created", _NEWEST)),
+    "sender": (ops.Filters(sender="sender7@example.com"), ("ix_mq_message_from_created", _NEWEST)),
     "tag": (ops.Filters(tag="rare"), ("ix_mq_message_tag_created",)),
     "recipient": (ops.Filters(recipient="user777@example.org"), ("ix_mq_recipient_address",)),
-    "none": (ops.Filters(), ("ix_mq_message_created_at",)),
+    "none": (ops.Filters(), (_NEWEST,)),
 }
 
 
