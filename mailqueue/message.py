@@ -6,8 +6,10 @@ MAIL FROM address, the de-duplicated recipients, and the RFC 5322 bytes with
 CRLF line endings and **no Bcc header**. Every check that can fail does so
 here, at enqueue time, with an ``InvalidMessageError`` naming the field.
 
-Composition uses the standard library's ``email`` package; address syntax is
-checked by ``email-validator``.
+Composition uses the standard library's ``email`` package, except for the
+common simple message, which ``mime_direct`` writes directly (the same bytes
+in meaning, about 20 times faster); address syntax is checked by
+``email-validator``, with results cached per address.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import base64
 import datetime as dt
 import email.policy
 import email.utils
+import functools
 import mimetypes
 import re
 import uuid
@@ -32,6 +35,7 @@ from typing import cast
 from email_validator import EmailNotValidError, validate_email
 
 from .errors import InvalidMessageError
+from .mime_direct import write_simple
 
 __all__ = [
     "Attachment",
@@ -58,6 +62,10 @@ _OWNED_HEADERS = {
 }
 _HEADER_NAME = re.compile(r"^[!-9;-~]+$")  # RFC 5322 ftext: printable ASCII except ':'
 _BCC_LINE = re.compile(rb"^(resent-)?bcc\s*:", re.IGNORECASE)
+# Address strings that need no header parser: "a@b.c" and "Plain Name <a@b.c>".
+_SPEC = r"[^\s<>(),;:\"@\[\]\\]+@[^\s<>(),;:\"@\[\]\\]+"
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_SIMPLE_ADDRESS = re.compile(rf"\s*(?:({_ATEXT}(?: {_ATEXT})*) <({_SPEC})>|({_SPEC}))\s*")
 
 # Compose 7-bit-clean bodies (quoted-printable/base64): any relay can carry them.
 _POLICY = email.policy.SMTP.clone(cte_type="7bit")
@@ -161,10 +169,17 @@ class Envelope:
 # --------------------------------------------------------------------------- addresses
 
 
+# CR, LF, NUL, and what Python's str.splitlines() also breaks lines at (the
+# email package refuses those in headers with a bare ValueError).
+_LINE_BREAKS = re.compile("[\r\n\0\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")
+
+
 def _no_newlines(value: str, field_name: str) -> None:
-    if "\r" in value or "\n" in value or "\0" in value:
+    if _LINE_BREAKS.search(value):
         raise InvalidMessageError(
-            "contains a line break (CR/LF) or NUL; header injection is refused", field=field_name
+            "contains a line break (CR/LF or another line separator) or NUL; "
+            "header injection is refused",
+            field=field_name,
         )
 
 
@@ -202,6 +217,15 @@ def validate_address(address: str, *, field_name: str = "address") -> tuple[str,
     what development and tests send to.
     """
     _no_newlines(address, field_name)
+    normalised, needs_utf8, error = _validated(address)
+    if error is not None:
+        raise InvalidMessageError(f"{address!r} is not a valid address: {error}", field=field_name)
+    return normalised, needs_utf8
+
+
+@functools.lru_cache(maxsize=16384)
+def _validated(address: str) -> tuple[str, bool, str | None]:
+    """email-validator's verdict, remembered: a sender recurs in every message."""
     try:
         checked = validate_email(
             address,
@@ -211,12 +235,10 @@ def validate_address(address: str, *, field_name: str = "address") -> tuple[str,
             test_environment=True,
         )
     except EmailNotValidError as exc:
-        raise InvalidMessageError(
-            f"{address!r} is not a valid address: {exc}", field=field_name
-        ) from None
+        return address, False, str(exc)
     if checked.ascii_email:
-        return checked.ascii_email, False
-    return checked.normalized, True
+        return checked.ascii_email, False, None
+    return checked.normalized, True, None
 
 
 def _addresses(value: Addresses, field_name: str) -> list[Address]:
@@ -229,6 +251,10 @@ def _addresses(value: Addresses, field_name: str) -> list[Address]:
             name, addr = item
             _no_newlines(name, field_name)
             result.append(Address(display_name=name, addr_spec=_bare(addr, field_name)))
+        elif isinstance(item, str) and (simple := _SIMPLE_ADDRESS.fullmatch(item)):
+            name, named_spec, bare_spec = simple.groups()
+            local, _, domain = (named_spec or bare_spec).rpartition("@")
+            result.append(Address(display_name=name or "", username=local, domain=domain))
         elif isinstance(item, str):
             parsed = _parse_header_addresses(item, field_name)
             if not parsed or any(not a.addr_spec or "@" not in a.addr_spec for a in parsed):
@@ -425,6 +451,28 @@ def _compose(message: Message) -> tuple[str, tuple[Recipient, ...], bytes, bool]
     mail_from = _envelope_from(message, default=(sender_header or sender).addr_spec)
     utf8 |= not mail_from.isascii()
 
+    names = {name.lower() for name, _ in custom}
+    date = email.utils.format_datetime(dt.datetime.now(dt.UTC))
+    message_id = email.utils.make_msgid(domain=sender.domain)
+    if not (utf8 or message.attachments or message.preamble or message.epilogue):
+        simple = write_simple(
+            sender=sender,
+            sender_header=sender_header,
+            to=to,
+            cc=cc,
+            reply_to=reply_to,
+            subject=message.subject,
+            date=date,
+            message_id=message_id,
+            custom=custom,
+            text=message.text,
+            html=message.html,
+            text_subtype=message.text_subtype,
+            charset=message.charset,
+        )
+        if simple is not None:
+            return mail_from, recipients, simple, utf8
+
     msg = EmailMessage(policy=_POLICY_UTF8 if utf8 else _POLICY)
     msg["From"] = sender
     if sender_header is not None:
@@ -436,11 +484,10 @@ def _compose(message: Message) -> tuple[str, tuple[Recipient, ...], bytes, bool]
     if reply_to:
         msg["Reply-To"] = reply_to
     msg["Subject"] = message.subject
-    names = {name.lower() for name, _ in custom}
     if "date" not in names:
-        msg["Date"] = email.utils.format_datetime(dt.datetime.now(dt.UTC))
+        msg["Date"] = date
     if "message-id" not in names:
-        msg["Message-ID"] = email.utils.make_msgid(domain=sender.domain)
+        msg["Message-ID"] = message_id
     for name, value in custom:
         msg[name] = value
     later: dict[bytes, bytes] = {}
