@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import uuid
 
 import pytest
 import sqlalchemy as sa
@@ -153,6 +154,49 @@ def test_enqueue_many_reports_progress_in_chunks(stack):
     assert len(set(ids)) == 25
     assert seen == [10, 20, 25]
     assert counts(stack) == (25, 25)
+
+
+def test_a_big_enqueue_many_writes_the_same_rows_as_enqueue(stack):
+    """Chunks of 20+ messages go in with COPY on PostgreSQL: same rows, same bytes."""
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
+    msgs = [
+        Message(
+            sender="Shop <shop@example.com>",
+            to=[f"r{i}@example.com", "Same Person <same@example.com>"],
+            bcc="audit@example.com",
+            subject=f"order {i}",
+            text=f"line one\nline {i}",
+            html=f"<p>{i}</p>",
+        )
+        for i in range(30)
+    ]
+    ids = mailqueue.enqueue_many(msgs, send_at=later)
+    one = mailqueue.enqueue(msgs[0], send_at=later)
+    with stack.engine.connect() as conn:
+        rows = {r.id: r for r in conn.execute(sa.select(M))}
+        rcpts = conn.execute(sa.select(R.c.message_id, R.c.address, R.c.kind, R.c.status)).all()
+    assert len(rows) == 31 and len(rcpts) == 93
+    for i, mid in enumerate(ids):
+        row = rows[uuid.UUID(mid)]
+        assert (row.status, row.mail_from, row.subject) == (
+            "queued",
+            "shop@example.com",
+            f"order {i}",
+        )
+        assert row.next_attempt_at == later and row.expires_at > later
+        assert row.dispatched_at is None  # not due yet: the scheduler dispatches it
+        assert row.size == len(row.content) and f"line {i}".encode() in row.content
+        assert b"audit@example.com" not in row.content
+    single = rows[uuid.UUID(one)]
+    first = rows[uuid.UUID(ids[0])]
+    for column in ("status", "relay", "mail_from", "smtputf8", "eightbit", "attempts", "meta"):
+        assert getattr(first, column) == getattr(single, column), column
+    kinds = sorted((a, k, s) for m, a, k, s in rcpts if m == first.id)
+    assert kinds == [
+        ("audit@example.com", "bcc", "pending"),
+        ("r0@example.com", "to", "pending"),
+        ("same@example.com", "to", "pending"),
+    ]
 
 
 def test_status_to_dict_is_json_ready_all_the_way_down(stack):

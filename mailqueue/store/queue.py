@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import (
+    JSON,
     Connection,
     Engine,
     and_,
@@ -285,6 +286,10 @@ class Store:
             conn.execute(insert(R), recipient_rows)
             return
         with self.engine.begin() as own:
+            if len(message_rows) >= _COPY_FROM and _can_copy(own):
+                _copy(own, M, message_rows)
+                _copy(own, R, recipient_rows)
+                return
             for chunk in _chunks(message_rows, 1000):
                 own.execute(insert(M), list(chunk))
             for chunk in _chunks(recipient_rows, 2000):
@@ -637,3 +642,42 @@ class Store:
         if when.tzinfo is None:
             when = when.replace(tzinfo=dt.UTC)
         return max(0.0, (when - utcnow()).total_seconds())
+
+
+# -- bulk insert with COPY (PostgreSQL + psycopg 3) -------------------------------------
+
+_COPY_FROM = 20
+"""Messages in one insert from which COPY beats a pipelined executemany."""
+
+
+def _can_copy(conn: Connection) -> bool:
+    return conn.dialect.name == "postgresql" and conn.dialect.driver == "psycopg"
+
+
+def _copy(conn: Connection, table: Any, rows: Sequence[dict[str, Any]]) -> None:
+    """``COPY table FROM STDIN`` in ``conn``'s transaction: measured about twice as fast
+    as executemany for enqueue_many's chunks (see ops/bench). A unique violation
+    (an idempotency key already used) surfaces as SQLAlchemy's IntegrityError,
+    as the INSERT would."""
+    if not rows:
+        return
+    import psycopg
+    from psycopg.types.json import Json
+    from sqlalchemy.exc import IntegrityError
+
+    columns = list(rows[0])
+    json_columns = {c for c in columns if isinstance(table.c[c].type, JSON)}
+    statement = f"COPY {table.name} ({', '.join(columns)}) FROM STDIN"
+    raw = conn.connection.driver_connection
+    assert raw is not None
+    try:
+        with raw.cursor() as cur, cur.copy(statement) as copy:
+            for row in rows:
+                copy.write_row(
+                    [
+                        Json(row[c]) if c in json_columns and row[c] is not None else row[c]
+                        for c in columns
+                    ]
+                )
+    except psycopg.IntegrityError as exc:
+        raise IntegrityError(statement, None, exc) from None
