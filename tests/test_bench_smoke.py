@@ -7,12 +7,14 @@ every message reached the sink, never on how fast anything was.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from .conftest import POSTGRES_URL, REDIS_URL, require
 from .system_packages import require_debian_packages
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,23 +22,30 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_bench_runs_on_the_embedded_stack(tmp_path):
+@pytest.mark.parametrize("stack", ["embedded", "pg"])
+def test_bench_runs_on_each_stack(tmp_path, stack):
     # The first run on CI may install Postfix: the timeout above leaves room for it.
     require_debian_packages(["postfix"], ["/usr/sbin/smtp-sink"], "Postfix's smtp-sink")
+    env = dict(os.environ)
+    memory = ["--depth-rows", "0", "--attachment-mb", "0"]
+    if stack == "pg":
+        require("postgres")
+        require("redis")
+        env.update(MAILQUEUE_BENCH_POSTGRES_URL=POSTGRES_URL, MAILQUEUE_BENCH_REDIS_URL=REDIS_URL)
+        memory = ["--depth-rows", "40", "--attachment-mb", "2"]  # the memory phases too
     out = tmp_path / "results"
     proc = subprocess.run(
         [
             sys.executable,
             str(ROOT / "ops" / "bench" / "run.py"),
-            "--stacks", "embedded",
+            "--stacks", stack,
             "--messages", "60",
             "--warmup", "20",
             "--naive-messages", "10",
             "--enqueue-messages", "30",
             "--latency-calls", "5",
             "--multi-messages", "10",
-            "--depth-rows", "0",
-            "--attachment-mb", "0",
+            *memory,
             "--concurrency", "1",
             "--pool-size", "2",
             "--timeout", "60",
@@ -44,22 +53,26 @@ def test_bench_runs_on_the_embedded_stack(tmp_path):
         ],
         capture_output=True,
         text=True,
-        timeout=110,
+        timeout=170,
+        env=env,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     [path] = list(out.glob("bench-*.json"))
     result = json.loads(path.read_text())
     assert result["sink"] == "postfix smtp-sink"
-    [stack] = result["stacks"]
-    assert stack["stack"] == "embedded"
+    [figures] = result["stacks"]
+    assert figures["stack"] == stack
     for phase in ("bare", "bare_pipelined", "naive", "mailqueue", "mailqueue_5_recipients"):
-        assert stack[phase]["msg_per_s"] > 0, phase
-        assert stack[phase]["cpu"]["client"]["cpu_s"] > 0, phase
-    assert stack["naive"]["sent"] == 10
-    assert stack["mailqueue_5_recipients"]["recipients_per_s"] > 0
-    assert stack["enqueue_many"]["msg_per_s"] > 0
-    assert 0 < stack["enqueue_latency"]["p50_ms"] <= stack["enqueue_latency"]["p99_ms"]
-    assert set(stack["ratios"]) == {
+        assert figures[phase]["msg_per_s"] > 0, phase
+        assert figures[phase]["cpu"]["client"]["cpu_s"] > 0, phase
+    assert figures["naive"]["sent"] == 10
+    assert figures["mailqueue_5_recipients"]["recipients_per_s"] > 0
+    assert figures["enqueue_many"]["msg_per_s"] > 0
+    assert 0 < figures["enqueue_latency"]["p50_ms"] <= figures["enqueue_latency"]["p99_ms"]
+    if stack == "pg":
+        assert set(figures["memory_depth"]) == {"40"}
+        assert figures["attachment"]
+    assert set(figures["ratios"]) == {
         "mailqueue_over_bare",
         "bare_pipelined_over_bare",
         "mailqueue_over_naive",

@@ -118,6 +118,30 @@ def test_refused_and_deferred_recipients_do_not_stop_the_accepted_one(stack, smt
     ]
 
 
+def test_a_big_attempt_keeps_every_recipients_history(stack, smtp_server):
+    """12 recipients in one attempt: written with COPY on PostgreSQL, row by row on SQLite."""
+    smtp_server.reject = ["no*@example.com"]
+    smtp_server.defer = ["later*@example.com"]
+    to = [f"ok{i}@example.com" for i in range(7)] + ["no1@example.com", "no2@example.com"]
+    to += ["later1@example.com", "later2@example.com", "later3@example.com"]
+    mid = mailqueue.enqueue(Message(sender="a@example.com", to=to, subject="s", text="t"))
+    deliver(stack, [mid])
+    history = mailqueue.get_attempts(mid)
+    assert [(a.address, a.status, a.smtp_code) for a in history] == [
+        (address, status, code)
+        for address in to
+        for status, code in [
+            ("failed", 550)
+            if address.startswith("no")
+            else ("deferred", 450)
+            if address.startswith("later")
+            else ("sent", 250)
+        ]
+    ]
+    assert all(a.worker and a.at is not None for a in history)
+    assert {a.reply.split()[0] for a in history if a.status == "failed"} == {"5.1.1"}
+
+
 def test_all_accepted_is_sent_and_all_refused_is_failed(stack, smtp_server):
     smtp_server.reject = ["*@bad.example.com"]
     good = mailqueue.enqueue(
