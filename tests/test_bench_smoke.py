@@ -68,6 +68,8 @@ def test_bench_runs_on_each_stack(tmp_path, stack):
     assert figures["naive"]["sent"] == 10
     assert figures["mailqueue_5_recipients"]["recipients_per_s"] > 0
     assert figures["enqueue_many"]["msg_per_s"] > 0
+    idle = figures["enqueue_many"]["idle_enqueue_latency"]
+    assert 0 < idle["p50_ms"] <= idle["p99_ms"]
     assert 0 < figures["enqueue_latency"]["p50_ms"] <= figures["enqueue_latency"]["p99_ms"]
     if stack == "pg":
         assert set(figures["memory_depth"]) == {"40"}

@@ -603,10 +603,14 @@ def phase_enqueue_only(stack: Stack, n: int) -> dict[str, Any]:
     t1 = time.monotonic()
     write_prepared(prepared)
     t_write = time.monotonic() - t1
+    # Single enqueue() calls on a quiet machine (no workers yet); the
+    # enqueue_latency phase measures them again while workers deliver.
+    idle_latency = phase_enqueue_latency(stack, min(n, 500)) if n else None
     configure(queue_name=stack.queue)
     _purge(stack, f"{stack.queue}-idle")
     stack.clear()
     return {
+        "idle_enqueue_latency": idle_latency,
         "messages": n,
         "seconds": round(elapsed, 3),
         "msg_per_s": rate(n, elapsed),
@@ -877,11 +881,23 @@ def summary(result: dict[str, Any]) -> str:
                     f"({p['messages']} msgs, {p['seconds']} s; CPU µs/msg: {cpu})"
                 )
         if "enqueue_many" in s:
-            rate_ = s["enqueue_many"]["msg_per_s"]
-            lines.append(f"  enqueue_many alone        {rate_:>9.1f} msg/s")
+            enq = s["enqueue_many"]
+            lines.append(
+                f"  enqueue_many alone        {enq['msg_per_s']:>9.1f} msg/s  "
+                f"(composition alone {enq['compose_only_msg_per_s']}, "
+                f"write + dispatch alone {enq['write_and_dispatch_only_msg_per_s']})"
+            )
+            lat = enq.get("idle_enqueue_latency")
+            if lat:
+                lines.append(
+                    f"  enqueue latency, idle     p50 {lat['p50_ms']} ms, p99 {lat['p99_ms']} ms"
+                )
         if "enqueue_latency" in s:
             lat = s["enqueue_latency"]
-            lines.append(f"  enqueue latency  p50 {lat['p50_ms']} ms, p99 {lat['p99_ms']} ms")
+            lines.append(
+                f"  enqueue latency, workers delivering  p50 {lat['p50_ms']} ms, "
+                f"p99 {lat['p99_ms']} ms"
+            )
         lines.append(f"  ratios                    {s.get('ratios')}")
         if "memory_depth" in s:
             lines.append(f"  worker RSS by depth       {s['memory_depth']}")
