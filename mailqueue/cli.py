@@ -490,7 +490,7 @@ def relays(as_json: bool, resume: str | None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("relay", "url", "starttls", "verify", "auth", "pool", "state")
+    table = Table("relay", "url", "starttls", "verify", "auth", "pool", "cluster limits", "state")
     for r in rows:
         state = (
             f"[red]PAUSED until {r['paused_until']}[/red]\n{r['last_error']}: {r['last_reply']}"
@@ -504,9 +504,20 @@ def relays(as_json: bool, resume: str | None) -> None:
             "yes" if r["tls_verify"] and r["tls_check_hostname"] else "[yellow]relaxed[/yellow]",
             r["auth"] or "-",
             str(r["pool_size"]),
+            _cluster_limits(r),
             state,
         )
     Console().print(table)
+
+
+def _cluster_limits(relay: dict[str, Any]) -> str:
+    """``3 connections, 200 msg/s`` (shared by all workers through Redis), or ``-``."""
+    parts = []
+    if relay.get("cluster_max_connections"):
+        parts.append(f"{relay['cluster_max_connections']} connections")
+    if relay.get("rate_limit"):
+        parts.append(f"{relay['rate_limit']:g} msg/s")
+    return ", ".join(parts) or "-"
 
 
 def _stats_table(data: dict[str, Any]) -> Any:

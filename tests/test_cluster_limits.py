@@ -259,3 +259,25 @@ def test_limits_honoured_by_send_now_and_redis_down_defers_without_sending(smtp_
     assert "cluster limits store (Redis) is unreachable" in str(result.error)
     assert [(r.status, r.error) for r in result.recipients] == [("deferred", "ClusterLimitError")]
     assert len(smtp_server.messages) == 1  # nothing more reached the relay
+
+
+def test_relays_command_shows_the_cluster_limits(sqlite_stack):
+    import json
+    from dataclasses import replace as _replace
+
+    from click.testing import CliRunner
+
+    from mailqueue.cli import cli
+    from mailqueue.config import configure
+
+    settings = sqlite_stack.settings
+    bulk = _replace(settings.relays["bulk"], cluster_max_connections=3, rate_limit=200)
+    configure(
+        _replace(settings, relays={"bulk": bulk}, limits_redis_url="redis://127.0.0.1:6379/0")
+    )
+    runner = CliRunner()
+    rows = {r["name"]: r for r in json.loads(runner.invoke(cli, ["relays", "--json"]).output)}
+    assert (rows["bulk"]["cluster_max_connections"], rows["bulk"]["rate_limit"]) == (3, 200)
+    assert rows["default"]["cluster_max_connections"] is None
+    table = runner.invoke(cli, ["relays"], env={"COLUMNS": "200"}).output
+    assert "3 connections, 200 msg/s" in table
