@@ -115,6 +115,12 @@ class _Metrics:
             "Times a sender waited because the pool was at its bound",
             ["relay"],
         )
+        self.cluster_waits = Counter(
+            "mailqueue_cluster_limit_waits_total",
+            "Deliveries that waited for a relay's cluster-wide limit "
+            "(limit=connections: a free slot; limit=rate: their turn)",
+            ["relay", "limit"],
+        )
         self.pool_opened = Counter(
             "mailqueue_pool_connections_opened_total", "SMTP connections opened", ["relay"]
         )
@@ -301,6 +307,14 @@ def pool_waited(pool: Any) -> None:
         get().pool_waits.labels(pool.relay.name).inc()
     except Exception:  # noqa: BLE001
         log.debug("metrics: pool_waited failed", exc_info=True)
+
+
+def cluster_limit_waited(relay: str, limit: str) -> None:
+    """A delivery waited for a cluster-wide limit (``smtp.cluster_limits``)."""
+    try:
+        get().cluster_waits.labels(relay, limit).inc()
+    except Exception:  # noqa: BLE001
+        log.debug("metrics: cluster_limit_waited failed", exc_info=True)
 
 
 def pool_opened(pool: Any) -> None:

@@ -36,6 +36,13 @@ def _relay(**options) -> RelayConfig:
     return RelayConfig(name=f"limits-{uuid.uuid4().hex[:8]}", **options)
 
 
+def waits(relay: str, limit: str) -> float:
+    from prometheus_client import REGISTRY
+
+    labels = {"relay": relay, "limit": limit}
+    return REGISTRY.get_sample_value("mailqueue_cluster_limit_waits_total", labels) or 0.0
+
+
 @pytest.fixture
 def redis_url() -> str:
     require("redis")
@@ -52,6 +59,7 @@ def test_connection_slots_are_shared_by_every_limiter(redis_url):
             await b.acquire()
         assert info.value.retryable
         assert a.waits == 0 and b.waits == 1
+        assert waits(relay.name, "connections") == 1  # what the dashboard shows
         await a.release(held[0])
         held[0] = await b.acquire()  # the freed slot goes to the other limiter
         assert await a.others_waiting() is False
@@ -153,6 +161,7 @@ def test_the_rate_is_shared_by_every_limiter(redis_url):
         return elapsed
 
     elapsed = asyncio.run(scenario())
+    assert 50 < waits(relay.name, "rate") <= 100  # all but the first wait, unless one came late
     # 101 messages at 200/s: the first goes at once, the last 100 intervals later
     assert 0.5 * 0.95 <= elapsed <= 0.5 * 1.5, elapsed
 

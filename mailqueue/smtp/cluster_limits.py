@@ -36,6 +36,7 @@ import time
 import uuid
 from typing import Any
 
+from .. import metrics as _metrics
 from ..config import RelayConfig
 from ..errors import ClusterLimitError
 
@@ -182,6 +183,7 @@ class ClusterLimits:
             if not waited:
                 waited = True
                 self.waits += 1
+                _metrics.cluster_limit_waited(self.relay.name, "connections")
             if time.monotonic() >= deadline:
                 await self._stop_waiting(lease)
                 raise ClusterLimitError(
@@ -266,6 +268,7 @@ class ClusterLimits:
         except redis.RedisError as exc:
             raise self._unreachable(exc) from None
         if wait_us > 0:
+            _metrics.cluster_limit_waited(self.relay.name, "rate")
             await asyncio.sleep(wait_us / 1_000_000)
 
     async def aclose(self) -> None:
