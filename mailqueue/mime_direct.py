@@ -18,6 +18,7 @@ import email.policy
 import random
 import re
 from collections.abc import Callable, Sequence
+from email.header import Header
 from email.headerregistry import Address, HeaderRegistry
 
 __all__ = ["write_simple"]
@@ -70,14 +71,18 @@ def _address_line(name: str, addresses: Sequence[Address]) -> str | None:
 
 
 def _unstructured_line(name: str, value: str) -> str | None:
+    """``Name: value``; a non-ASCII value as RFC 2047 encoded words, folded."""
     if name.lower() in _STRUCTURED and name.lower() not in ("subject",):
         return None
-    if not _PRINTABLE.fullmatch(value) or "=?" in value or value != value.strip():
+    if "=?" in value or value != value.strip() or "  " in value:
         return None
-    if "  " in value:
+    if _PRINTABLE.fullmatch(value):
+        line = f"{name}: {value}"
+        return line if len(line) <= _MAX_LINE else None
+    if not value.isprintable():  # control characters: let the email package judge
         return None
-    line = f"{name}: {value}"
-    return line if len(line) <= _MAX_LINE else None
+    encoded = Header(value, "utf-8", header_name=name).encode(linesep="\r\n")
+    return f"{name}: {encoded}"
 
 
 def _body(text: str) -> tuple[str, bytes] | None:

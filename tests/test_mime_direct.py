@@ -171,7 +171,7 @@ def test_long_address_lists_fold_like_the_email_package(monkeypatch):
 @pytest.mark.parametrize(
     "msg",
     [
-        Message(sender="a@example.com", to="b@example.com", subject="Grüße", text="t"),
+        Message(sender=("Zoë", "a@example.com"), to="b@example.com", subject="s", text="t"),
         Message(sender="a@example.com", to='"Bob, Jr" <b@example.com>', subject="s", text="t"),
         Message(sender="a@example.com", to="b@example.com", subject="s" * 90, text="t"),
         Message(
@@ -184,7 +184,7 @@ def test_long_address_lists_fold_like_the_email_package(monkeypatch):
             headers={"Date": "Mon, 1 Jan 2024 00:00:00 +0000"},
         ),
     ],
-    ids=["non-ascii-subject", "quoted-name", "long-subject", "latin-1", "own-date"],
+    ids=["non-ascii-name", "quoted-name", "long-subject", "latin-1", "own-date"],
 )
 def test_the_email_package_writes_what_the_direct_path_declines(monkeypatch, msg):
     via_email, direct = compose_both(msg, monkeypatch)
@@ -199,3 +199,20 @@ def test_every_line_separator_in_a_header_is_refused(separator):
             Message(sender="a@example.com", to="b@example.com", subject=f"x{separator}y", text="t")
         )
     assert info.value.field == "subject"
+
+
+def test_subjects_in_any_language_are_encoded_words_on_the_direct_path(monkeypatch):
+    subject = "Grüße aus Köln — 日本語のテスト, a subject long enough to need folding"
+    msg = Message(
+        sender="a@example.com",
+        to="b@example.com",
+        subject=subject,
+        text="t",
+        headers={"X-Campaign": "Été 2026"},
+    )
+    via_email, direct = compose_both(msg, monkeypatch)
+    assert direct is not None
+    assert_same_meaning(via_email, direct)
+    assert parse(direct)["Subject"] == subject
+    head = direct.split(b"\r\n\r\n")[0]
+    assert head.isascii() and all(len(line) <= 78 for line in head.split(b"\r\n"))
