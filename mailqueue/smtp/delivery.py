@@ -31,7 +31,7 @@ from typing import Literal
 import aiosmtplib
 from tenacity import (
     AsyncRetrying,
-    retry_if_exception_type,
+    retry_if_exception,
     stop_after_attempt,
     wait_exponential_jitter,
 )
@@ -421,6 +421,17 @@ async def _reset(conn: Connection, code: int | None, timeout: float) -> None:
         conn.poison()
 
 
+def _worth_a_quick_retry(exc: BaseException) -> bool:
+    """A failure before DATA that a fresh connection in a second may cure.
+
+    Not a ``ClusterLimitError``: it already waited its while for a slot (or
+    Redis is down), so the message is deferred instead.
+    """
+    return isinstance(exc, (_DroppedBeforeData, ConnectError)) and not isinstance(
+        exc, ClusterLimitError
+    )
+
+
 async def deliver(
     pool: Pool,
     mail_from: str,
@@ -467,16 +478,14 @@ async def deliver(
         # waits of 0.1·2^(n-1) s (at most 2 s) plus up to 1 s of jitter.
         try:
             return await attempt_once()
-        except ClusterLimitError:
-            raise  # it already waited its while; a quick retry cannot help
-        except (_DroppedBeforeData, ConnectError):
-            if attempts <= 1:
+        except (_DroppedBeforeData, ConnectError) as exc:
+            if attempts <= 1 or not _worth_a_quick_retry(exc):
                 raise
         await asyncio.sleep(min(2.0, 0.1 + random.uniform(0, 1)))
         async for attempt in AsyncRetrying(
             stop=stop_after_attempt(attempts - 1),
             wait=wait_exponential_jitter(multiplier=0.2, max=2.0),
-            retry=retry_if_exception_type((_DroppedBeforeData, ConnectError)),
+            retry=retry_if_exception(_worth_a_quick_retry),
             reraise=True,
         ):
             with attempt:
