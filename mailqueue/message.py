@@ -35,7 +35,7 @@ from typing import cast
 from email_validator import EmailNotValidError, validate_email
 
 from .errors import InvalidMessageError
-from .mime_direct import write_simple
+from .mime_direct import PHRASE, SMTP_7BIT, write_simple
 
 __all__ = [
     "Attachment",
@@ -64,11 +64,10 @@ _HEADER_NAME = re.compile(r"^[!-9;-~]+$")  # RFC 5322 ftext: printable ASCII exc
 _BCC_LINE = re.compile(rb"^(resent-)?bcc\s*:", re.IGNORECASE)
 # Address strings that need no header parser: "a@b.c" and "Plain Name <a@b.c>".
 _SPEC = r"[^\s<>(),;:\"@\[\]\\]+@[^\s<>(),;:\"@\[\]\\]+"
-_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
-_SIMPLE_ADDRESS = re.compile(rf"\s*(?:({_ATEXT}(?: {_ATEXT})*) <({_SPEC})>|({_SPEC}))\s*")
+_SIMPLE_ADDRESS = re.compile(rf"\s*(?:({PHRASE}) <({_SPEC})>|({_SPEC}))\s*")
 
 # Compose 7-bit-clean bodies (quoted-printable/base64): any relay can carry them.
-_POLICY = email.policy.SMTP.clone(cte_type="7bit")
+_POLICY = SMTP_7BIT
 _POLICY_UTF8 = email.policy.SMTPUTF8.clone(cte_type="7bit")
 
 AddressInput = str | tuple[str, str]

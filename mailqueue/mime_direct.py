@@ -24,12 +24,14 @@ from email.headerregistry import Address, HeaderRegistry
 __all__ = ["write_simple"]
 
 _MAX_LINE = 78  # what email.policy.SMTP folds at
-_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
-_PHRASE = re.compile(rf"{_ATEXT}(?: {_ATEXT})*")  # a display name that needs no quoting
-_DOT_ATOM = re.compile(rf"{_ATEXT}(?:\.{_ATEXT})*")
+ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"  # RFC 5322 atext
+PHRASE = rf"{ATEXT}(?: {ATEXT})*"  # a display name that needs no quoting
+_PHRASE = re.compile(PHRASE)
+_DOT_ATOM = re.compile(rf"{ATEXT}(?:\.{ATEXT})*")
 _PRINTABLE = re.compile(r"[ -~]*")  # printable ASCII and space, nothing else
 _NEWLINE = re.compile(r"\r\n|\r|\n")  # as email.generator splits lines
-_POLICY = email.policy.SMTP.clone(cte_type="7bit")  # message.py's policy
+# Composed bodies are 7-bit clean (quoted-printable/base64): any relay carries them.
+SMTP_7BIT = email.policy.SMTP.clone(cte_type="7bit")
 # What EmailMessage.set_content calls for text (private, stable since 3.6).
 _encode_text: Callable[..., tuple[str, str]] = email.contentmanager._encode_text  # type: ignore[attr-defined]
 # Headers the email package parses and may rewrite; they take the slow path.
@@ -72,7 +74,7 @@ def _address_line(name: str, addresses: Sequence[Address]) -> str | None:
 
 def _unstructured_line(name: str, value: str) -> str | None:
     """``Name: value``; a non-ASCII value as RFC 2047 encoded words, folded."""
-    if name.lower() in _STRUCTURED and name.lower() not in ("subject",):
+    if name.lower() in _STRUCTURED and name.lower() != "subject":
         return None
     if "=?" in value or value != value.strip() or "  " in value:
         return None
@@ -95,7 +97,7 @@ def _body(text: str) -> tuple[str, bytes] | None:
     if "\0" in text:
         return None
     try:
-        cte, data = _encode_text(text, "utf-8", None, _POLICY)
+        cte, data = _encode_text(text, "utf-8", None, SMTP_7BIT)
     except Exception:  # noqa: BLE001 - anything unusual: let the email package decide
         return None
     return cte, _NEWLINE.sub("\r\n", data).encode("ascii")

@@ -136,16 +136,20 @@ class ClusterLimits:
         self._renewer: asyncio.Task[None] | None = None
         self.waits = 0  # times a connection waited for a cluster slot
 
-    def _script(self, name: str, source: str) -> Any:
+    def _redis(self) -> Any:
+        """This process's client (made on first use, on the running loop)."""
         if self._client is None:
             import redis.asyncio as aioredis
 
             self._client = aioredis.Redis.from_url(
                 self._redis_url, socket_timeout=5, socket_connect_timeout=5
             )
+        return self._client
+
+    def _script(self, name: str, source: str) -> Any:
         script = self._scripts.get(name)
         if script is None:
-            script = self._scripts[name] = self._client.register_script(source)
+            script = self._scripts[name] = self._redis().register_script(source)
         return script
 
     def _unreachable(self, exc: BaseException) -> ClusterLimitError:
@@ -202,7 +206,7 @@ class ClusterLimits:
     async def _stop_waiting(self, lease: Lease) -> None:
         """No longer ask holders to give up slots for us (else they would for 2 s)."""
         with contextlib.suppress(Exception):  # else the entry expires on its own
-            await self._client.zrem(self._waiters_key, lease.token)
+            await self._redis().zrem(self._waiters_key, lease.token)
 
     async def release(self, lease: Lease | None) -> None:
         """Give the slot back (when the connection closed)."""
@@ -210,9 +214,7 @@ class ClusterLimits:
             return
         self._held.pop(lease.token, None)
         try:
-            await self._script("release", "return redis.call('ZREM', KEYS[1], ARGV[1])")(
-                keys=[self._leases_key], args=[lease.token]
-            )
+            await self._redis().zrem(self._leases_key, lease.token)
         except Exception as exc:  # noqa: BLE001 - the lease then expires on its own
             log.warning("could not release a connection slot of %s: %s", self.relay.name, exc)
 
