@@ -20,9 +20,32 @@ from mailqueue.devserver import DevServer
 from mailqueue.smtp.delivery import deliver
 from mailqueue.smtp.pipelining import send_pipelined
 from mailqueue.smtp.pool import Pool
+from mailqueue.worker.loop import new_event_loop
 from mailqueue.worker.service import Deliverer
 
 DATA = b"From: a@example.com\r\nSubject: hi\r\n\r\nhello\r\n"
+
+_loop_kind = "asyncio"
+
+
+@pytest.fixture(autouse=True, params=["asyncio", "uvloop"])
+def event_loop_kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test on asyncio's loop and on uvloop's (the worker's default), whose
+    transports cache the protocol's ``data_received`` that the pipeline swaps."""
+    global _loop_kind
+    monkeypatch.setenv("MAILQUEUE_EVENT_LOOP", request.param)
+    monkeypatch.setattr(__name__ + "._loop_kind", request.param)
+    if request.param == "uvloop":
+        pytest.importorskip("uvloop")  # a dependency on every platform but Windows
+    return request.param
+
+
+def run_on_loop(coro):
+    """``asyncio.run`` on the loop the worker would use (see ``worker.loop``)."""
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        loop = runner.get_loop()
+        assert ("uvloop" in type(loop).__module__) == (_loop_kind == "uvloop")
+        return runner.run(coro)
 
 
 @pytest.fixture
@@ -51,7 +74,7 @@ def run_deliveries(server: DevServer, envelopes: list[tuple[str, list[str], byte
         finally:
             await pool.aclose()
 
-    return asyncio.run(go())
+    return run_on_loop(go())
 
 
 def test_dev_server_advertises_pipelining_only_when_asked(smtp_server):
@@ -64,9 +87,9 @@ def test_dev_server_advertises_pipelining_only_when_asked(smtp_server):
         finally:
             await smtp.quit()
 
-    assert asyncio.run(offers(smtp_server.port)) is True
+    assert run_on_loop(offers(smtp_server.port)) is True
     with DevServer() as plain:
-        assert asyncio.run(offers(plain.port)) is False
+        assert run_on_loop(offers(plain.port)) is False
 
 
 def test_commands_go_out_in_one_write_and_every_reply_is_read(smtp_server):
@@ -93,7 +116,7 @@ def test_commands_go_out_in_one_write_and_every_reply_is_read(smtp_server):
         await smtp.quit()
         return replies, noop
 
-    replies, noop = asyncio.run(go())
+    replies, noop = run_on_loop(go())
     assert writes[0] == (
         b"MAIL FROM:<a@example.com>\r\nRCPT TO:<x@example.org>\r\n"
         b"RCPT TO:<y@example.org>\r\nDATA\r\n"
@@ -223,7 +246,7 @@ def test_queue_end_to_end_records_each_recipient(stack, smtp_server):
         finally:
             await deliverer.aclose()
 
-    report = asyncio.run(go())
+    report = run_on_loop(go())
     assert report.claimed == 1
     info = mailqueue.get_status(mid)
     by = {r.address: r for r in info.recipients}
@@ -271,7 +294,7 @@ def test_big_message_is_read_in_slices_and_arrives_whole(stack, smtp_server, mon
         finally:
             await deliverer.aclose()
 
-    assert asyncio.run(go()).claimed == 1
+    assert run_on_loop(go()).claimed == 1
     assert mailqueue.get_status(mid).status == "sent"
     [received] = smtp_server.messages
     assert received.data == bytes(stored)

@@ -523,3 +523,63 @@ def test_devserver_command_with_tls_and_required_auth(pki, tmp_path):
         proc.wait(10)
     assert proc.returncode == 0
     time.sleep(0)
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+@pytest.mark.parametrize("implicit", [False, True], ids=["starttls", "implicit-tls"])
+def test_pipelined_messages_over_tls_on_each_event_loop(pki, monkeypatch, loop_kind, implicit):
+    """The worker's loop (uvloop by default) with PIPELINING inside TLS: the pipeline
+    swaps the protocol's reader, which TLS transports must see too."""
+    import asyncio
+
+    from mailqueue.smtp import pipelining
+    from mailqueue.smtp.delivery import deliver
+    from mailqueue.smtp.pool import Pool
+    from mailqueue.worker.loop import new_event_loop
+
+    if loop_kind == "uvloop":
+        pytest.importorskip("uvloop")
+    monkeypatch.setenv("MAILQUEUE_EVENT_LOOP", loop_kind)
+    pipelined = []
+    original = pipelining.Pipeline.send
+
+    async def counting(self, *args, **kwargs):
+        pipelined.append(self.smtp.is_connected)
+        return await original(self, *args, **kwargs)
+
+    monkeypatch.setattr(pipelining.Pipeline, "send", counting)
+    server = DevServer(
+        tls_cert=pki["server"], tls_key=pki["server_key"], tls_port=0, pipelining=True
+    ).start()
+    try:
+        url = (
+            f"smtps://127.0.0.1:{server.tls_port}"
+            if implicit
+            else f"smtp://127.0.0.1:{server.port}?starttls=required"
+        )
+        pool = Pool(relay(url, tls_ca_file=pki["ca"], pool_size=1))
+
+        async def go():
+            try:
+                return [
+                    await deliver(
+                        pool, "app@example.com", [f"u{i}@example.org", "x@example.org"], DATA
+                    )
+                    for i in range(4)
+                ]
+            finally:
+                await pool.aclose()
+
+        with asyncio.Runner(loop_factory=new_event_loop) as runner:
+            assert ("uvloop" in type(runner.get_loop()).__module__) == (loop_kind == "uvloop")
+            results = runner.run(go())
+        assert [[r.status for r in res.recipients] for res in results] == [["sent", "sent"]] * 4
+        assert [m.data for m in server.messages] == [DATA] * 4
+        assert all(m.tls for m in server.messages)
+        assert pool.stats.opened == 1
+        assert len(pipelined) == 4  # the PIPELINING path, not one command at a time
+    finally:
+        server.stop()
+
+
+DATA = b"From: app@example.com\r\nSubject: tls\r\n\r\n.leading dot\r\nbody\r\n"

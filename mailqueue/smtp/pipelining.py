@@ -118,6 +118,18 @@ class _Reader:
         return self.replies.popleft()
 
 
+def _rebind(protocol: SMTPProtocol) -> None:
+    """Make the transport see the protocol's current ``data_received``.
+
+    asyncio's own transports look the method up on every read, but uvloop's
+    keep the bound method they found when the protocol was set: setting the
+    same protocol again makes them look once more.
+    """
+    transport = protocol.transport
+    if transport is not None and not transport.is_closing():
+        transport.set_protocol(protocol)
+
+
 class Pipeline:
     """One pipelined transaction on one connected ``aiosmtplib.SMTP``."""
 
@@ -160,6 +172,7 @@ class Pipeline:
             reader = _Reader(protocol)
             protocol._buffer.clear()  # anything here was unsolicited: aiosmtplib drops it too
             protocol.data_received = reader.feed  # type: ignore[method-assign]
+            _rebind(protocol)
             clean = False
             try:
                 protocol.write(b"\r\n".join(commands) + b"\r\n")
@@ -180,6 +193,7 @@ class Pipeline:
                 return PipelinedReplies(mail, rcpt, data_start, final)
             finally:
                 del protocol.data_received  # back to the class's method
+                _rebind(protocol)
                 if not clean:
                     # Timed out, dropped, or replies we cannot pair with a command.
                     self.smtp.close()
