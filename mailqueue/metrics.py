@@ -161,6 +161,16 @@ class _Metrics:
         )
         self._relays_seen: set[str] = set()
         self._worker_marked = False
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, remembered: prometheus_client checks the labels and
+        takes a lock on every ``labels`` call, a few per cent of a busy worker's CPU."""
+        key = (id(metric), labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
 
 
 _metrics: _Metrics | None = None
@@ -262,6 +272,10 @@ def observe_attempt(message: Any, result: Any, outcome: Any) -> None:
         log.debug("metrics: observe_attempt failed", exc_info=True)
 
 
+def _child(metric: Any, *labels: str) -> Any:
+    return get().child(metric, *labels)
+
+
 def _observe_attempt(message: Any, result: Any, outcome: Any) -> None:
     from .store.queue import derive_status
 
@@ -270,22 +284,22 @@ def _observe_attempt(message: Any, result: Any, outcome: Any) -> None:
     if not m._worker_marked:
         m._worker_marked = True
         m.worker_processes.set(1)
-    m.attempts.labels(relay).inc()
+    m.child(m.attempts, relay).inc()
     now = time.time()
     enqueued = _enqueued_at(message.id)
     attempt = message.attempts  # the claim counted this attempt already
     final = {r.id: r.status for r in message.recipients}
     for r in outcome.recipients:
         final[r.recipient_id] = r.status
-        m.recipients.labels(relay, r.status).inc()
+        m.child(m.recipients, relay, r.status).inc()
         if r.status in ("sent", "failed"):
-            m.attempt_number.labels(relay, r.status).observe(attempt)
+            m.child(m.attempt_number, relay, r.status).observe(attempt)
         if r.status == "sent" and enqueued is not None:
-            m.latency.labels(relay).observe(max(0.0, now - enqueued))
+            m.child(m.latency, relay).observe(max(0.0, now - enqueued))
     for r in result.recipients:
-        m.replies.labels(relay, reply_class(r.code)).inc()
+        m.child(m.replies, relay, reply_class(r.code)).inc()
     if outcome.recipients:
-        m.messages.labels(relay, derive_status(final.values())).inc()
+        m.child(m.messages, relay, derive_status(final.values())).inc()
 
 
 def pool_changed(pool: Any) -> None:
@@ -295,16 +309,16 @@ def pool_changed(pool: Any) -> None:
         relay = pool.relay.name
         idle = pool.idle_count
         busy = pool.busy_count
-        m.pool.labels(relay, "open").set(pool.open_count)
-        m.pool.labels(relay, "idle").set(idle)
-        m.pool.labels(relay, "in_use").set(busy)
+        m.child(m.pool, relay, "open").set(pool.open_count)
+        m.child(m.pool, relay, "idle").set(idle)
+        m.child(m.pool, relay, "in_use").set(busy)
     except Exception:  # noqa: BLE001
         log.debug("metrics: pool_changed failed", exc_info=True)
 
 
 def pool_waited(pool: Any) -> None:
     try:
-        get().pool_waits.labels(pool.relay.name).inc()
+        _child(get().pool_waits, pool.relay.name).inc()
     except Exception:  # noqa: BLE001
         log.debug("metrics: pool_waited failed", exc_info=True)
 
@@ -312,14 +326,14 @@ def pool_waited(pool: Any) -> None:
 def cluster_limit_waited(relay: str, limit: str) -> None:
     """A delivery waited for a cluster-wide limit (``smtp.cluster_limits``)."""
     try:
-        get().cluster_waits.labels(relay, limit).inc()
+        _child(get().cluster_waits, relay, limit).inc()
     except Exception:  # noqa: BLE001
         log.debug("metrics: cluster_limit_waited failed", exc_info=True)
 
 
 def pool_opened(pool: Any) -> None:
     try:
-        get().pool_opened.labels(pool.relay.name).inc()
+        _child(get().pool_opened, pool.relay.name).inc()
     except Exception:  # noqa: BLE001
         log.debug("metrics: pool_opened failed", exc_info=True)
 

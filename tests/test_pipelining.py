@@ -12,6 +12,8 @@ from collections.abc import Iterator
 
 import aiosmtplib
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import mailqueue
 from mailqueue import Message
@@ -298,3 +300,35 @@ def test_big_message_is_read_in_slices_and_arrives_whole(stack, smtp_server, mon
     assert mailqueue.get_status(mid).status == "sent"
     [received] = smtp_server.messages
     assert received.data == bytes(stored)
+
+
+@given(
+    st.lists(st.sampled_from([b"a", b"b c", b".", b"..", b"\r", b"\n", b"\r\n", b"\xe9"])).map(
+        b"".join
+    )
+)
+@settings(max_examples=300, deadline=None)
+def test_content_on_the_wire_is_what_aiosmtplib_would_send(data):
+    """The pipeline's writer (fast path for ready content, slices otherwise) puts on
+    the wire exactly aiosmtplib's DATA encoding: CRLF line ends, dot-stuffing, final dot."""
+    from aiosmtplib.protocol import LINE_ENDINGS_REGEX, PERIOD_REGEX
+
+    from mailqueue.smtp.pipelining import Pipeline
+
+    expected = PERIOD_REGEX.sub(b"..", LINE_ENDINGS_REGEX.sub(b"\r\n", data))
+    expected += (b"" if expected.endswith(b"\r\n") else b"\r\n") + b".\r\n"
+
+    class Wire:
+        def __init__(self):
+            self.out = bytearray()
+
+        def write(self, chunk):
+            self.out += chunk
+
+        async def _drain_helper(self):
+            return None
+
+    for payload in (data, bytearray(data)):
+        wire = Wire()
+        asyncio.run(Pipeline(None)._write_content(wire, payload))  # type: ignore[arg-type]
+        assert bytes(wire.out) == expected

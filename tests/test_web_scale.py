@@ -165,7 +165,10 @@ def test_listing_filters_use_their_index_and_pages_answer_fast(stack):
 def _index_names(url: str) -> set[str]:
     engine = sa.create_engine(url)
     if engine.dialect.name == "sqlite":
-        query = "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name LIKE 'mq%'"
+        query = (
+            "SELECT name FROM sqlite_master WHERE type = 'index' "
+            "AND tbl_name IN ('mq_message', 'mq_recipient')"
+        )
     else:
         query = "SELECT indexname FROM pg_indexes WHERE tablename IN ('mq_message', 'mq_recipient')"
     try:
@@ -176,7 +179,7 @@ def _index_names(url: str) -> set[str]:
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "postgres"])
-def test_migration_0003_adds_indexes_only_and_reverses(kind, tmp_path):
+def test_migrations_0003_and_0005_change_indexes_only_and_reverse(kind, tmp_path):
     from mailqueue.migrate import alembic_config, upgrade
 
     from .conftest import POSTGRES_URL, require
@@ -220,6 +223,11 @@ def test_migration_0003_adds_indexes_only_and_reverses(kind, tmp_path):
         command.downgrade(alembic_config(url), "0002")
         assert _index_names(url) == before
         upgrade(url, "0003")
+        assert _index_names(url) == after
+        # 0005 drops the status index that (status, updated_at) makes redundant.
+        upgrade(url, "0005")
+        assert _index_names(url) == after - {"ix_mq_recipient_status"}
+        command.downgrade(alembic_config(url), "0004")
         assert _index_names(url) == after
     finally:
         if drop:

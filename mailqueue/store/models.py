@@ -181,7 +181,7 @@ class RecipientRow(Base):
 
     __table_args__ = (
         UniqueConstraint("message_id", "address"),
-        Index("ix_mq_recipient_status", "status"),
+        # status queries use ix_mq_recipient_status_updated (migration 0003, 0005)
         Index("ix_mq_recipient_address", "address"),
     )
 
