@@ -26,7 +26,7 @@ from .store import admin as _admin
 from .store.admin import MessageInfo
 from .store.models import utcnow
 from .store.queue import NewMessage, NewRecipient
-from .worker.app import dispatch
+from .worker.app import dispatch, dispatch_committed
 
 __all__ = [
     "enqueue",
@@ -106,7 +106,7 @@ def _write_and_dispatch(prepared: Sequence[NewMessage], session: Any | None) -> 
     due_now = [m.id for m in prepared if m.dispatched]
     if session is None:
         store.insert(prepared)
-        dispatch(due_now)
+        dispatch_committed(due_now)
     else:
         store.insert(prepared, conn=session)
         _dispatch_after_commit(session, due_now)
@@ -125,7 +125,7 @@ def _dispatch_after_commit(session: Any, ids: list[uuid.UUID]) -> None:
     if not ids:
         return
     if isinstance(session, Session):
-        event.listen(session, "after_commit", lambda _s: dispatch(ids), once=True)
+        event.listen(session, "after_commit", lambda _s: dispatch_committed(ids), once=True)
         return
     # A Core connection: flip the rows to "needs dispatch" inside its transaction.
     from sqlalchemy import update

@@ -311,8 +311,15 @@ class Settings:
     """Further named relays; a message names one with ``relay=``."""
     limits_redis_url: str | None = None
     """Redis for the relays' cluster-wide limits; default: the broker, when it is Redis."""
+    dispatch: str = "background"
+    """How enqueue hands committed ids to the broker: ``background`` (a thread, so the
+    call returns after its commit; see ``worker/handoff.py``) or ``inline``."""
 
     def __post_init__(self) -> None:
+        if self.dispatch not in ("background", "inline"):
+            raise ValueError(
+                f"MAILQUEUE_DISPATCH must be 'background' or 'inline', not {self.dispatch!r}"
+            )
         limited = [r.name for r in self.all_relays if r.has_cluster_limits]
         if limited and self.cluster_redis_url is None:
             raise ValueError(
@@ -374,6 +381,7 @@ _ENV: dict[str, tuple[str, Any]] = {
     "MAILQUEUE_QUEUE": ("queue_name", str),
     "MAILQUEUE_ON_TERMINAL": ("on_terminal", str),
     "MAILQUEUE_LIMITS_REDIS_URL": ("limits_redis_url", str),
+    "MAILQUEUE_DISPATCH": ("dispatch", str),
     "MAILQUEUE_RELAY_URL": ("relay.url", str),
     "MAILQUEUE_POOL_SIZE": ("relay.pool_size", int),
     "MAILQUEUE_POOL_MAX_MESSAGES": ("relay.max_messages_per_connection", int),

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import threading
+import time
 import uuid
 
 import pytest
@@ -26,8 +28,11 @@ def counts(stack) -> tuple[int, int]:
 
 
 def broker_depth(stack) -> int:
-    """How many task messages wait in the broker's queue."""
-    from mailqueue.worker.app import get_app
+    """How many task messages wait in the broker's queue, once the background
+    hand-off has sent everything it was given (see ``worker/handoff.py``)."""
+    from mailqueue.worker.app import flush_dispatch, get_app
+
+    assert flush_dispatch(timeout=30)
 
     with get_app().connection_for_write() as conn:
         _, depth, _ = conn.default_channel.queue_declare(
@@ -208,3 +213,59 @@ def test_status_to_dict_is_json_ready_all_the_way_down(stack):
     data = mailqueue.get_status(mid).to_dict()
     json.dumps(data)  # no datetime left anywhere, recipients included
     assert all(isinstance(r["updated_at"], str) for r in data["recipients"])
+
+
+def test_enqueue_returns_before_the_hand_off_and_many_calls_share_tasks(stack, monkeypatch):
+    """The broker is woken from a background thread: enqueue() returns after its
+    commit, and ids committed while a hand-off is under way go out together."""
+    from mailqueue.worker import app as worker_app
+
+    sent: list[int] = []
+    release = threading.Event()
+    real = worker_app.dispatch
+
+    def slow_dispatch(ids, *, settings=None):
+        release.wait(10)  # the broker is slow: the callers must not wait for it
+        sent.append(len(ids))
+        return real(ids, settings=settings)
+
+    monkeypatch.setattr(worker_app._handoff, "_send", lambda ids, s: slow_dispatch(ids, settings=s))
+    started = time.monotonic()
+    ids = [
+        mailqueue.enqueue(Message(sender="a@example.com", to=f"u{i}@example.com", text="x"))
+        for i in range(5)
+    ]
+    assert time.monotonic() - started < 5  # nobody waited for the 10 s broker
+    assert all(mailqueue.get_status(i).status == "queued" for i in ids)  # committed
+    release.set()
+    assert broker_depth(stack) in (1, 2)  # the first alone, then the 4 that piled up
+    assert sum(sent) == 5 and len(sent) <= 2
+
+
+def test_inline_dispatch_wakes_the_broker_inside_the_call(stack):
+    stack.reconfigure(dispatch="inline")
+    from mailqueue.worker.app import _handoff
+
+    mailqueue.enqueue(Message(sender="a@example.com", to="b@example.com", text="x"))
+    assert not _handoff._pending and not _handoff._busy  # nothing went through the thread
+    assert broker_depth(stack) == 1
+
+
+def test_a_script_that_exits_right_after_enqueue_still_wakes_the_broker(stack, tmp_path):
+    """The hand-off thread is flushed at exit, broker imports included (a first
+    dispatch during interpreter shutdown cannot import redis-py)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "enqueue_and_exit.py"
+    script.write_text(
+        "import mailqueue\n"
+        "mailqueue.enqueue(mailqueue.Message(sender='a@example.com', to='b@example.com', "
+        "text='x'))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, str(script)], env=stack.env(), capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert "broker unreachable" not in out.stderr, out.stderr
+    assert broker_depth(stack) == 1

@@ -77,7 +77,7 @@ from ..errors import InvalidMessageError
 from ..message import Message
 from ..store.models import utcnow
 from ..store.queue import NewMessage
-from ..worker.app import dispatch
+from ..worker.app import dispatch_committed
 from . import CONFIG_NAMES, apply_config
 
 __all__ = [
@@ -283,7 +283,7 @@ def _write_in_django_transaction(alias: str, prepared: list[NewMessage]) -> list
             if message.dispatched:
                 due.append(message.id)
         if due:
-            transaction.on_commit(lambda: dispatch(due), using=alias)
+            transaction.on_commit(lambda: dispatch_committed(due), using=alias)
     return ids
 
 

@@ -44,7 +44,8 @@ __all__ = ["ClusterLimits", "Lease"]
 
 log = logging.getLogger("mailqueue.limits")
 
-# KEYS: leases, waiters. ARGV: limit, ttl_ms, token. Returns 1 (granted) or 0.
+# KEYS: leases, waiters. ARGV: limit, ttl_ms, token, wait ("1": if refused, register
+# as a waiter, so that holders hand over idle connections). Returns 1 (granted) or 0.
 _ACQUIRE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -56,8 +57,10 @@ if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[1]) then
   redis.call('ZREM', KEYS[2], ARGV[3])
   return 1
 end
-redis.call('ZADD', KEYS[2], now + 2000, ARGV[3])
-redis.call('PEXPIRE', KEYS[2], 4000)
+if ARGV[4] == '1' then
+  redis.call('ZADD', KEYS[2], now + 2000, ARGV[3])
+  redis.call('PEXPIRE', KEYS[2], 4000)
+end
 return 0
 """
 
@@ -176,7 +179,7 @@ class ClusterLimits:
             try:
                 granted = await acquire(
                     keys=[self._leases_key, self._waiters_key],
-                    args=[self.max_connections, self.ttl_ms, lease.token],
+                    args=[self.max_connections, self.ttl_ms, lease.token, "1"],
                 )
             except redis.RedisError as exc:
                 raise self._unreachable(exc) from None
@@ -202,6 +205,28 @@ class ClusterLimits:
                 await asyncio.shield(self._stop_waiting(lease))
                 raise
             delay = min(delay * 2, 0.05)
+
+    async def try_acquire(self) -> Lease | None:
+        """A slot if one is free right now, else None (without queueing for one).
+
+        For a process that already holds a connection to the relay: it waits for
+        its own connection rather than for a further slot.
+        """
+        import redis
+
+        lease = Lease(uuid.uuid4().hex)
+        try:
+            granted = await self._script("acquire", _ACQUIRE)(
+                keys=[self._leases_key, self._waiters_key],
+                args=[self.max_connections, self.ttl_ms, lease.token, "0"],
+            )
+        except redis.RedisError as exc:
+            raise self._unreachable(exc) from None
+        if not granted:
+            return None
+        self._held[lease.token] = lease
+        self._ensure_renewer()
+        return lease
 
     async def _stop_waiting(self, lease: Lease) -> None:
         """No longer ask holders to give up slots for us (else they would for 2 s)."""

@@ -249,7 +249,23 @@ class Pool:
                 _metrics.pool_changed(self)
                 return conn
             if reserved:
-                return await self._open()
+                ours = len(self._connections) + self._reserved - 1  # open or opening
+                if self.limits is None or not self.limits.max_connections or not ours:
+                    return await self._open()
+                # Connected already, under a cluster-wide limit: a further connection
+                # only if a slot is free now, else wait for one of ours. (Queueing for
+                # a slot left messages stuck there while our connections fell idle,
+                # and made every holder hand its slots around at each batch's end.)
+                try:
+                    lease = await self.limits.try_acquire()
+                except BaseException:
+                    self._unreserve()
+                    raise
+                if lease is not None:
+                    return await self._open(lease)
+                self._unreserve()
+                if any(c.is_idle() for c in self._connections):
+                    continue  # one came back while we asked Redis
             waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._waiters.append(waiter)
             self.stats.waits += 1
@@ -261,19 +277,22 @@ class Pool:
                     self._wake_one()  # pass on the wake-up we were given
                 raise
 
-    async def _open(self) -> Connection:
-        lease: Lease | None = None
+    def _unreserve(self) -> None:
+        """Give back a slot ``_take`` reserved for a connection that will not be opened."""
+        self._reserved -= 1
+        self.stats.open_now = self.open_count
+        _metrics.pool_changed(self)
+
+    async def _open(self, lease: Lease | None = None) -> Connection:
         try:
-            if self.limits is not None:
+            if self.limits is not None and lease is None:
                 lease = await self.limits.acquire()
             smtp = await self._connector(self.relay)
         except BaseException:
             if lease is not None:
                 assert self.limits is not None
                 await asyncio.shield(self.limits.release(lease))
-            self._reserved -= 1
-            self.stats.open_now = self.open_count
-            _metrics.pool_changed(self)
+            self._unreserve()
             self._wake_one()
             raise
         self._reserved -= 1

@@ -20,11 +20,19 @@ from sqlalchemy.exc import OperationalError
 
 from ..config import Settings, get_settings
 from ..store import Store, dispose_engines, get_engine
+from .handoff import Handoff
 from .loop import get_loop_thread
 from .service import Deliverer
 from .sqlite_broker import prepare_sqlite_broker
 
-__all__ = ["get_app", "dispatch", "get_deliverer", "TASK_NAME"]
+__all__ = [
+    "get_app",
+    "dispatch",
+    "dispatch_committed",
+    "flush_dispatch",
+    "get_deliverer",
+    "TASK_NAME",
+]
 
 log = logging.getLogger("mailqueue.dispatch")
 
@@ -71,6 +79,11 @@ def _make_app(settings: Settings) -> Celery:
         enable_utc=True,
     )
 
+    # Import the broker's transport module now, in the thread that builds the app:
+    # the first hand-off may run in the background thread while the interpreter
+    # exits (handoff.py), when imports that register exit hooks (redis-py's) fail.
+    app.connection_for_write().transport  # noqa: B018 - imports, connects nothing
+
     @app.task(name=TASK_NAME, bind=True, acks_late=True, ignore_result=True)
     def deliver(self: Any, ids: list[str]) -> dict[str, Any]:
         """Deliver the due messages among ``ids`` (a batch from one dispatch)."""
@@ -111,6 +124,7 @@ def get_deliverer() -> Deliverer:
 def reset() -> None:
     """Forget the app and deliverer (settings changed)."""
     global _app, _deliverer
+    _handoff.flush()  # ids committed under the old settings go to the old broker
     get_loop_thread().stop()
     _app = None
     _deliverer = None
@@ -144,6 +158,26 @@ def dispatch(ids: Sequence[uuid.UUID], *, settings: Settings | None = None) -> b
                 log.warning("could not flag undispatched messages; the scheduler finds them later")
             return False
     return True
+
+
+_handoff = Handoff(lambda ids, settings: dispatch(ids, settings=settings))
+
+
+def dispatch_committed(ids: Sequence[uuid.UUID], *, settings: Settings | None = None) -> None:
+    """Hand ids whose rows are committed to the broker: from the background thread
+    (``MAILQUEUE_DISPATCH=background``, the default; see ``handoff.py``) or now."""
+    settings = settings or get_settings()
+    if settings.dispatch == "inline":
+        dispatch(ids, settings=settings)
+    else:
+        get_app()  # built here, not in the hand-off thread (see _make_app)
+        _handoff.submit(ids, settings)
+
+
+def flush_dispatch(timeout: float = 30.0) -> bool:
+    """Wait until the ids handed to ``dispatch_committed`` reached the broker (or were
+    flagged for the scheduler). Runs by itself when the process exits."""
+    return _handoff.flush(timeout)
 
 
 @signals.worker_process_init.connect
