@@ -232,3 +232,30 @@ def test_a_paused_relay_shows_in_the_metrics(stack):
     resume_relay(stack.engine, "default")
     observe_queue(stack.engine)
     assert sample("mailqueue_relay_paused", relay="default") == 0
+
+
+def test_pool_gauges_show_the_state_the_pool_settles_in(smtp_server):
+    """The gauges are written at most every 50 ms while the pool churns; the state it
+    settles in (here: 3 open, all idle) still shows within a moment, without a close."""
+    from mailqueue.config import RelayConfig
+    from mailqueue.smtp.delivery import deliver as smtp_deliver
+    from mailqueue.smtp.pool import Pool
+
+    data = b"From: a@example.com\r\nSubject: t\r\n\r\nhello\r\n"
+    relay = RelayConfig(name="gauges", url=smtp_server.url, pool_size=3, command_timeout_s=5)
+
+    async def go() -> tuple[float, float, float]:
+        pool = Pool(relay)
+        await asyncio.gather(
+            *(smtp_deliver(pool, "a@example.com", [f"r{i}@example.com"], data) for i in range(30))
+        )
+        await asyncio.sleep(0.2)  # the throttle's timer writes the settled state
+        seen = tuple(
+            sample("mailqueue_pool_connections", relay="gauges", state=s)
+            for s in ("open", "idle", "in_use")
+        )
+        await pool.aclose()
+        return seen  # type: ignore[return-value]
+
+    assert asyncio.run(go()) == (3, 3, 0)
+    assert sample("mailqueue_pool_connections", relay="gauges", state="open") == 0
