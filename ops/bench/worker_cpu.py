@@ -14,6 +14,9 @@ for each event loop asked for, interleaved over ``--rounds`` rounds so that
 machine drift hits every variant alike. Example::
 
     .venv/bin/python ops/bench/worker_cpu.py --messages 5000 --rounds 3 --loops asyncio,uvloop
+
+``EXPERIMENT_SQL="stmt; stmt"`` runs statements on the fresh database after
+it is migrated, e.g. dropping an index to see what its upkeep costs.
 """
 
 from __future__ import annotations
