@@ -7,6 +7,7 @@ path, from one write of MAIL, RCPT… and DATA.
 from __future__ import annotations
 
 import asyncio
+import os
 import uuid
 from collections.abc import Iterator
 
@@ -27,16 +28,12 @@ from mailqueue.worker.service import Deliverer
 
 DATA = b"From: a@example.com\r\nSubject: hi\r\n\r\nhello\r\n"
 
-_loop_kind = "asyncio"
-
 
 @pytest.fixture(autouse=True, params=["asyncio", "uvloop"])
 def event_loop_kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Every test on asyncio's loop and on uvloop's (the worker's default), whose
     transports cache the protocol's ``data_received`` that the pipeline swaps."""
-    global _loop_kind
     monkeypatch.setenv("MAILQUEUE_EVENT_LOOP", request.param)
-    monkeypatch.setattr(__name__ + "._loop_kind", request.param)
     if request.param == "uvloop":
         pytest.importorskip("uvloop")  # a dependency on every platform but Windows
     return request.param
@@ -46,7 +43,8 @@ def run_on_loop(coro):
     """``asyncio.run`` on the loop the worker would use (see ``worker.loop``)."""
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
         loop = runner.get_loop()
-        assert ("uvloop" in type(loop).__module__) == (_loop_kind == "uvloop")
+        wanted = os.environ["MAILQUEUE_EVENT_LOOP"]  # set by ``event_loop_kind``
+        assert ("uvloop" in type(loop).__module__) == (wanted == "uvloop")
         return runner.run(coro)
 
 

@@ -191,15 +191,30 @@ _PG_RECORD_RECIPIENTS = text(
 ).bindparams(bindparam("now", type_=UTCDateTime()))
 
 _MESSAGE_COLUMNS = (
-    "id, created_at, updated_at, status, relay, mail_from, subject, size, content, "
-    "smtputf8, eightbit, attempts, next_attempt_at, expires_at, dispatched_at, "
-    "idempotency_key, meta"
+    "id",
+    "created_at",
+    "updated_at",
+    "status",
+    "relay",
+    "mail_from",
+    "subject",
+    "size",
+    "content",
+    "smtputf8",
+    "eightbit",
+    "attempts",
+    "next_attempt_at",
+    "expires_at",
+    "dispatched_at",
+    "idempotency_key",
+    "meta",
 )
+"""The columns ``Store.insert`` fills for a new message (its ``message_rows`` keys)."""
 _PG_INSERT_ONE = text(
     f"""
     WITH m AS (
-        INSERT INTO {M.name} ({_MESSAGE_COLUMNS})
-        VALUES ({", ".join(":" + c for c in _MESSAGE_COLUMNS.split(", "))})
+        INSERT INTO {M.name} ({", ".join(_MESSAGE_COLUMNS)})
+        VALUES ({", ".join(":" + c for c in _MESSAGE_COLUMNS)})
     )
     INSERT INTO {R.name} (message_id, address, kind, status, attempts, updated_at)
     SELECT :id, v.address, v.kind, :rstatus, 0, :created_at

@@ -178,13 +178,15 @@ def main() -> None:
         )
         configure(settings_from_env())
         upgrade(url)
-        if os.environ.get("EXPERIMENT_SQL"):
-            with sa.create_engine(url).begin() as db_conn:
-                for stmt in os.environ["EXPERIMENT_SQL"].split(";"):
-                    db_conn.execute(sa.text(stmt))
+        setup = [q for q in os.environ.get("EXPERIMENT_SQL", "").split(";") if q.strip()]
         if STATEMENTS:
-            with admin.connect() as conn, sa.create_engine(url).begin() as db_conn:
-                db_conn.execute(sa.text("CREATE EXTENSION IF NOT EXISTS pg_stat_statements"))
+            setup.append("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        if setup:
+            from mailqueue.store import get_engine
+
+            with get_engine(url).begin() as conn:
+                for statement in setup:
+                    conn.execute(sa.text(statement))
         results: dict[str, list[dict[str, float]]] = {}
         for r in range(args.rounds):
             for kind in args.loops.split(","):
