@@ -478,7 +478,7 @@ async def deliver(
         # waits of 0.1·2^(n-1) s (at most 2 s) plus up to 1 s of jitter.
         try:
             return await attempt_once()
-        except (_DroppedBeforeData, ConnectError) as exc:
+        except Exception as exc:  # noqa: BLE001 - the predicate below decides
             if attempts <= 1 or not _worth_a_quick_retry(exc):
                 raise
         await asyncio.sleep(min(2.0, 0.1 + random.uniform(0, 1)))
