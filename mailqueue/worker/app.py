@@ -2,7 +2,7 @@
 
 Tasks carry message ids only (never content, never secrets). Celery is set
 for at-least-once hand-off (``acks_late``, ``reject_on_worker_lost``,
-prefetch 1); duplicates are harmless because a worker must *claim* rows
+prefetch 1 on Redis); duplicates are harmless because a worker must *claim* rows
 before it sends. Long waits never live in the broker: a deferred message is
 a row with ``next_attempt_at`` that the scheduler dispatches when due.
 """
@@ -38,6 +38,9 @@ log = logging.getLogger("mailqueue.dispatch")
 
 TASK_NAME = "mailqueue.deliver"
 
+# Tasks reserved per worker child on the serverless (polling) broker.
+SQLITE_BROKER_PREFETCH = 8
+
 _app: Celery | None = None
 _app_lock = threading.Lock()
 _deliverer: Deliverer | None = None
@@ -46,12 +49,19 @@ _deliverer: Deliverer | None = None
 def _make_app(settings: Settings) -> Celery:
     app = Celery("mailqueue", broker=settings.broker_url, set_as_current=False)
     transport_options: dict[str, Any] = {}
+    prefetch = 1
     if settings.broker_url.startswith("sqla+"):
         # The serverless broker polls its table; kombu hands every transport
         # option to create_engine(), so the interval is set on the class.
         from kombu.transport.sqlalchemy import Transport
 
         Transport.polling_interval = 0.2
+        # A polling consumer whose prefetch is full sleeps a whole interval
+        # before it looks again, even when its children finished long ago:
+        # with prefetch 1, single enqueue()s drained at 2 tasks per 0.2 s
+        # (10 msg/s, measured). Reserving more per child keeps them fed; a
+        # reserved id lost with a killed worker is re-dispatched from SQL.
+        prefetch = SQLITE_BROKER_PREFETCH
         prepare_sqlite_broker(settings.broker_url, [settings.queue_name])
     if settings.broker_url.startswith(("redis", "rediss")):
         # A task is redelivered if not acknowledged within this time; it must
@@ -63,7 +73,7 @@ def _make_app(settings: Settings) -> Celery:
         task_ignore_result=True,
         task_acks_late=True,
         task_reject_on_worker_lost=True,
-        worker_prefetch_multiplier=1,
+        worker_prefetch_multiplier=prefetch,
         task_default_queue=settings.queue_name,
         broker_connection_retry_on_startup=True,
         broker_transport_options=transport_options,
