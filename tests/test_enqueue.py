@@ -146,6 +146,46 @@ def test_idempotency_key_enqueues_once(stack):
     assert counts(stack) == (1, 1)
 
 
+def test_a_single_enqueue_stores_every_field_as_given(stack):
+    """enqueue() takes its own fast path on PostgreSQL (one statement on the driver):
+    metadata, a send_at in another time zone, the key and recipients read back as given."""
+    paris = dt.timezone(dt.timedelta(hours=2))
+    send_at = dt.datetime.now(paris).replace(microsecond=0) + dt.timedelta(hours=3)
+    mid = mailqueue.enqueue(
+        Message(sender="a@example.com", to="x@example.com", cc="y@example.com", text="t"),
+        send_at=send_at,
+        idempotency_key="invoice-7",
+        metadata={"tag": "invoice", "n": 7, "nested": {"ok": True}},
+    )
+    with stack.engine.connect() as conn:
+        row = conn.execute(sa.select(M).where(M.c.id == uuid.UUID(mid))).one()
+        rcpts = conn.execute(sa.select(R.c.address, R.c.kind, R.c.status)).all()
+    assert row.meta == {"tag": "invoice", "n": 7, "nested": {"ok": True}}
+    assert row.next_attempt_at == send_at and row.next_attempt_at.tzinfo is not None
+    assert (row.idempotency_key, row.status, row.dispatched_at) == ("invoice-7", "queued", None)
+    assert sorted(rcpts) == [("x@example.com", "to", "pending"), ("y@example.com", "cc", "pending")]
+
+
+def test_a_key_taken_meanwhile_is_refused_as_an_integrity_error(stack):
+    """The race behind idempotency keys: the key was free when looked up, taken at insert.
+    The store raises SQLAlchemy's IntegrityError (enqueue() then returns the first id)
+    and leaves nothing half-written."""
+    from mailqueue import api
+    from mailqueue.store.models import utcnow
+
+    msg = Message(sender="a@example.com", to="x@example.com", subject="s", text="t")
+    first = mailqueue.enqueue(msg, idempotency_key="race-1")
+    again = api._prepare(
+        msg, relay=None, send_at=None, idempotency_key="race-1", metadata=None, now=utcnow()
+    )
+    with pytest.raises(sa.exc.IntegrityError):
+        api._store().insert([again])
+    assert counts(stack) == (1, 1)
+    assert mailqueue.enqueue(msg, idempotency_key="race-1") == first
+    # The pooled connection is still usable after the refusal.
+    assert mailqueue.enqueue(msg) != first and counts(stack) == (2, 2)
+
+
 def test_enqueue_many_reports_progress_in_chunks(stack):
     seen: list[int] = []
     ids = mailqueue.enqueue_many(

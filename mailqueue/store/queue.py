@@ -210,17 +210,17 @@ _MESSAGE_COLUMNS = (
     "meta",
 )
 """The columns ``Store.insert`` fills for a new message (its ``message_rows`` keys)."""
-_PG_INSERT_ONE = text(
-    f"""
+# psycopg's own placeholders: ``enqueue()`` runs this on the driver connection
+# (see ``Store._insert_one_pg``).
+_PG_INSERT_ONE = f"""
     WITH m AS (
         INSERT INTO {M.name} ({", ".join(_MESSAGE_COLUMNS)})
-        VALUES ({", ".join(":" + c for c in _MESSAGE_COLUMNS)})
+        VALUES ({", ".join(f"%({c})s" for c in _MESSAGE_COLUMNS)})
     )
     INSERT INTO {R.name} (message_id, address, kind, status, attempts, updated_at)
-    SELECT :id, v.address, v.kind, :rstatus, 0, :created_at
-    FROM unnest(CAST(:addresses AS text[]), CAST(:kinds AS text[])) AS v(address, kind)
+    SELECT %(id)s, v.address, v.kind, %(rstatus)s, 0, %(created_at)s
+    FROM unnest(%(addresses)s::text[], %(kinds)s::text[]) AS v(address, kind)
     """
-).bindparams(*(bindparam(c.name, type_=c.type) for c in M.columns if c.name in _MESSAGE_COLUMNS))
 
 _PG_RECORD_HISTORY = text(
     f"""
@@ -371,17 +371,42 @@ class Store:
 
     def _insert_one_pg(self, row: dict[str, Any], recipients: Sequence[NewRecipient]) -> None:
         """One ``enqueue()``: the message and its recipients in one statement, committed
-        by itself (autocommit). BEGIN, two INSERTs and COMMIT were four round trips
-        to the server; this is one, and still all or nothing."""
+        by itself (autocommit), all or nothing.
+
+        It runs on the psycopg connection under the pooled one: SQLAlchemy's
+        execution and its per-checkout isolation-level switch cost about as
+        much as the statement's own round trip (measured, the two ways
+        interleaved call by call: p50 2.32 → 1.92 and 1.39 → 1.08 ms with calls
+        5 ms apart, 0.79 → 0.63 ms back to back). Errors still surface as
+        SQLAlchemy's (``IntegrityError`` for a key already used).
+        """
+        import psycopg
+        from psycopg.types.json import Json
+        from sqlalchemy.exc import DBAPIError
+
         params = {
             **row,
+            "meta": Json(row["meta"]) if row["meta"] is not None else None,
             "addresses": [r.address for r in recipients],
             "kinds": [r.kind for r in recipients],
             "rstatus": RecipientStatus.PENDING,
         }
-        with self.engine.connect() as conn:
-            conn = conn.execution_options(isolation_level="AUTOCOMMIT")
-            conn.execute(_PG_INSERT_ONE, params)
+        pooled = self.engine.raw_connection()  # checked out (and pinged) by the pool
+        try:
+            driver = pooled.driver_connection
+            assert driver is not None
+            driver.autocommit = True
+            try:
+                driver.execute(_PG_INSERT_ONE, params)
+            finally:
+                if not driver.closed:
+                    driver.autocommit = False
+        except psycopg.Error as exc:
+            if pooled.driver_connection is not None and pooled.driver_connection.broken:
+                pooled.invalidate(exc)
+            raise DBAPIError.instance(_PG_INSERT_ONE, None, exc, psycopg.Error) from None
+        finally:
+            pooled.close()
 
     def find_by_idempotency_key(self, key: str) -> uuid.UUID | None:
         with self.engine.connect() as conn:
