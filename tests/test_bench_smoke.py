@@ -70,6 +70,7 @@ def test_bench_runs_on_each_stack(tmp_path, stack):
     assert figures["enqueue_many"]["msg_per_s"] > 0
     idle = figures["enqueue_many"]["idle_enqueue_latency"]
     assert 0 < idle["p50_ms"] <= idle["p99_ms"]
+    assert all(v["raw_insert_p50_ms"] > 0 for v in idle["by_gap_ms"].values())  # the floor
     assert 0 < figures["enqueue_latency"]["p50_ms"] <= figures["enqueue_latency"]["p99_ms"]
     if stack == "pg":
         assert set(figures["memory_depth"]) == {"40"}

@@ -699,10 +699,57 @@ def phase_mailqueue(
     }
 
 
+class RawInsert:
+    """The floor under one ``enqueue()``: one 1 KB row INSERTed and committed on a
+    plain driver connection, no composition, no pool, one index (the naive way
+    of making one row durable, on the same database)."""
+
+    def __init__(self, stack: Stack) -> None:
+        self.kind = stack.kind
+        self.body = os.urandom(1024)
+        if stack.kind == "pg":
+            import psycopg
+
+            url = sa.engine.make_url(stack.database_url)
+            self.conn: Any = psycopg.connect(
+                host=url.host,
+                port=url.port,
+                user=url.username,
+                dbname=url.database,
+                password=url.password,
+                autocommit=True,
+            )
+            self.conn.execute(
+                "CREATE TABLE IF NOT EXISTS bench_floor (id uuid PRIMARY KEY, body bytea)"
+            )
+            self.sql = "INSERT INTO bench_floor VALUES (%s, %s)"
+        else:
+            import sqlite3
+
+            path = sa.engine.make_url(stack.database_url).database
+            self.conn = sqlite3.connect(
+                str(Path(str(path)).with_name("floor.db")), isolation_level=None
+            )
+            self.conn.execute("PRAGMA journal_mode=WAL")  # as mailqueue's engine sets it
+            self.conn.execute("PRAGMA synchronous=NORMAL")
+            self.conn.execute(
+                "CREATE TABLE IF NOT EXISTS bench_floor (id TEXT PRIMARY KEY, body BLOB)"
+            )
+            self.sql = "INSERT INTO bench_floor VALUES (?, ?)"
+
+    def __call__(self) -> None:
+        key: Any = uuid.uuid4() if self.kind == "pg" else str(uuid.uuid4())
+        self.conn.execute(self.sql, (key, self.body))
+
+    def close(self) -> None:
+        self.conn.close()
+
+
 def phase_enqueue_latency(
     stack: Stack, n: int, gaps_ms: Sequence[float] = (5.0, 0.5, 0.0)
 ) -> dict[str, Any]:
-    """Single ``enqueue()`` calls, timed one by one, ``n`` calls per gap between calls.
+    """Single ``enqueue()`` calls, timed one by one, ``n`` calls per gap between calls,
+    each followed by one call of the floor (``RawInsert``) at the same spacing.
 
     The gap matters on this VM: after a 5 ms sleep the CPU work of a call takes
     several times longer than back to back (idle vCPUs wake slowly), and back to
@@ -712,8 +759,10 @@ def phase_enqueue_latency(
     from mailqueue import api
     from mailqueue.worker.app import flush_dispatch
 
-    def timed(offset: int, gap_s: float) -> list[float]:
-        times = []
+    floor = RawInsert(stack)
+
+    def timed(offset: int, gap_s: float) -> tuple[list[float], list[float]]:
+        times, floor_times = [], []
         for i in range(n):
             msg = make_message(offset + i)
             t0 = time.perf_counter()
@@ -721,19 +770,30 @@ def phase_enqueue_latency(
             times.append((time.perf_counter() - t0) * 1000)
             if gap_s:
                 time.sleep(gap_s)
+            t0 = time.perf_counter()
+            floor()
+            floor_times.append((time.perf_counter() - t0) * 1000)
+            if gap_s:
+                time.sleep(gap_s)
             if i % 50 == 0:
                 progress(f"[{stack.kind}] enqueue latency ({gap_s * 1000:g} ms apart): {i}/{n}")
         flush_dispatch()
-        return sorted(times)
+        return sorted(times), sorted(floor_times)
 
-    def summary(times: list[float]) -> dict[str, float]:
+    def summary(times: list[float], floor_times: list[float]) -> dict[str, Any]:
         return {
             "p50_ms": round(statistics.median(times), 3),
             "p99_ms": round(times[min(len(times) - 1, int(len(times) * 0.99))], 3),
             "max_ms": round(times[-1], 3),
+            "raw_insert_p50_ms": round(statistics.median(floor_times), 3),
         }
 
-    by_gap = {f"{g:g}": summary(timed((k + 1) * 10**6, g / 1000)) for k, g in enumerate(gaps_ms)}
+    try:
+        by_gap = {
+            f"{g:g}": summary(*timed((k + 1) * 10**6, g / 1000)) for k, g in enumerate(gaps_ms)
+        }
+    finally:
+        floor.close()
     first = by_gap[f"{gaps_ms[0]:g}"]
     return {"calls": n * len(gaps_ms), "by_gap_ms": by_gap, **first}
 
@@ -743,6 +803,7 @@ def _latency_line(lat: dict[str, Any]) -> str:
         return f"p50 {lat['p50_ms']} ms, p99 {lat['p99_ms']} ms"
     return "; ".join(
         f"{gap} ms apart p50 {v['p50_ms']} / p99 {v['p99_ms']} ms"
+        + (f" (raw INSERT p50 {v['raw_insert_p50_ms']})" if "raw_insert_p50_ms" in v else "")
         for gap, v in lat["by_gap_ms"].items()
     )
 
