@@ -14,7 +14,7 @@ from email.message import EmailMessage
 
 import pytest
 from click.testing import CliRunner
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import mailqueue
@@ -146,6 +146,67 @@ def test_extract_addresses_inverts_formatting(entries):
 
     header = ", ".join(str(Address(display_name=n, addr_spec=f"{u}@{d}")) for n, u, d in entries)
     assert extract_addresses(header) == [f"{u}@{d}" for _, u, d in entries]
+
+
+_ATEXT = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!#$%&'*+/=?^_`{|}~-"
+_any_local = st.one_of(
+    st.text(alphabet=_ATEXT + ".", min_size=0, max_size=12),
+    st.text(alphabet=_ATEXT + '. "@<>()[],;:\\éü\u00a0\u0130', max_size=12),
+    st.sampled_from(["Postmaster", "INFO", "abuse", "a" * 64, "a" * 65, "a" * 240, "x..y"]),
+)
+_label = st.text(alphabet="abcXYZ019-_", min_size=0, max_size=8)
+_any_domain = st.one_of(
+    st.lists(_label, min_size=1, max_size=4).map(".".join),
+    st.sampled_from(
+        [
+            "Example.ORG",
+            "example.com.",
+            "localhost",
+            "x.test",
+            "a.invalid",
+            "mail.example",
+            "123.com",
+            "a.b.123",
+            "xn--bcher-kva.example",
+            "ab--cd.example",
+            "-a.example",
+            "bücher.example",
+            "ｅｘａｍｐｌｅ.com",
+            "[127.0.0.1]",
+            "[IPv6:::1]",
+            "ex ample.com",
+            "a" * 63 + ".com",
+            "a" * 64 + ".com",
+            ".".join(["abcdefghi"] * 25) + ".com",
+            "",
+        ]
+    ),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(_any_local, _any_domain)
+@example("a" * 242, "example.com")  # 254 characters: still valid
+@example("a" * 243, "example.com")  # 255: too long
+@example("Postmaster", "example.com")
+def test_plain_addresses_get_the_validators_own_verdict(local, domain):
+    """The shortcut for plain ASCII addresses answers exactly as email-validator would
+    (normalised form, SMTPUTF8 need, valid or not), or leaves the address to it."""
+    from mailqueue.message import _plain_ascii, _validator_verdict
+
+    address = f"{local}@{domain}"
+    shortcut = _plain_ascii(address)
+    if shortcut is not None:
+        assert (shortcut, False, None) == _validator_verdict(address)
+
+
+def test_the_plain_address_shortcut_is_taken_for_everyday_addresses():
+    from mailqueue.message import _plain_ascii
+
+    assert _plain_ascii("Jane.Doe+news@Example.ORG") == "Jane.Doe+news@example.org"
+    assert _plain_ascii("user1234@mail.example.com") == "user1234@mail.example.com"
+    assert _plain_ascii("Postmaster@example.com") is None  # the validator lowercases it
+    assert _plain_ascii("jörg@example.com") is None  # SMTPUTF8: the validator decides
 
 
 def test_recipients_are_deduplicated_case_insensitively_first_kind_wins():
