@@ -330,3 +330,57 @@ def test_content_on_the_wire_is_what_aiosmtplib_would_send(data):
         wire = Wire()
         asyncio.run(Pipeline(None)._write_content(wire, payload))  # type: ignore[arg-type]
         assert bytes(wire.out) == expected
+
+
+def test_a_batch_of_big_messages_holds_a_bounded_amount_of_content(stack, smtp_server, monkeypatch):
+    """Every message of a batch starts at once; contents beyond the claim's share are
+    read only while the process holds less than its budget, and all arrive whole."""
+    import email
+
+    from mailqueue import Attachment
+    from mailqueue.store import queue as queue_mod
+    from mailqueue.worker import service as service_mod
+
+    monkeypatch.setattr(queue_mod, "CLAIM_CONTENT_BUDGET", 60 * 1024)  # 10 KB each for 6
+    monkeypatch.setattr(service_mod, "BIG_CONTENT_BUDGET", 100 * 1024)  # one 55 KB at a time
+    payloads = [os.urandom(40 * 1024) for _ in range(6)]
+    ids = mailqueue.enqueue_many(
+        Message(
+            sender="app@example.com",
+            to=[f"big{i}@example.org"],
+            subject=f"big {i}",
+            text="attached",
+            attachments=[Attachment(filename="b.bin", content=p)],
+        )
+        for i, p in enumerate(payloads)
+    )
+    store = stack.store
+    claimed = store.claim([uuid.UUID(i) for i in ids], owner="probe", lease_s=60)
+    assert [c.content for c in claimed] == [None] * 6  # over the 10 KB share
+    store.release([c.id for c in claimed], owner="probe")
+
+    peak = 0
+
+    async def go():
+        nonlocal peak
+        deliverer = Deliverer(stack.settings, store)
+        load = store.load_content
+
+        def watched(message_id, size):
+            nonlocal peak
+            peak = max(peak, deliverer._content_budget.used)
+            return load(message_id, size)
+
+        monkeypatch.setattr(store, "load_content", watched)
+        try:
+            return await deliverer.deliver_batch([uuid.UUID(i) for i in ids])
+        finally:
+            await deliverer.aclose()
+
+    assert run_on_loop(go()).claimed == 6
+    assert 40 * 1024 < peak <= 100 * 1024  # one content at a time, not six
+    received = {
+        m.rcpt_tos[0]: email.message_from_bytes(m.data).get_payload()[1].get_payload(decode=True)
+        for m in smtp_server.messages
+    }
+    assert received == {f"big{i}@example.org": p for i, p in enumerate(payloads)}

@@ -60,7 +60,10 @@ __all__ = [
 ]
 
 INLINE_CONTENT_MAX = 1024 * 1024
-"""Contents up to this size come with the claim; bigger ones via ``load_content``."""
+"""Contents up to this size may come with the claim; bigger ones via ``load_content``."""
+CLAIM_CONTENT_BUDGET = 32 * 1024 * 1024
+"""Most content bytes one claim brings: the inline limit is this shared by the batch
+(64 KB each for 500 ids), so a big batch of big messages cannot fill the worker."""
 CONTENT_SLICE = 4 * 1024 * 1024
 
 M = MESSAGES
@@ -106,7 +109,7 @@ class ClaimedMessage:
     id: uuid.UUID
     mail_from: str
     content: bytes | None
-    """None for a message bigger than ``INLINE_CONTENT_MAX``: ``Store.load_content`` it."""
+    """None for a message bigger than the claim's inline limit: ``Store.load_content`` it."""
     smtputf8: bool
     eightbit: bool
     relay: str
@@ -438,6 +441,7 @@ class Store:
         if not ids:
             return []
         now = utcnow()
+        inline_max = min(INLINE_CONTENT_MAX, CLAIM_CONTENT_BUDGET // len(ids))
         due = or_(
             and_(
                 M.c.status.in_((MessageStatus.QUEUED, MessageStatus.DEFERRED)),
@@ -464,7 +468,7 @@ class Store:
                 M.c.mail_from,
                 # Big contents are read later, in slices (``load_content``): a whole
                 # 34 MB row through the driver's text protocol costs several copies.
-                case((M.c.size <= INLINE_CONTENT_MAX, M.c.content), else_=null()).label("content"),
+                case((M.c.size <= inline_max, M.c.content), else_=null()).label("content"),
                 M.c.size,
                 M.c.smtputf8,
                 M.c.eightbit,
