@@ -298,8 +298,11 @@ class Settings:
     """Deferrals never wait longer than this (Postfix: ~67 min)."""
     lease_s: float = 300.0
     """A claimed message is released for another worker after this long."""
-    batch_size: int = 50
-    """Message ids per Celery task."""
+    batch_size: int = 200
+    """Message ids per Celery task. Each task pays a claim, smaller group commits
+    and the drain at its end: 10,000 messages on PostgreSQL, pool 5, ran at
+    ~1,230 msg/s with 50, ~1,670–1,890 with 200, ~2,000–2,260 with 500
+    (ops/bench). Smaller spreads a burst over more worker processes."""
     redispatch_after_s: float = 300.0
     """The scheduler re-sends a queued message's id after this long unclaimed."""
     scheduler_interval_s: float = 5.0
