@@ -201,6 +201,29 @@ def test_enqueue_many_reports_progress_in_chunks(stack):
     assert counts(stack) == (25, 25)
 
 
+def test_a_bulk_write_keeps_metadata_and_refuses_a_taken_key_whole(stack):
+    """Store.insert of 25 messages (COPY on PostgreSQL, in binary): metadata and keys
+    read back as given; a chunk with one key already taken writes nothing."""
+    from mailqueue import api
+    from mailqueue.store.models import utcnow
+
+    def prepared(i: int, key: str) -> object:
+        msg = Message(sender="a@example.com", to=f"r{i}@example.com", subject="s", text="t")
+        return api._prepare(
+            msg, relay=None, send_at=None, idempotency_key=key, metadata={"n": i}, now=utcnow()
+        )
+
+    api._store().insert([prepared(i, f"bulk-{i}") for i in range(25)])
+    with stack.engine.connect() as conn:
+        rows = conn.execute(sa.select(M.c.idempotency_key, M.c.meta)).all()
+    assert sorted(rows, key=lambda r: r.meta["n"]) == [(f"bulk-{i}", {"n": i}) for i in range(25)]
+
+    again = [prepared(100 + i, f"new-{i}") for i in range(24)] + [prepared(999, "bulk-3")]
+    with pytest.raises(sa.exc.IntegrityError):
+        api._store().insert(again)
+    assert counts(stack) == (25, 25)
+
+
 def test_a_big_enqueue_many_writes_the_same_rows_as_enqueue(stack):
     """Chunks of 20+ messages go in with COPY on PostgreSQL: same rows, same bytes."""
     later = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)

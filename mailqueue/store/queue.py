@@ -14,6 +14,7 @@ Every state change is one short transaction on a few indexed rows:
 from __future__ import annotations
 
 import datetime as dt
+import re
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -762,15 +763,20 @@ _COPY_FROM = 20
 """Messages in one insert from which COPY beats a pipelined executemany."""
 
 
+_TYPE_LENGTH = re.compile(r"\(.*?\)")
+
+
 def _can_copy(conn: Connection) -> bool:
     return conn.dialect.name == "postgresql" and conn.dialect.driver == "psycopg"
 
 
 def _copy(conn: Connection, table: Any, rows: Sequence[dict[str, Any]]) -> None:
     """``COPY table FROM STDIN`` in ``conn``'s transaction: measured about twice as fast
-    as executemany for enqueue_many's chunks (see ops/bench). A unique violation
-    (an idempotency key already used) surfaces as SQLAlchemy's IntegrityError,
-    as the INSERT would."""
+    as executemany for enqueue_many's chunks (see ops/bench). The binary format,
+    typed from the table's own column types, spares formatting every value as
+    text (the content as hex): Python's share 43–47 → 12–17 µs a message,
+    measured. A unique violation (an idempotency key already used) surfaces as
+    SQLAlchemy's IntegrityError, as the INSERT would."""
     if not rows:
         return
     import psycopg
@@ -779,11 +785,16 @@ def _copy(conn: Connection, table: Any, rows: Sequence[dict[str, Any]]) -> None:
 
     columns = list(rows[0])
     json_columns = {c for c in columns if isinstance(table.c[c].type, JSON)}
-    statement = f"COPY {table.name} ({', '.join(columns)}) FROM STDIN"
+    # "VARCHAR(16)" -> "varchar", "TIMESTAMP WITH TIME ZONE" -> psycopg knows it.
+    types = [
+        _TYPE_LENGTH.sub("", table.c[c].type.compile(dialect=conn.dialect)).lower() for c in columns
+    ]
+    statement = f"COPY {table.name} ({', '.join(columns)}) FROM STDIN (FORMAT BINARY)"
     raw = conn.connection.driver_connection
     assert raw is not None
     try:
         with raw.cursor() as cur, cur.copy(statement) as copy:
+            copy.set_types(types)
             for row in rows:
                 copy.write_row(
                     [
