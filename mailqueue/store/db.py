@@ -119,10 +119,9 @@ class _Checkpointer:
     def _run(self) -> None:
         db: sqlite3.Connection | None = None
         try:
-            while True:
+            while not self._stop.is_set():
                 self.written.wait()
-                if self._stop.wait(self.interval_s) and not self.written.is_set():
-                    return
+                self._stop.wait(self.interval_s)  # commits gather; no wait once stopping
                 self.written.clear()
                 try:
                     if db is None:
@@ -130,8 +129,6 @@ class _Checkpointer:
                     db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
                 except sqlite3.Error as exc:  # another process's checkpoint, a locked file
                     log.debug("WAL checkpoint of %s skipped: %s", self.path, exc)
-                if self._stop.is_set():
-                    return
         finally:
             if db is not None:
                 db.close()
