@@ -272,10 +272,6 @@ def observe_attempt(message: Any, result: Any, outcome: Any) -> None:
         log.debug("metrics: observe_attempt failed", exc_info=True)
 
 
-def _child(metric: Any, *labels: str) -> Any:
-    return get().child(metric, *labels)
-
-
 def _observe_attempt(message: Any, result: Any, outcome: Any) -> None:
     from .store.queue import derive_status
 
@@ -318,7 +314,8 @@ def pool_changed(pool: Any) -> None:
 
 def pool_waited(pool: Any) -> None:
     try:
-        _child(get().pool_waits, pool.relay.name).inc()
+        m = get()
+        m.child(m.pool_waits, pool.relay.name).inc()
     except Exception:  # noqa: BLE001
         log.debug("metrics: pool_waited failed", exc_info=True)
 
@@ -326,14 +323,16 @@ def pool_waited(pool: Any) -> None:
 def cluster_limit_waited(relay: str, limit: str) -> None:
     """A delivery waited for a cluster-wide limit (``smtp.cluster_limits``)."""
     try:
-        _child(get().cluster_waits, relay, limit).inc()
+        m = get()
+        m.child(m.cluster_waits, relay, limit).inc()
     except Exception:  # noqa: BLE001
         log.debug("metrics: cluster_limit_waited failed", exc_info=True)
 
 
 def pool_opened(pool: Any) -> None:
     try:
-        _child(get().pool_opened, pool.relay.name).inc()
+        m = get()
+        m.child(m.pool_opened, pool.relay.name).inc()
     except Exception:  # noqa: BLE001
         log.debug("metrics: pool_opened failed", exc_info=True)
 
