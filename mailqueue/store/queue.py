@@ -194,7 +194,7 @@ _PG_RECORD_RECIPIENTS = text(
     """
 ).bindparams(bindparam("now", type_=UTCDateTime()))
 
-_MESSAGE_COLUMNS = (
+_NEW_MESSAGE_COLUMNS = (
     "id",
     "created_at",
     "updated_at",
@@ -218,8 +218,8 @@ _MESSAGE_COLUMNS = (
 # (see ``Store._insert_one_pg``).
 _PG_INSERT_ONE = f"""
     WITH m AS (
-        INSERT INTO {M.name} ({", ".join(_MESSAGE_COLUMNS)})
-        VALUES ({", ".join(f"%({c})s" for c in _MESSAGE_COLUMNS)})
+        INSERT INTO {M.name} ({", ".join(_NEW_MESSAGE_COLUMNS)})
+        VALUES ({", ".join(f"%({c})s" for c in _NEW_MESSAGE_COLUMNS)})
     )
     INSERT INTO {R.name} (message_id, address, kind, status, attempts, updated_at)
     SELECT %(id)s, v.address, v.kind, %(rstatus)s, 0, %(created_at)s
