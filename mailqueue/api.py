@@ -47,7 +47,8 @@ __all__ = [
 
 
 def _store() -> Store:
-    return Store(get_engine(get_settings().database_url))
+    url = get_settings().database_url
+    return Store(get_engine(url), unpinged=get_engine(url, ping=False))
 
 
 def new_id() -> uuid.UUID:

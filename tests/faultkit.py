@@ -84,6 +84,8 @@ class TcpProxy:
         self._lock = threading.Lock()
         self._sockets: set[socket.socket] = set()
         self._closed = False
+        self._cut_after: tuple[bytes, float] | None = None
+        self._swallowing = False  # the server's replies are being dropped
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
@@ -103,12 +105,19 @@ class TcpProxy:
             upstream.settimeout(None)
             with self._lock:
                 self._sockets.update((client, upstream))
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+            for a, b, upward in ((client, upstream, True), (upstream, client, False)):
+                threading.Thread(target=self._pump, args=(a, b, upward), daemon=True).start()
 
-    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+    def _pump(self, source: socket.socket, sink: socket.socket, upward: bool) -> None:
         try:
             while data := source.recv(65536):
+                if not upward and self._swallowing:
+                    continue  # the reply is lost on the way back
+                armed = self._cut_after
+                if upward and armed is not None and armed[0] in data:
+                    self._cut_after = None
+                    self._swallowing = True
+                    threading.Timer(armed[1], self._lose_replies_end).start()
                 sink.sendall(data)
         except OSError:
             pass
@@ -129,6 +138,17 @@ class TcpProxy:
 
     def restore(self) -> None:
         self._up = True
+
+    def cut_after(self, marker: bytes, wait_s: float = 0.5) -> None:
+        """Forward the next request containing ``marker`` to the server, drop every
+        reply, and cut all connections ``wait_s`` later (then accept new ones): the
+        server did the work, the client never hears it (an ambiguous commit)."""
+        self._cut_after = (marker, wait_s)
+
+    def _lose_replies_end(self) -> None:
+        self.cut()
+        self._swallowing = False
+        self.restore()
 
     def close(self) -> None:
         self._closed = True

@@ -200,6 +200,50 @@ def test_database_outage_during_delivery_keeps_the_outcomes(pg_stack, smtp_serve
         proxy.close()
 
 
+@pytest.fixture
+def proxied_pg(pg_stack):
+    """This process reaches PostgreSQL through a TCP proxy the test can cut."""
+    url = sa.engine.make_url(pg_stack.settings.database_url)
+    proxy = TcpProxy((url.host or "127.0.0.1", url.port or 5432))
+    proxied = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    pg_stack.reconfigure(database_url=proxied)
+    try:
+        yield proxy
+    finally:
+        proxy.close()
+
+
+def test_enqueue_after_a_database_restart_does_not_fail(proxied_pg, pg_stack):
+    """Every pooled connection died with the server (cut, then reachable again):
+    the next enqueue() succeeds, once, without the caller seeing an error."""
+    from mailqueue.store import get_engine
+
+    msg = Message(sender="a@example.com", to="x@example.com", subject="s", text="t")
+    mailqueue.enqueue(msg)
+    # Three idle connections in the pool that enqueue() draws from.
+    engine = get_engine(pg_stack.settings.database_url, ping=False)
+    held = [engine.raw_connection() for _ in range(3)]
+    for conn in held:
+        conn.close()
+    proxied_pg.cut()
+    proxied_pg.restore()
+    second = mailqueue.enqueue(msg)
+    assert statuses(pg_stack) == Counter(queued=2)
+    assert mailqueue.get_status(second).recipients[0].address == "x@example.com"
+
+
+def test_an_enqueue_whose_commit_reply_is_lost_is_stored_once(proxied_pg, pg_stack):
+    """The server committed enqueue()'s INSERT, then the connection died before the
+    reply came back: enqueue() neither raises (the message is queued) nor stores it
+    twice (its second try on a new connection finds its own id already there)."""
+    msg = Message(sender="a@example.com", to="x@example.com", subject="s", text="t")
+    mailqueue.enqueue(msg)
+    proxied_pg.cut_after(b"INSERT INTO mq_message", wait_s=0.5)
+    mid = mailqueue.enqueue(msg)
+    assert statuses(pg_stack) == Counter(queued=2)
+    assert mailqueue.get_status(mid).status == "queued"
+
+
 # --------------------------------------------------------------------------- SMTP trouble
 
 

@@ -34,7 +34,7 @@ def normalize_url(url: str) -> str:
     return url
 
 
-def _create(url: str) -> Engine:
+def _create(url: str, ping: bool) -> Engine:
     parsed = make_url(url)
     kwargs: dict[str, Any] = {"future": True}
     if parsed.get_backend_name() == "sqlite":
@@ -47,7 +47,7 @@ def _create(url: str) -> Engine:
             checkpointer = _checkpointers[f"{os.getpid()}:{url}"] = _Checkpointer(parsed.database)
         _tune_sqlite(engine, checkpointer)
         return engine
-    kwargs.update(pool_pre_ping=True, pool_size=5, max_overflow=10)
+    kwargs.update(pool_pre_ping=ping, pool_size=5, max_overflow=10)
     return create_engine(url, **kwargs)
 
 
@@ -134,16 +134,24 @@ class _Checkpointer:
                 db.close()
 
 
-def get_engine(url: str) -> Engine:
-    """The process's engine for ``url`` (created on first use, after any fork)."""
+def get_engine(url: str, *, ping: bool = True) -> Engine:
+    """The process's engine for ``url`` (created on first use, after any fork).
+
+    Its pool pings a connection before handing it out, so that a restarted
+    database goes unnoticed. ``ping=False`` gives a second pool without that
+    round trip, for a caller that recovers from a dead connection itself
+    (``enqueue()`` on PostgreSQL: see ``Store._insert_one_pg``). SQLite has no
+    connection to lose: one engine either way.
+    """
     url = normalize_url(url)
-    key = f"{os.getpid()}:{url}"
+    ping = ping or url.startswith("sqlite")
+    key = f"{os.getpid()}:{url}" + ("" if ping else ":unpinged")
     engine = _engines.get(key)
     if engine is None:
         with _lock:
             engine = _engines.get(key)
             if engine is None:
-                engine = _engines[key] = _create(url)
+                engine = _engines[key] = _create(url, ping)
     return engine
 
 
