@@ -264,3 +264,83 @@ def test_cancel_stops_pending_recipients(stack, smtp_server):
     assert info.status == "cancelled"
     assert deliver(stack, [mid]).claimed == 0
     assert smtp_server.messages == []
+
+
+def test_recording_keeps_a_cancel_made_during_the_attempt_except_for_accepted_ones(stack):
+    """The rules ``Store.record`` applies on both backends, whatever the batch: a
+    recipient the relay accepted is ``sent`` even if cancelled meanwhile (that is
+    what happened); any other result leaves a cancelled recipient cancelled; the
+    message's status is derived from what its rows say then; the history keeps
+    every result; the lease is given back. Eight messages in one record call."""
+    check_recording_rules(stack)
+
+
+def test_recording_row_by_row_on_an_old_sqlite_follows_the_same_rules(sqlite_stack, monkeypatch):
+    """SQLite older than 3.38 (no built-in JSON) records row by row."""
+    from mailqueue.store import queue
+
+    monkeypatch.setattr(queue, "_SQLITE_BULK_RECORD", False)
+    check_recording_rules(sqlite_stack)
+
+
+def check_recording_rules(stack) -> None:
+    from mailqueue.store.queue import MessageOutcome, RecipientOutcome
+
+    def outcome(rid, status, code):
+        return RecipientOutcome(rid, status, code, None, f"{code} words", None)
+
+    ids = [
+        mailqueue.enqueue(
+            Message(sender="a@example.com", to=["ok@example.com", "no@example.com"], text="t")
+        )
+        for _ in range(8)
+    ]
+    owner = "test-host:1:abc"
+    claimed = stack.store.claim([uuid.UUID(i) for i in ids], owner=owner, lease_s=60)
+    assert len(claimed) == 8
+    mailqueue.cancel(ids[0])  # both recipients cancelled while the attempt runs
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(minutes=5)
+    outcomes = []
+    for i, message in enumerate(claimed):
+        ok, no = message.recipients
+        second = outcome(no.id, "deferred", 450) if i % 2 else outcome(no.id, "failed", 550)
+        outcomes.append(
+            MessageOutcome(
+                message.id,
+                later if i % 2 else None,
+                (outcome(ok.id, "sent", 250), second),
+                last_error="refused" if i % 2 == 0 else "deferred",
+                last_reply="550 words" if i % 2 == 0 else "450 words",
+            )
+        )
+    stack.store.record(outcomes, owner=owner)
+
+    first = mailqueue.get_status(ids[0])
+    assert [(r.address, r.status) for r in first.recipients] == [
+        ("ok@example.com", "sent"),
+        ("no@example.com", "cancelled"),
+    ]
+    assert first.status == "partial"
+    by_id = {str(m.id): i for i, m in enumerate(claimed)}
+    for mid in ids[1:]:
+        info = mailqueue.get_status(mid)
+        deferred = by_id[mid] % 2 == 1
+        assert [(r.address, r.status, r.smtp_code) for r in info.recipients] == [
+            ("ok@example.com", "sent", 250),
+            ("no@example.com", *(("deferred", 450) if deferred else ("failed", 550))),
+        ]
+        assert info.status == ("deferred" if deferred else "partial")
+        assert info.last_reply == ("450 words" if deferred else "550 words")
+    assert [(a.address, a.status) for a in mailqueue.get_attempts(ids[0])] == [
+        ("ok@example.com", "sent"),
+        ("no@example.com", "failed" if by_id[ids[0]] % 2 == 0 else "deferred"),
+    ]
+    table = MessageRow.__table__
+    with stack.engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(table.c.id, table.c.lease_owner, table.c.next_attempt_at, table.c.worker)
+        ).all()
+    assert all(r.lease_owner is None and r.worker == "test-host:1" for r in rows)
+    for r in rows:
+        if by_id[str(r.id)] % 2:
+            assert abs((r.next_attempt_at - later).total_seconds()) < 0.001
