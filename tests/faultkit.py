@@ -85,7 +85,7 @@ class TcpProxy:
         self._sockets: set[socket.socket] = set()
         self._closed = False
         self._cut_after: tuple[bytes, float] | None = None
-        self._swallowing = False  # the server's replies are being dropped
+        self._muted: set[socket.socket] = set()  # clients whose replies are dropped
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
@@ -111,13 +111,13 @@ class TcpProxy:
     def _pump(self, source: socket.socket, sink: socket.socket, upward: bool) -> None:
         try:
             while data := source.recv(65536):
-                if not upward and self._swallowing:
+                if not upward and sink in self._muted:
                     continue  # the reply is lost on the way back
                 armed = self._cut_after
                 if upward and armed is not None and armed[0] in data:
                     self._cut_after = None
-                    self._swallowing = True
-                    threading.Timer(armed[1], self._lose_replies_end).start()
+                    self._muted.add(source)
+                    threading.Timer(armed[1], self._drop, args=(source, sink)).start()
                 sink.sendall(data)
         except OSError:
             pass
@@ -130,25 +130,27 @@ class TcpProxy:
         """Drop every open connection and refuse new ones (the database is 'down')."""
         self._up = False
         with self._lock:
-            sockets, self._sockets = self._sockets, set()
-        for s in sockets:
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-            s.close()
+            sockets = list(self._sockets)
+        self._drop(*sockets)
 
     def restore(self) -> None:
         self._up = True
 
     def cut_after(self, marker: bytes, wait_s: float = 0.5) -> None:
         """Forward the next request containing ``marker`` to the server, drop every
-        reply, and cut all connections ``wait_s`` later (then accept new ones): the
-        server did the work, the client never hears it (an ambiguous commit)."""
+        reply to that client, and close its connection ``wait_s`` later: the server
+        did the work, the client never hears it (an ambiguous commit). Other and
+        new connections are left alone."""
         self._cut_after = (marker, wait_s)
 
-    def _lose_replies_end(self) -> None:
-        self.cut()
-        self._swallowing = False
-        self.restore()
+    def _drop(self, *pair: socket.socket) -> None:
+        with self._lock:
+            self._sockets.difference_update(pair)
+        for s in pair:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+        self._muted.difference_update(pair)
 
     def close(self) -> None:
         self._closed = True
