@@ -173,28 +173,52 @@ def _chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
         yield items[start : start + size]
 
 
-# ``record`` on PostgreSQL (see ``Store._record_pg``). ``sent`` always wins;
-# anything else only overwrites a recipient that is still open. The rows are
-# found by joining on ``v.id`` alone: an extra ``id = ANY(:ids)`` made the
-# planner expect one row and re-run ``unnest`` for each (a nested loop,
-# quadratic in the batch: ~90 µs per message at 70 a commit).
-_PG_RECORD_RECIPIENTS = text(
-    f"""
-    UPDATE {R.name} AS r SET
-        status = v.status, smtp_code = v.code, enhanced_code = v.enhanced,
-        reply = v.reply, error = v.error, attempts = r.attempts + 1, updated_at = :now,
-        sent_at = CASE WHEN v.status = '{RecipientStatus.SENT}' THEN :now ELSE r.sent_at END
-    FROM unnest(
+# ``record``'s statements, PostgreSQL's and SQLite's (``Store._record_pg``,
+# ``Store._record_sqlite``). ``sent`` always wins; anything else only
+# overwrites a recipient that is still open. The rows are found by joining on
+# ``v.id`` alone: on PostgreSQL an extra ``id = ANY(:ids)`` made the planner
+# expect one row and re-run ``unnest`` for each (a nested loop, quadratic in
+# the batch: ~90 µs per message at 70 a commit).
+def _record_recipients(source: str) -> Any:
+    """The recipients' UPDATE for ``record``, reading its rows ``v(id, status, code,
+    enhanced, reply, error)`` from ``source``: the status rules live here only."""
+    sent, open_ = RecipientStatus.SENT, ", ".join(f"'{s}'" for s in RecipientStatus.OPEN)
+    return text(
+        f"""
+        UPDATE {R.name} AS r SET
+            status = v.status, smtp_code = v.code, enhanced_code = v.enhanced,
+            reply = v.reply, error = v.error, attempts = r.attempts + 1, updated_at = :now,
+            sent_at = CASE WHEN v.status = '{sent}' THEN :now ELSE r.sent_at END
+        FROM {source}
+        WHERE r.id = v.id AND (
+            (v.status = '{sent}' AND r.status <> '{sent}')
+            OR (v.status <> '{sent}' AND r.status IN ({open_}))
+        )
+        """
+    ).bindparams(bindparam("now", type_=UTCDateTime()))
+
+
+def _record_messages(source: str) -> Any:
+    """The messages' UPDATE for ``record``, rows ``v(id, status, next, lerr, lreply)``
+    from ``source``; only the lease's owner may write its message."""
+    return text(
+        f"""
+        UPDATE {M.name} AS m SET
+            status = v.status, next_attempt_at = v.next, last_error = v.lerr,
+            last_reply = v.lreply, lease_owner = NULL, lease_until = NULL,
+            dispatched_at = NULL, worker = :worker, updated_at = :now
+        FROM {source}
+        WHERE m.id = v.id AND m.lease_owner = :owner
+        """
+    ).bindparams(bindparam("now", type_=UTCDateTime()))
+
+
+_PG_RECORD_RECIPIENTS = _record_recipients(
+    """unnest(
         CAST(:ids AS bigint[]), CAST(:statuses AS text[]), CAST(:codes AS int[]),
         CAST(:enhanced AS text[]), CAST(:replies AS text[]), CAST(:errors AS text[])
-    ) AS v(id, status, code, enhanced, reply, error)
-    WHERE r.id = v.id AND (
-        (v.status = '{RecipientStatus.SENT}' AND r.status <> '{RecipientStatus.SENT}')
-        OR (v.status <> '{RecipientStatus.SENT}'
-            AND r.status IN ({", ".join(f"'{s}'" for s in RecipientStatus.OPEN)}))
-    )
-    """
-).bindparams(bindparam("now", type_=UTCDateTime()))
+    ) AS v(id, status, code, enhanced, reply, error)"""
+)
 
 _NEW_MESSAGE_COLUMNS = (
     "id",
@@ -262,19 +286,12 @@ _PG_RECORD_HISTORY = text(
     """
 ).bindparams(bindparam("now", type_=UTCDateTime()))
 
-_PG_RECORD_MESSAGES = text(
-    f"""
-    UPDATE {M.name} AS m SET
-        status = v.status, next_attempt_at = v.next, last_error = v.lerr,
-        last_reply = v.lreply, lease_owner = NULL, lease_until = NULL,
-        dispatched_at = NULL, worker = :worker, updated_at = :now
-    FROM unnest(
+_PG_RECORD_MESSAGES = _record_messages(
+    """unnest(
         CAST(:mids AS uuid[]), CAST(:statuses AS text[]), CAST(:nexts AS timestamptz[]),
         CAST(:lerrs AS text[]), CAST(:lreplies AS text[])
-    ) AS v(id, status, next, lerr, lreply)
-    WHERE m.id = v.id AND m.lease_owner = :owner
-    """
-).bindparams(bindparam("now", type_=UTCDateTime()))
+    ) AS v(id, status, next, lerr, lreply)"""
+)
 
 
 # Each id looked up on its own (LATERAL … OFFSET 0 keeps the planner from
@@ -300,20 +317,9 @@ def _json_columns(*names: str) -> str:
 
 
 _RESULT_COLUMNS = ("id", "status", "code", "enhanced", "reply", "error", "mid")
-_SQLITE_RECORD_RECIPIENTS = text(
-    f"""
-    UPDATE {R.name} AS r SET
-        status = v.status, smtp_code = v.code, enhanced_code = v.enhanced,
-        reply = v.reply, error = v.error, attempts = r.attempts + 1, updated_at = :now,
-        sent_at = CASE WHEN v.status = '{RecipientStatus.SENT}' THEN :now ELSE r.sent_at END
-    FROM (SELECT {_json_columns(*_RESULT_COLUMNS)} FROM json_each(:rows)) AS v
-    WHERE r.id = v.id AND (
-        (v.status = '{RecipientStatus.SENT}' AND r.status <> '{RecipientStatus.SENT}')
-        OR (v.status <> '{RecipientStatus.SENT}'
-            AND r.status IN ({", ".join(f"'{s}'" for s in RecipientStatus.OPEN)}))
-    )
-    """
-).bindparams(bindparam("now", type_=UTCDateTime()))
+_SQLITE_RECORD_RECIPIENTS = _record_recipients(
+    f"(SELECT {_json_columns(*_RESULT_COLUMNS)} FROM json_each(:rows)) AS v"
+)
 _SQLITE_RECORD_HISTORY = text(
     f"""
     INSERT INTO {ATTEMPTS.name}
@@ -332,17 +338,10 @@ _SQLITE_RECIPIENT_STATUSES = text(
     )
     """
 )
-_SQLITE_RECORD_MESSAGES = text(
-    f"""
-    UPDATE {M.name} AS m SET
-        status = v.status, next_attempt_at = v.next, last_error = v.lerr,
-        last_reply = v.lreply, lease_owner = NULL, lease_until = NULL,
-        dispatched_at = NULL, worker = :worker, updated_at = :now
-    FROM (SELECT {_json_columns("id", "status", "next", "lerr", "lreply")}
-          FROM json_each(:messages)) AS v
-    WHERE m.id = v.id AND m.lease_owner = :owner
-    """
-).bindparams(bindparam("now", type_=UTCDateTime()))
+_SQLITE_RECORD_MESSAGES = _record_messages(
+    f"""(SELECT {_json_columns("id", "status", "next", "lerr", "lreply")}
+        FROM json_each(:messages)) AS v"""
+)
 
 
 def _held_by(ids: Sequence[uuid.UUID], owner: str) -> Any:
