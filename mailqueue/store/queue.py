@@ -316,16 +316,18 @@ def _json_columns(*names: str) -> str:
     return ", ".join(f"json_extract(value, '$[{i}]') AS {n}" for i, n in enumerate(names))
 
 
-_RESULT_COLUMNS = ("id", "status", "code", "enhanced", "reply", "error", "mid")
-_SQLITE_RECORD_RECIPIENTS = _record_recipients(
-    f"(SELECT {_json_columns(*_RESULT_COLUMNS)} FROM json_each(:rows)) AS v"
+# Each recipient's result: [id, status, code, enhanced, reply, error, message id].
+_SQLITE_RESULTS = (
+    f"(SELECT {_json_columns('id', 'status', 'code', 'enhanced', 'reply', 'error', 'mid')}"
+    " FROM json_each(:rows)) AS v"
 )
+_SQLITE_RECORD_RECIPIENTS = _record_recipients(_SQLITE_RESULTS)
 _SQLITE_RECORD_HISTORY = text(
     f"""
     INSERT INTO {ATTEMPTS.name}
         (message_id, recipient_id, status, smtp_code, enhanced_code, reply, error, worker, at)
     SELECT v.mid, v.id, v.status, v.code, v.enhanced, v.reply, v.error, :worker, :now
-    FROM (SELECT {_json_columns(*_RESULT_COLUMNS)} FROM json_each(:rows)) AS v
+    FROM {_SQLITE_RESULTS}
     """
 ).bindparams(bindparam("now", type_=UTCDateTime()))
 # One row back, whatever the batch: each row a step of its own would let the
@@ -789,8 +791,9 @@ class Store:
         GIL busy, the recording thread waited up to 5 ms (the switch
         interval) to take it back at each step, holding the lock all along:
         50 outcomes took 6 ms alone, 1.4 s beside a busy thread (measured),
-        and the other processes queued for the lock. Here the parameters are
-        one JSON text per table, built before the transaction begins.
+        and the other processes queued for the lock. Here each table's rows
+        are one JSON text: the results' built before the transaction begins,
+        the messages' inside it, from the statuses the rows have then.
         """
         worker = owner.rsplit(":", 1)[0]
         dialect = self.engine.dialect
@@ -798,6 +801,7 @@ class Store:
         uid = M.c.id.type.dialect_impl(dialect).bind_processor(dialect)
         stamp = UTCDateTime().dialect_impl(dialect).bind_processor(dialect)
         assert uid is not None and stamp is not None
+        keys = [uid(o.message_id) for o in outcomes]
         results = json.dumps(
             [
                 [
@@ -807,13 +811,13 @@ class Store:
                     r.enhanced_code,
                     r.reply,
                     r.error,
-                    uid(o.message_id),
+                    mid,
                 ]
-                for o in outcomes
+                for o, mid in zip(outcomes, keys, strict=True)
                 for r in o.recipients
             ]
         )
-        mids = json.dumps([uid(o.message_id) for o in outcomes])
+        mids = json.dumps(keys)
         with self.engine.begin() as conn:
             if results != "[]":
                 conn.execute(_SQLITE_RECORD_RECIPIENTS, {"rows": results, "now": now})
@@ -826,13 +830,13 @@ class Store:
             messages = json.dumps(
                 [
                     [
-                        uid(o.message_id),
-                        derive_status(found.get(uid(o.message_id), "").split(",")),
+                        mid,
+                        derive_status(found.get(mid, "").split(",")),
                         stamp(o.next_attempt_at or now),
                         o.last_error,
                         o.last_reply,
                     ]
-                    for o in outcomes
+                    for o, mid in zip(outcomes, keys, strict=True)
                 ]
             )
             conn.execute(
