@@ -75,7 +75,7 @@ def _prepare(
     now: dt.datetime,
 ) -> NewMessage:
     settings = get_settings()
-    envelope = build_envelope(message, max_size=settings.max_message_size)
+    envelope = build_envelope(message, max_size=settings.max_message_size, limits=settings.limits)
     try:
         relay = settings.relay_named(relay).name if relay else None
     except KeyError as exc:
@@ -312,7 +312,7 @@ async def asend_now(
 ) -> TransactionResult:
     """``send_now`` for asyncio code; pass a ``pool`` to reuse its connections across calls."""
     settings = get_settings()
-    envelope = build_envelope(message, max_size=settings.max_message_size)
+    envelope = build_envelope(message, max_size=settings.max_message_size, limits=settings.limits)
     own = pool is None
     if pool is None:
         try:

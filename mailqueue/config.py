@@ -15,6 +15,8 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
+from .message import Limits
+
 __all__ = [
     "RelayConfig",
     "Settings",
@@ -290,6 +292,14 @@ class Settings:
     relay: RelayConfig = field(default_factory=RelayConfig)
     max_message_size: int = 35 * 1024 * 1024
     """Refuse a message bigger than this at enqueue (bytes, after encoding)."""
+    max_header_length: int = 8192
+    """Characters in one header value, display name or file name."""
+    max_headers: int = 100
+    """Custom header fields in one message."""
+    max_header_block: int = 102400
+    """Bytes in a message's finished top header block (Postfix's header_size_limit)."""
+    max_recipients: int = 1000
+    """Recipients of one message (Postfix's smtpd_recipient_limit)."""
     message_lifetime_s: float = 5 * 24 * 3600
     """Give up on recipients still deferred this long after enqueue (Postfix: 5 days)."""
     retry_base_s: float = 300.0
@@ -330,6 +340,16 @@ class Settings:
                 "which all workers share through Redis: set MAILQUEUE_LIMITS_REDIS_URL "
                 "(or use a redis:// broker)"
             )
+
+    @property
+    def limits(self) -> Limits:
+        """What one message may hold (``message.Limits``), from these settings."""
+        return Limits(
+            max_header_length=self.max_header_length,
+            max_headers=self.max_headers,
+            max_header_block=self.max_header_block,
+            max_recipients=self.max_recipients,
+        )
 
     @property
     def cluster_redis_url(self) -> str | None:
@@ -374,6 +394,10 @@ _ENV: dict[str, tuple[str, Any]] = {
     "MAILQUEUE_DATABASE_URL": ("database_url", str),
     "MAILQUEUE_BROKER_URL": ("broker_url", str),
     "MAILQUEUE_MAX_MESSAGE_SIZE": ("max_message_size", int),
+    "MAILQUEUE_MAX_HEADER_LENGTH": ("max_header_length", int),
+    "MAILQUEUE_MAX_HEADERS": ("max_headers", int),
+    "MAILQUEUE_MAX_HEADER_BLOCK": ("max_header_block", int),
+    "MAILQUEUE_MAX_RECIPIENTS": ("max_recipients", int),
     "MAILQUEUE_MESSAGE_LIFETIME_S": ("message_lifetime_s", float),
     "MAILQUEUE_RETRY_BASE_S": ("retry_base_s", float),
     "MAILQUEUE_RETRY_MAX_S": ("retry_max_s", float),

@@ -20,6 +20,7 @@ import re
 __all__ = [
     "MailQueueError",
     "InvalidMessageError",
+    "HeaderInjectionError",
     "NotFoundError",
     "SMTPError",
     "ConnectError",
@@ -73,6 +74,12 @@ class InvalidMessageError(MailQueueError, ValueError):
 
     def __str__(self) -> str:
         return f"{self.field}: {self.reason}" if self.field else self.reason
+
+
+class HeaderInjectionError(InvalidMessageError):
+    """A header value that could add a line, a field or a recipient: a control
+    character, an encoded word that decodes to one, or a finished header block
+    that does not read back as what was composed."""
 
 
 class SMTPError(MailQueueError):

@@ -25,6 +25,7 @@ import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from email import errors
+from email.header import Header
 from email.headerregistry import Address
 from email.message import EmailMessage, MIMEPart
 from email.message import Message as _StdMessage
@@ -35,16 +36,29 @@ from typing import cast
 from email_validator import EmailNotValidError, validate_email
 from email_validator.rfc_constants import CASE_INSENSITIVE_MAILBOX_NAMES, DOT_ATOM_TEXT
 
-from .errors import InvalidMessageError
-from .mime_direct import PHRASE, SMTP_7BIT, write_simple
+from .errors import HeaderInjectionError, InvalidMessageError
+from .headers import (
+    HEADER_NAME,
+    Field,
+    address_field,
+    check_block,
+    read_block,
+    refuse_controls,
+    refuse_encoded_controls,
+)
+from .headers import read_one_mailbox as _read_one_mailbox
+from .headers import text_field as _text_field
+from .mime_direct import SMTP_7BIT, write_simple
 
 __all__ = [
     "Attachment",
     "Message",
     "Recipient",
     "Envelope",
+    "Limits",
     "build_envelope",
     "extract_addresses",
+    "one_address",
     "validate_address",
 ]
 
@@ -61,18 +75,42 @@ _OWNED_HEADERS = {
     "content-transfer-encoding": "text/html/attachments",
     "mime-version": "(set automatically)",
 }
-_HEADER_NAME = re.compile(r"^[!-9;-~]+$")  # RFC 5322 ftext: printable ASCII except ':'
 _BCC_LINE = re.compile(rb"^(resent-)?bcc\s*:", re.IGNORECASE)
-# Address strings that need no header parser: "a@b.c" and "Plain Name <a@b.c>".
-_SPEC = r"[^\s<>(),;:\"@\[\]\\]+@[^\s<>(),;:\"@\[\]\\]+"
-_SIMPLE_ADDRESS = re.compile(rf"\s*(?:({PHRASE}) <({_SPEC})>|({_SPEC}))\s*")
+# RFC 2045 token (a MIME type's halves, a charset): no space, control or tspecial.
+_TOKEN = r"[!#$%&'*+.^_`{|}~0-9A-Za-z-]{1,127}"
+_MIME_TYPE = re.compile(rf"({_TOKEN})/({_TOKEN})")
+_CHARSET = re.compile(_TOKEN)
+_CONTENT_ID = re.compile(r"[!-;=?-~]{1,250}")  # printable ASCII, no space, '<' or '>'
+_MIME_FIELDS = ("MIME-Version", "Content-Type", "Content-Transfer-Encoding")
 
 # Compose 7-bit-clean bodies (quoted-printable/base64): any relay can carry them.
 _POLICY = SMTP_7BIT
-_POLICY_UTF8 = email.policy.SMTPUTF8.clone(cte_type="7bit")
 
-AddressInput = str | tuple[str, str]
-Addresses = str | Sequence[AddressInput] | None
+AddressInput = str | tuple[str, str] | Address
+Addresses = str | Address | Sequence[AddressInput] | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Limits:
+    """What one message may hold; each is a setting (README, "Security").
+
+    The defaults are generous for real mail and small enough that a hostile
+    request is refused before any work grows with it.
+    """
+
+    max_header_length: int = 8192
+    """Characters in one header value, display name or file name (MAILQUEUE_MAX_HEADER_LENGTH)."""
+    max_headers: int = 100
+    """Custom header fields in one message (MAILQUEUE_MAX_HEADERS)."""
+    max_header_block: int = 102400
+    """Bytes in the finished top header block; Postfix's header_size_limit
+    (MAILQUEUE_MAX_HEADER_BLOCK)."""
+    max_recipients: int = 1000
+    """Address entries in To+Cc+Bcc (or envelope_to), and in Reply-To; Postfix's
+    smtpd_recipient_limit (MAILQUEUE_MAX_RECIPIENTS)."""
+
+
+DEFAULT_LIMITS = Limits()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -169,28 +207,37 @@ class Envelope:
 # --------------------------------------------------------------------------- addresses
 
 
-# CR, LF, NUL, and what Python's str.splitlines() also breaks lines at (the
-# email package refuses those in headers with a bare ValueError).
-_LINE_BREAKS = re.compile("[\r\n\0\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")
-
-
 def _no_newlines(value: str, field_name: str) -> None:
-    if _LINE_BREAKS.search(value):
+    """Refuse control characters, also those an encoded word decodes to (``headers.py``)."""
+    refuse_controls(value, field_name)
+
+
+def _text_input(value: object, field_name: str, limits: Limits, *, what: str = "a string") -> str:
+    """A string bound for a header: typed, bounded, and free of control characters."""
+    if not isinstance(value, str):
+        raise InvalidMessageError(f"expected {what}, got {type(value).__name__}", field=field_name)
+    if len(value) > limits.max_header_length:
         raise InvalidMessageError(
-            "contains a line break (CR/LF or another line separator) or NUL; "
-            "header injection is refused",
+            f"is {len(value)} characters, over the {limits.max_header_length}-character limit "
+            "(MAILQUEUE_MAX_HEADER_LENGTH)",
             field=field_name,
         )
+    refuse_controls(value, field_name)
+    return value
 
 
 def _parse_header_addresses(value: str, field_name: str) -> list[Address]:
     """Parse an address-list header value: display names, quoted commas, groups, comments."""
     _no_newlines(value, field_name)
-    header = email.policy.default.header_factory("To", value)
-    defects = [d for d in header.defects if not _is_harmless(d)]
+    try:
+        header = email.policy.default.header_factory("To", value)
+        defects = [d for d in header.defects if not _is_harmless(d)]
+        addresses = list(header.addresses)
+    except Exception as exc:  # noqa: BLE001 - the parser's own bugs (IndexError…) are bad input
+        raise InvalidMessageError(f"cannot parse {value!r}: {exc}", field=field_name) from None
     if defects:
         raise InvalidMessageError(f"cannot parse {value!r}: {defects[0]}", field=field_name)
-    return list(header.addresses)
+    return addresses
 
 
 def _is_harmless(defect: Exception) -> bool:
@@ -202,10 +249,20 @@ def _is_harmless(defect: Exception) -> bool:
 def extract_addresses(value: str) -> list[str]:
     """Return the bare addresses in a header value, in order.
 
+    The one place where a string is split into several addresses: every
+    address field of a ``Message`` takes exactly one address per entry.
+
     >>> extract_addresses('you@there.com, "Bob, Jr" <bob@example.com>')
     ['you@there.com', 'bob@example.com']
     """
     return [a.addr_spec for a in _parse_header_addresses(value, "addresses") if a.addr_spec]
+
+
+def one_address(value: AddressInput, *, field_name: str = "address") -> str:
+    """The one address in ``value`` (``"a@x.org"``, ``"Name <a@x.org>"`` or a pair),
+    validated and normalised; a value holding none or several is refused."""
+    (address,) = _addresses([value], field_name)
+    return validate_address(address.addr_spec, field_name=field_name)[0]
 
 
 def validate_address(address: str, *, field_name: str = "address") -> tuple[str, bool]:
@@ -216,6 +273,10 @@ def validate_address(address: str, *, field_name: str = "address") -> tuple[str,
     domains (``example.com``, ``.test``, ``localhost``) are allowed: they are
     what development and tests send to.
     """
+    if not isinstance(address, str):
+        raise InvalidMessageError(
+            f"expected an address string, got {type(address).__name__}", field=field_name
+        )
     _no_newlines(address, field_name)
     normalised, needs_utf8, error = _validated(address)
     if error is not None:
@@ -278,36 +339,78 @@ def _validator_verdict(address: str) -> tuple[str, bool, str | None]:
     return checked.normalized, True, None
 
 
-def _addresses(value: Addresses, field_name: str) -> list[Address]:
+def _entries(value: Addresses, field_name: str) -> list[AddressInput]:
     if value is None:
         return []
-    items: Iterable[AddressInput] = [value] if isinstance(value, str) else value
-    result: list[Address] = []
-    for item in items:
-        if isinstance(item, tuple):
-            name, addr = item
-            _no_newlines(name, field_name)
-            result.append(Address(display_name=name, addr_spec=_bare(addr, field_name)))
-        elif isinstance(item, str) and (simple := _SIMPLE_ADDRESS.fullmatch(item)):
-            name, named_spec, bare_spec = simple.groups()
-            local, _, domain = (named_spec or bare_spec).rpartition("@")
-            result.append(Address(display_name=name or "", username=local, domain=domain))
-        elif isinstance(item, str):
-            parsed = _parse_header_addresses(item, field_name)
-            if not parsed or any(not a.addr_spec or "@" not in a.addr_spec for a in parsed):
-                raise InvalidMessageError(f"{item!r} is not a valid address", field=field_name)
-            result.extend(parsed)
-        else:
+    if isinstance(value, (str, Address)):
+        return [value]  # a bare entry: still exactly one address
+    if isinstance(value, (bytes, Mapping)) or not isinstance(value, Iterable):
+        raise InvalidMessageError(
+            f"expected an address or a list of addresses, got {type(value).__name__}",
+            field=field_name,
+        )
+    return list(value)
+
+
+def _addresses(value: Addresses, field_name: str, limits: Limits = DEFAULT_LIMITS) -> list[Address]:
+    """One ``Address`` per entry; an entry holding several addresses is refused.
+
+    A string such as ``"a@x.org, b@y.org"`` is one entry with two addresses: it
+    is refused, never split, so an input field cannot add a recipient. Split a
+    header string on purpose with :func:`extract_addresses`.
+    """
+    entries = _entries(value, field_name)
+    if len(entries) > limits.max_recipients:
+        raise InvalidMessageError(
+            f"{len(entries)} addresses, over the {limits.max_recipients}-address limit "
+            "(MAILQUEUE_MAX_RECIPIENTS)",
+            field=field_name,
+        )
+    return [_one_entry(item, field_name, limits) for item in entries]
+
+
+def _one_entry(item: object, field_name: str, limits: Limits) -> Address:
+    if isinstance(item, Address):
+        item = (item.display_name, item.addr_spec)
+    if isinstance(item, tuple):
+        if len(item) != 2:
             raise InvalidMessageError(
-                f"expected a string or (name, address), got {type(item).__name__}",
-                field=field_name,
+                f"expected (display name, address), got a tuple of {len(item)}", field=field_name
             )
-    return result
+        name = _text_input(item[0], field_name, limits, what="a display name string")
+        addr = _text_input(item[1], field_name, limits, what="an address string").strip()
+        if not _is_one_spec(addr):
+            raise InvalidMessageError(
+                f"{addr!r} is not one bare address (name@domain)", field=field_name
+            )
+        return _address(name, addr, field_name)
+    item = _text_input(item, field_name, limits, what="an address string or (name, address)")
+    plain = _read_one_mailbox(item.strip())
+    if plain is not None:
+        return _address(plain[0], plain[1], field_name)
+    parsed = _parse_header_addresses(item, field_name)
+    if len(parsed) != 1:
+        raise InvalidMessageError(
+            f"{item!r} holds {len(parsed)} addresses; give one address per entry "
+            "(split a header string with mailqueue.extract_addresses)",
+            field=field_name,
+        )
+    (one,) = parsed
+    if not one.addr_spec or "@" not in one.addr_spec:
+        raise InvalidMessageError(f"{item!r} is not a valid address", field=field_name)
+    return _address(_text_input(one.display_name, field_name, limits), one.addr_spec, field_name)
 
 
-def _bare(addr: str, field_name: str) -> str:
-    _no_newlines(addr, field_name)
-    return addr.strip()
+def _is_one_spec(addr: str) -> bool:
+    local, at, domain = addr.rpartition("@")
+    return bool(at and local and domain) and not any(c in addr for c in ' ,;<>()"\\\t')
+
+
+def _address(name: str, spec: str, field_name: str) -> Address:
+    local, _, domain = spec.rpartition("@")
+    if not local or not domain:
+        raise InvalidMessageError(f"{spec!r} is not a valid address", field=field_name)
+    return Address(display_name=name, username=local, domain=domain)
 
 
 def _checked(addresses: list[Address], field_name: str) -> tuple[list[Address], bool]:
@@ -323,11 +426,11 @@ def _checked(addresses: list[Address], field_name: str) -> tuple[list[Address], 
 
 
 def _one_address(
-    value: str | tuple[str, str] | None, field_name: str
+    value: str | tuple[str, str] | None, field_name: str, limits: Limits = DEFAULT_LIMITS
 ) -> tuple[Address | None, bool]:
     if value is None or value == "":
         return None, False
-    parsed = _addresses([value] if isinstance(value, tuple) else value, field_name)
+    parsed = _addresses([value] if isinstance(value, tuple) else value, field_name, limits)
     if len(parsed) != 1:
         raise InvalidMessageError("must be exactly one address", field=field_name)
     checked, utf8 = _checked(parsed, field_name)
@@ -350,24 +453,88 @@ def _dedupe(groups: Iterable[tuple[str, list[Address]]]) -> tuple[Recipient, ...
 # --------------------------------------------------------------------------- headers
 
 
-def _custom_headers(message: Message) -> list[tuple[str, str]]:
-    items = (
-        list(message.headers.items())
-        if isinstance(message.headers, Mapping)
-        else list(message.headers)
-    )
-    for name, value in items:
-        if not isinstance(name, str) or not _HEADER_NAME.match(name):
+def _custom_headers(message: Message, limits: Limits) -> list[tuple[str, str]]:
+    headers = message.headers
+    if isinstance(headers, Mapping):
+        items = list(headers.items())
+    elif isinstance(headers, (str, bytes)) or not isinstance(headers, Iterable):
+        raise InvalidMessageError(
+            "expected a mapping or a list of (name, value) pairs", field="headers"
+        )
+    else:
+        items = list(headers)
+    if len(items) > limits.max_headers:
+        raise InvalidMessageError(
+            f"{len(items)} headers, over the {limits.max_headers}-header limit "
+            "(MAILQUEUE_MAX_HEADERS)",
+            field="headers",
+        )
+    out: list[tuple[str, str]] = []
+    for item in items:
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise InvalidMessageError("expected (name, value) pairs", field="headers")
+        name, value = item
+        if not isinstance(name, str) or not HEADER_NAME.fullmatch(name):
             raise InvalidMessageError(f"{name!r} is not a valid header name", field="headers")
-        if not isinstance(value, str):
-            raise InvalidMessageError(f"the value of {name} must be a string", field="headers")
-        _no_newlines(value, "headers")
         owner = _OWNED_HEADERS.get(name.lower())
         if owner is not None:
             raise InvalidMessageError(
                 f"{name} is set by the message itself; use {owner} instead", field="headers"
             )
-    return items
+        try:
+            _text_input(value, "headers", limits)
+        except InvalidMessageError as exc:
+            raise type(exc)(f"{name}: {exc.reason}", field="headers") from None
+        out.append((name, value))
+    return out
+
+
+def _checked_body_fields(message: Message, limits: Limits) -> None:
+    """The values that reach a MIME part's header or body, checked before composing."""
+    for name in ("text", "html", "preamble", "epilogue"):
+        value = getattr(message, name)
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise InvalidMessageError(f"expected a string, got {type(value).__name__}", field=name)
+        if "\0" in value:
+            raise InvalidMessageError("contains NUL, which no mail body may carry", field=name)
+    subtype = _text_input(message.text_subtype, "text_subtype", limits)
+    if not _CHARSET.fullmatch(subtype):
+        raise InvalidMessageError(f"{subtype!r} is not a MIME subtype", field="text_subtype")
+    charset = _text_input(message.charset, "charset", limits)
+    if not _CHARSET.fullmatch(charset):
+        raise InvalidMessageError(f"{charset!r} is not a charset name", field="charset")
+    if isinstance(message.attachments, (str, bytes)) or not isinstance(
+        message.attachments, Iterable
+    ):
+        raise InvalidMessageError("expected a list of Attachment", field="attachments")
+    for a in message.attachments:
+        if not isinstance(a, Attachment):
+            raise InvalidMessageError(
+                f"expected Attachment, got {type(a).__name__}", field="attachments"
+            )
+        _text_input(a.filename, "attachments", limits, what="a file name string")
+        if not isinstance(a.content, (bytes, bytearray, memoryview)):
+            raise InvalidMessageError(
+                f"{a.filename!r}: content must be bytes, got {type(a.content).__name__}",
+                field="attachments",
+            )
+        if a.content_type is not None:
+            ctype = _text_input(a.content_type, "attachments", limits)
+            if not _MIME_TYPE.fullmatch(ctype):
+                raise InvalidMessageError(
+                    f"{ctype!r} is not a MIME type such as 'image/png' (no parameters)",
+                    field="attachments",
+                )
+        if a.inline:
+            cid = (a.content_id or a.filename).strip("<>")
+            if not _CONTENT_ID.fullmatch(cid):
+                raise InvalidMessageError(
+                    f"{cid!r} cannot be a Content-ID: printable ASCII without spaces or <>, "
+                    "up to 250 characters (pass content_id=)",
+                    field="attachments",
+                )
 
 
 # --------------------------------------------------------------------------- bodies
@@ -463,23 +630,25 @@ def _splice(data: bytes, later: dict[bytes, bytes]) -> bytes:
     return b"".join(pieces)
 
 
-def _compose(message: Message) -> tuple[str, tuple[Recipient, ...], bytes, bool]:
+def _compose(message: Message, limits: Limits) -> tuple[str, tuple[Recipient, ...], bytes, bool]:
     if message.sender is None:
         raise InvalidMessageError("a sender (From) is required", field="sender")
-    sender, utf8 = _one_address(message.sender, "sender")
+    _check_recipient_count(message, limits)
+    sender, utf8 = _one_address(message.sender, "sender", limits)
     assert sender is not None
-    sender_header, u = _one_address(message.sender_header, "sender_header")
+    sender_header, u = _one_address(message.sender_header, "sender_header", limits)
     utf8 |= u
-    to, u1 = _checked(_addresses(message.to, "to"), "to")
-    cc, u2 = _checked(_addresses(message.cc, "cc"), "cc")
-    bcc, u3 = _checked(_addresses(message.bcc, "bcc"), "bcc")
-    reply_to, u4 = _checked(_addresses(message.reply_to, "reply_to"), "reply_to")
+    to, u1 = _checked(_addresses(message.to, "to", limits), "to")
+    cc, u2 = _checked(_addresses(message.cc, "cc", limits), "cc")
+    bcc, u3 = _checked(_addresses(message.bcc, "bcc", limits), "bcc")
+    reply_to, u4 = _checked(_addresses(message.reply_to, "reply_to", limits), "reply_to")
     utf8 |= u1 or u2 or u3 or u4
-    _no_newlines(message.subject, "subject")
-    custom = _custom_headers(message)
+    subject = _text_input(message.subject, "subject", limits)
+    custom = _custom_headers(message, limits)
+    _checked_body_fields(message, limits)
 
     if message.envelope_to is not None:
-        env_to, u5 = _checked(_addresses(message.envelope_to, "envelope_to"), "envelope_to")
+        env_to, u5 = _checked(_addresses(message.envelope_to, "envelope_to", limits), "envelope_to")
         utf8 |= u5
         recipients = _dedupe([("to", env_to)])
     else:
@@ -489,44 +658,85 @@ def _compose(message: Message) -> tuple[str, tuple[Recipient, ...], bytes, bool]
     utf8 |= not mail_from.isascii()
 
     names = {name.lower() for name, _ in custom}
-    date = email.utils.format_datetime(dt.datetime.now(dt.UTC))
-    message_id = email.utils.make_msgid(domain=sender.domain)
-    if not (utf8 or message.attachments or message.preamble or message.epilogue):
+    fields = [Field("From", addresses=(sender,))]
+    if sender_header is not None:
+        fields.append(Field("Sender", addresses=(sender_header,)))
+    fields += [
+        Field(name, addresses=tuple(group))
+        for name, group in (("To", to), ("Cc", cc), ("Reply-To", reply_to))
+        if group
+    ]
+    fields.append(Field("Subject", text=subject))
+    if "date" not in names:
+        fields.append(Field("Date", text=email.utils.format_datetime(dt.datetime.now(dt.UTC))))
+    if "message-id" not in names:
+        fields.append(Field("Message-ID", text=email.utils.make_msgid(domain=sender.domain)))
+    fields += [Field(name, text=value) for name, value in custom]
+    head = "\r\n".join(
+        address_field(f.name, f.addresses)
+        if f.addresses is not None
+        else _text_field(f.name, f.text)
+        for f in fields
+    )
+
+    body = _body_bytes(message)
+    mime_head = body.partition(b"\r\n\r\n")[0].decode("ascii")
+    mime_names = [name for name, _ in read_block(mime_head)]
+    # The finished block, read back: exactly the fields composed, then MIME's own.
+    check_block(
+        head + "\r\n" + mime_head, fields, then=mime_names, max_bytes=limits.max_header_block
+    )
+    lowered = sorted(n.lower() for n in mime_names)
+    if lowered not in _MIME_SETS:
+        raise InvalidMessageError(
+            f"the body writer produced the fields {mime_names}", field="headers"
+        )
+    return mail_from, recipients, head.encode("utf-8") + b"\r\n" + body, utf8
+
+
+def _write_field(f: Field) -> str:
+    if f.addresses is not None:
+        return address_field(f.name, f.addresses)
+    return _text_field(f.name, f.text)
+
+
+# The top-level MIME fields the body writer adds, in whatever order it writes them.
+_MIME_SETS = [
+    sorted(n.lower() for n in _MIME_FIELDS),
+    sorted(n.lower() for n in _MIME_FIELDS[:2]),
+]
+
+
+def _check_recipient_count(message: Message, limits: Limits) -> None:
+    """Bound the work before any address is parsed (a list of 10^6 is refused at once)."""
+    groups = (
+        (message.envelope_to,)
+        if message.envelope_to is not None
+        else (message.to, message.cc, message.bcc)
+    )
+    total = sum(
+        len(g) if isinstance(g, Sequence) and not isinstance(g, str) else 1 for g in groups if g
+    )
+    if total > limits.max_recipients:
+        raise InvalidMessageError(
+            f"{total} recipients, over the {limits.max_recipients}-recipient limit "
+            "(MAILQUEUE_MAX_RECIPIENTS)",
+            field="to",
+        )
+
+
+def _body_bytes(message: Message) -> bytes:
+    """The MIME part: ``MIME-Version``, ``Content-Type``… and the body, CRLF throughout."""
+    if not (message.attachments or message.preamble or message.epilogue):
         simple = write_simple(
-            sender=sender,
-            sender_header=sender_header,
-            to=to,
-            cc=cc,
-            reply_to=reply_to,
-            subject=message.subject,
-            date=date,
-            message_id=message_id,
-            custom=custom,
             text=message.text,
             html=message.html,
             text_subtype=message.text_subtype,
             charset=message.charset,
         )
         if simple is not None:
-            return mail_from, recipients, simple, utf8
-
-    msg = EmailMessage(policy=_POLICY_UTF8 if utf8 else _POLICY)
-    msg["From"] = sender
-    if sender_header is not None:
-        msg["Sender"] = sender_header
-    if to:
-        msg["To"] = to
-    if cc:
-        msg["Cc"] = cc
-    if reply_to:
-        msg["Reply-To"] = reply_to
-    msg["Subject"] = message.subject
-    if "date" not in names:
-        msg["Date"] = date
-    if "message-id" not in names:
-        msg["Message-ID"] = message_id
-    for name, value in custom:
-        msg[name] = value
+            return simple
+    msg = EmailMessage(policy=_POLICY)
     later: dict[bytes, bytes] = {}
     _add_body(msg, message, later)
     if message.preamble is not None or message.epilogue is not None:
@@ -538,10 +748,47 @@ def _compose(message: Message) -> tuple[str, tuple[Recipient, ...], bytes, bool]
         msg.preamble = message.preamble
         msg.epilogue = message.epilogue
     try:
-        data = _splice(msg.as_bytes(policy=msg.policy), later)
+        data = msg.as_bytes(policy=msg.policy)
     except (UnicodeError, ValueError) as exc:
         raise InvalidMessageError(f"cannot serialise the message: {exc}", field="headers") from None
-    return mail_from, recipients, data, utf8
+    _check_parts(data, message)
+    return _splice(data, later)
+
+
+_PART_FIELDS = frozenset(
+    {
+        "content-type",
+        "content-transfer-encoding",
+        "content-disposition",
+        "content-id",
+        "mime-version",
+    }
+)
+
+
+def _check_parts(data: bytes, message: Message) -> None:
+    """Each MIME part holds only MIME fields, and the leaves are the bodies and files given.
+
+    Read while the attachments are still short placeholders, so it costs little.
+    """
+    parsed = email.message_from_bytes(data, policy=email.policy.compat32)
+    leaves = 0
+    for part in parsed.walk():
+        names = {name.lower() for name in part}
+        if not names <= _PART_FIELDS:
+            raise InvalidMessageError(
+                f"a MIME part came out with the fields {sorted(names - _PART_FIELDS)}",
+                field="attachments",
+            )
+        for _, value in part.items():
+            refuse_controls(str(value).replace("\r\n", "").replace("\n", ""), "attachments")
+        leaves += not part.is_multipart()
+    bodies = (message.text is not None) + (message.html is not None) or 1
+    if leaves != bodies + len(message.attachments):
+        raise InvalidMessageError(
+            f"the message came out with {leaves} parts, not {bodies + len(message.attachments)}",
+            field="attachments",
+        )
 
 
 def _envelope_from(message: Message, *, default: str) -> str:
@@ -578,33 +825,61 @@ def _strip_bcc(data: bytes) -> bytes:
     return b"\r\n".join(kept) + (sep + body if sep else b"\r\n")
 
 
-def _from_eml(message: Message) -> tuple[str, tuple[Recipient, ...], bytes, bool, str]:
+def _from_eml(
+    message: Message, limits: Limits
+) -> tuple[str, tuple[Recipient, ...], bytes, bool, str]:
     raw = message.eml
     if isinstance(raw, _StdMessage):
-        raw = raw.as_bytes(policy=email.policy.SMTPUTF8)
-    assert isinstance(raw, bytes)
-    data = _crlf(raw)
+        data, parsed = _serialize_checked(raw, limits)
+    elif isinstance(raw, (bytes, bytearray)):
+        data = _crlf(bytes(raw))
+        head = data.partition(b"\r\n\r\n")[0]
+        if len(head) > limits.max_header_block:
+            raise InvalidMessageError(
+                f"the header block is {len(head)} bytes, over the {limits.max_header_block}-byte "
+                "limit (MAILQUEUE_MAX_HEADER_BLOCK)",
+                field="headers",
+            )
+        unfolded = _FOLD.sub(b" ", head).decode("utf-8", "surrogateescape")
+        for line in unfolded.split("\r\n"):
+            if "\r" in line or "\0" in line:
+                raise HeaderInjectionError("a bare CR or NUL in the header block", field="eml")
+            refuse_encoded_controls(line, "eml")
+        # Only the header block is parsed (Bcc included): the body is sent as it is.
+        parsed = BytesHeaderParser(policy=email.policy.default).parsebytes(head + b"\r\n\r\n")
+    else:
+        raise InvalidMessageError(
+            f"expected bytes or an email.message.Message, got {type(raw).__name__}", field="eml"
+        )
     head = data.partition(b"\r\n\r\n")[0]
-    # Only the header block is parsed (Bcc included): the body is sent as it is.
-    parsed = BytesHeaderParser(policy=email.policy.default).parsebytes(head + b"\r\n\r\n")
     data = _strip_bcc(data)
     utf8 = not head.isascii()
 
     def header_addresses(name: str) -> list[Address]:
-        values = parsed.get_all(name) or []
-        return [a for v in values for a in _parse_header_addresses(str(v), name.lower())]
+        return [a for v in parsed.get_all(name) or [] for a in _header_object_addresses(v, name)]
 
+    groups = []
+    u = False
+    for name in ("To", "Cc", "Bcc"):
+        checked, needs = _checked(header_addresses(name), name.lower())
+        u |= needs
+        groups.append((name.lower(), checked))
     if message.envelope_to is not None:
-        env_to, u = _checked(_addresses(message.envelope_to, "envelope_to"), "envelope_to")
-        recipients = _dedupe([("to", env_to)])
+        # The caller's envelope; each recipient keeps the kind its header gives it.
+        env_to, u = _checked(_addresses(message.envelope_to, "envelope_to", limits), "envelope_to")
+        kinds = {r.address.lower(): r.kind for r in _dedupe(groups)}
+        recipients = tuple(
+            Recipient(r.address, kinds.get(r.address.lower(), "to"))
+            for r in _dedupe([("to", env_to)])
+        )
     else:
-        groups = []
-        u = False
-        for name in ("To", "Cc", "Bcc"):
-            checked, needs = _checked(header_addresses(name), name.lower())
-            u |= needs
-            groups.append((name.lower(), checked))
         recipients = _dedupe(groups)
+    if len(recipients) > limits.max_recipients:
+        raise InvalidMessageError(
+            f"{len(recipients)} recipients, over the {limits.max_recipients}-recipient limit "
+            "(MAILQUEUE_MAX_RECIPIENTS)",
+            field="to",
+        )
     utf8 |= u
     if message.envelope_from is not None:
         mail_from = _envelope_from(message, default="")
@@ -620,19 +895,110 @@ def _from_eml(message: Message) -> tuple[str, tuple[Recipient, ...], bytes, bool
     return mail_from, recipients, data, utf8, subject
 
 
+_FOLD = re.compile(rb"\r\n(?=[ \t])")
+_FOLD_STR = re.compile(r"\r?\n(?=[ \t])")
+_ADDRESS_FIELDS = frozenset({"from", "sender", "to", "cc", "bcc", "reply-to"})
+
+
+def _header_object_addresses(value: object, name: str) -> list[Address]:
+    """The addresses of one header as parsed: never re-parsed from its decoded text.
+
+    (Decoding first would let an encoded word in a display name, such as
+    ``=?utf-8?q?evil=40attacker.test=2C?=``, become an address of its own.)
+    """
+    addresses = getattr(value, "addresses", None)
+    if addresses is not None:
+        return list(addresses)
+    if isinstance(value, Header):
+        value = value.encode()  # compat32's Header: its encoded form, as it is written
+    return _parse_header_addresses(_FOLD_STR.sub("", str(value)), name.lower())
+
+
+def _serialize_checked(obj: _StdMessage, limits: Limits) -> tuple[bytes, _StdMessage]:
+    """An ``email`` message object as bytes, with its address fields written by mailqueue.
+
+    The object's own headers are the input: each value is checked for control
+    characters; its address fields are taken as parsed before serialising and
+    written here (the ``email`` package's folding can split a quoted display
+    name into two addresses, gh-80222); the finished block is then read back
+    and must hold exactly the object's fields.
+    """
+    fields: list[Field] = []
+    for name, value in obj.items():
+        text = value.encode() if isinstance(value, Header) else str(value)
+        text = _FOLD_STR.sub("", text)
+        if not isinstance(name, str) or not HEADER_NAME.fullmatch(name):
+            raise InvalidMessageError(f"{name!r} is not a valid header name", field="headers")
+        if len(text) > limits.max_header_block:
+            raise InvalidMessageError(
+                f"{name} is over the {limits.max_header_block}-byte header block limit",
+                field=name.lower(),
+            )
+        refuse_controls(text.replace("\t", " "), name.lower())
+        found = _header_object_addresses(value, name) if name.lower() in _ADDRESS_FIELDS else []
+        if found:  # (an empty group, "undisclosed-recipients:;", is kept as written)
+            for a in found:
+                _text_input(a.display_name, name.lower(), limits)
+            fields.append(Field(name, addresses=tuple(found)))
+        else:
+            fields.append(Field(name))
+    try:
+        data = _crlf(_as_bytes(obj))
+    except (UnicodeError, ValueError, LookupError, AttributeError, TypeError) as exc:
+        raise InvalidMessageError(f"cannot serialise the message: {exc}", field="eml") from None
+    head, sep, body = data.partition(b"\r\n\r\n")
+    raw_fields = _raw_fields(head.decode("utf-8", "surrogateescape"))
+    if len(raw_fields) != len(fields):
+        check_block(head.decode("utf-8", "surrogateescape"), fields)  # raises, naming the change
+    rewritten = [
+        address_field(name, f.addresses) if f.addresses is not None else raw
+        for (name, raw), f in zip(raw_fields, fields, strict=True)
+    ]
+    new_head = "\r\n".join(rewritten)
+    check_block(new_head, fields, max_bytes=limits.max_header_block)
+    data = new_head.encode("utf-8", "surrogateescape") + sep + body
+    return data, obj
+
+
+def _as_bytes(obj: _StdMessage) -> bytes:
+    try:
+        return obj.as_bytes(policy=email.policy.SMTPUTF8)
+    except TypeError as exc:
+        if "policy" not in str(exc):
+            raise
+        return obj.as_bytes()  # Django 5.2's SafeMIME classes: their own (compat32) generator
+
+
+def _raw_fields(head: str) -> list[tuple[str, str]]:
+    """(name, the field's lines as written) for each field of a header block."""
+    out: list[list[str]] = []
+    for line in head.split("\r\n"):
+        if line[:1] in (" ", "\t") and out:
+            out[-1][1] += "\r\n" + line
+        else:
+            out.append([line.partition(":")[0], line])
+    return [(name, raw) for name, raw in out]
+
+
 # --------------------------------------------------------------------------- the envelope
 
 
-def build_envelope(message: Message, *, max_size: int | None = None) -> Envelope:
+def build_envelope(
+    message: Message, *, max_size: int | None = None, limits: Limits = DEFAULT_LIMITS
+) -> Envelope:
     """Validate ``message`` and produce its envelope; raise ``InvalidMessageError`` if bad."""
+    if not isinstance(message, Message):
+        raise InvalidMessageError(
+            f"expected a mailqueue.Message, got {type(message).__name__}", field="message"
+        )
     if message.eml is not None:
         if message.text is not None or message.html is not None or message.attachments:
             raise InvalidMessageError(
                 "eml is sent as it is; do not also pass text, html or attachments", field="eml"
             )
-        mail_from, recipients, data, utf8, subject = _from_eml(message)
+        mail_from, recipients, data, utf8, subject = _from_eml(message, limits)
     else:
-        mail_from, recipients, data, utf8 = _compose(message)
+        mail_from, recipients, data, utf8 = _compose(message, limits)
         subject = message.subject
     if not recipients:
         raise InvalidMessageError("no recipients: give at least one To, Cc or Bcc", field="to")

@@ -1,13 +1,13 @@
-"""Write the common simple message's RFC 5322 bytes directly, without ``email`` objects.
+"""Write the common simple MIME body directly, without ``email`` objects.
 
 Composing with the standard library's ``email`` package costs about a
-millisecond a message (header objects, addresses parsed back, folding): most
-of what ``enqueue_many`` spent. Most application mail is simple: plain
-addresses, an ASCII subject and headers that fit on one line, a text and/or
+millisecond a message (message objects, parts, encoders): most of what
+``enqueue_many`` spent. Most application mail is simple: a UTF-8 text and/or
 HTML body, no attachments. For exactly that, :func:`write_simple` writes the
-bytes the ``email`` package would mean, in a few microseconds; for anything
-else it returns ``None`` and ``message.py`` composes with ``email`` as
-before. ``tests/test_mime_direct.py`` parses the output of both writers with
+MIME part the ``email`` package would mean, in a few microseconds; for
+anything else it returns ``None`` and ``message.py`` composes with ``email``.
+The header fields above it are always written by ``headers.py``.
+``tests/test_mime_direct.py`` parses the output of both writers with
 ``email`` and requires the same headers and bodies.
 """
 
@@ -17,9 +17,8 @@ import email.contentmanager
 import email.policy
 import random
 import re
-from collections.abc import Callable, Sequence
-from email.header import Header
-from email.headerregistry import Address, HeaderRegistry
+from collections.abc import Callable
+from email.headerregistry import HeaderRegistry
 
 __all__ = ["write_simple"]
 
@@ -36,55 +35,6 @@ SMTP_7BIT = email.policy.SMTP.clone(cte_type="7bit")
 _encode_text: Callable[..., tuple[str, str]] = email.contentmanager._encode_text  # type: ignore[attr-defined]
 # Headers the email package parses and may rewrite; they take the slow path.
 _STRUCTURED = frozenset(HeaderRegistry().registry)
-
-
-def _address(a: Address) -> str | None:
-    local, domain = a.username, a.domain
-    if not (local.isascii() and domain.isascii() and _DOT_ATOM.fullmatch(local)):
-        return None
-    if not _DOT_ATOM.fullmatch(domain):
-        return None
-    spec = f"{local}@{domain}"
-    if not a.display_name:
-        return spec
-    if not _PHRASE.fullmatch(a.display_name):
-        return None
-    return f"{a.display_name} <{spec}>"
-
-
-def _address_line(name: str, addresses: Sequence[Address]) -> str | None:
-    """``Name: a, b, c`` folded after a comma before 78 characters, as ``email`` does."""
-    texts = [_address(a) for a in addresses]
-    if any(t is None for t in texts):
-        return None
-    pieces = [f"{t}," for t in texts[:-1]] + [str(texts[-1])]
-    lines: list[str] = []
-    line = f"{name}:"
-    for piece in pieces:
-        if line != f"{name}:" and len(line) + 1 + len(piece) > _MAX_LINE:
-            lines.append(line)
-            line = " " + piece
-        else:
-            line = f"{line} {piece}"
-        if len(line) > _MAX_LINE:
-            return None
-    lines.append(line)
-    return "\r\n".join(lines)
-
-
-def _unstructured_line(name: str, value: str) -> str | None:
-    """``Name: value``; a non-ASCII value as RFC 2047 encoded words, folded."""
-    if name.lower() in _STRUCTURED and name.lower() != "subject":
-        return None
-    if "=?" in value or value != value.strip() or "  " in value:
-        return None
-    if _PRINTABLE.fullmatch(value):
-        line = f"{name}: {value}"
-        return line if len(line) <= _MAX_LINE else None
-    if not value.isprintable():  # control characters: let the email package judge
-        return None
-    encoded = Header(value, "utf-8", header_name=name).encode(linesep="\r\n")
-    return f"{name}: {encoded}"
 
 
 def _body(text: str) -> tuple[str, bytes] | None:
@@ -109,51 +59,17 @@ def _part_head(subtype: str, cte: str) -> str:
 
 def write_simple(
     *,
-    sender: Address,
-    sender_header: Address | None,
-    to: Sequence[Address],
-    cc: Sequence[Address],
-    reply_to: Sequence[Address],
-    subject: str,
-    date: str,
-    message_id: str,
-    custom: Sequence[tuple[str, str]],
     text: str | None,
     html: str | None,
     text_subtype: str,
     charset: str,
 ) -> bytes | None:
-    """The message's bytes, or None when it needs the ``email`` package."""
+    """The MIME part's bytes (``MIME-Version`` on), or None when it needs the ``email`` package.
+
+    The header fields above it (From, To, Subject…) are written by ``headers.py``.
+    """
     if charset.lower() not in ("utf-8", "utf8") or text_subtype not in ("plain", "html"):
         return None
-    head: list[str] = []
-    for name, addresses in (
-        ("From", [sender]),
-        ("Sender", [sender_header] if sender_header is not None else []),
-        ("To", to),
-        ("Cc", cc),
-        ("Reply-To", reply_to),
-    ):
-        if addresses:
-            line = _address_line(name, addresses)
-            if line is None:
-                return None
-            head.append(line)
-    if subject:
-        line = _unstructured_line("Subject", subject)
-        if line is None:
-            return None
-        head.append(line)
-    else:
-        head.append("Subject: ")
-    head.append(f"Date: {date}")
-    head.append(f"Message-ID: {message_id}")
-    for name, value in custom:
-        line = _unstructured_line(name, value)
-        if line is None:
-            return None
-        head.append(line)
-
     bodies: list[tuple[str, str]]  # the same choice as message._add_body
     if text is not None:
         bodies = [(text_subtype, text)] + ([("html", html)] if html is not None else [])
@@ -166,7 +82,7 @@ def write_simple(
             return None
         parts.append((subtype, encoded))
 
-    head.append("MIME-Version: 1.0")
+    head = ["MIME-Version: 1.0"]
     if len(parts) == 1:
         subtype, (cte, body) = parts[0]
         head.append(_part_head(subtype, cte))

@@ -57,13 +57,13 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
-import email.utils
 import json
 import logging
 import uuid
 from collections.abc import Sequence
 from typing import Any
 
+import django
 from django.conf import settings as django_settings
 from django.core.exceptions import ImproperlyConfigured
 from django.core.mail import EmailMessage, EmailMultiAlternatives
@@ -73,14 +73,15 @@ from django.db import connections, transaction
 from sqlalchemy.exc import IntegrityError
 
 from ..api import _prepare, _store, _write_and_dispatch
-from ..errors import InvalidMessageError
-from ..message import Message
+from ..errors import HeaderInjectionError, InvalidMessageError
+from ..message import Message, one_address
 from ..store.models import utcnow
 from ..store.queue import NewMessage
 from ..worker.app import dispatch_committed
 from . import CONFIG_NAMES, apply_config
 
 __all__ = [
+    "BadHeader",
     "EmailBackend",
     "OPTION_HEADERS",
     "QueuedEmailMessage",
@@ -98,6 +99,17 @@ OPTION_HEADERS = {
     "x-mailqueue-tags": "tags",
 }
 """``extra_headers`` names (any case) read as options and stripped before sending."""
+
+
+if django.VERSION < (6, 1):
+    from django.core.mail import BadHeaderError as _DjangoBadHeader
+else:  # Django 6.1 deprecates BadHeaderError: its SMTP backend raises ValueError
+    _DjangoBadHeader = ValueError  # type: ignore[misc, assignment]
+
+
+class BadHeader(HeaderInjectionError, _DjangoBadHeader):
+    """A header value that could add a line or a recipient: raised where Django's
+    own SMTP backend raises ``BadHeaderError`` (before 6.1) or ``ValueError``."""
 
 
 class _QueuedOptions:
@@ -177,28 +189,24 @@ def to_mailqueue(message: EmailMessage) -> tuple[Message, dict[str, Any]]:
     if tags:
         options["metadata"] = {**options.get("metadata", {}), "tags": list(tags)}
 
+    # The envelope comes from Django's address lists, one address per entry, checked
+    # the way Django's SMTP backend checks them (sanitize_address), never from the
+    # headers Django writes: a header can say more than its entries meant.
+    recipients = [
+        one_address(a, field_name=kind)
+        for kind, entries in (("to", message.to), ("cc", message.cc), ("bcc", message.bcc))
+        for a in entries
+        if a
+    ]
+    envelope_from = one_address(str(message.from_email), field_name="from_email")
     clean = copy.copy(message)
     clean.extra_headers = headers
-    mime = clean.message()  # Django builds the MIME exactly as its SMTP backend would
-    recipients = [a for a in message.recipients() if a]
+    mime = clean.message()  # Django builds the MIME as its SMTP backend would
     if message.bcc:
         mime["Bcc"] = ", ".join(message.bcc)  # mailqueue takes the kind from it, then strips it
-    in_headers = {
-        addr.lower()
-        for field_name in ("To", "Cc", "Bcc")
-        for _, addr in email.utils.getaddresses([str(v) for v in mime.get_all(field_name, [])])
-    }
-    wanted = {email.utils.parseaddr(a)[1].lower() for a in recipients}
-    return (
-        Message(
-            eml=mime.as_bytes(),
-            envelope_from=email.utils.parseaddr(str(message.from_email))[1],
-            # Headers may differ from the envelope (an extra_headers "To"): Django
-            # sends to recipients(), so do we.
-            envelope_to=None if in_headers == wanted else recipients,
-        ),
-        options,
-    )
+    # Sent as an object: mailqueue serializes it, writes its address fields itself
+    # and reads the finished header block back (see message._serialize_checked).
+    return Message(eml=mime, envelope_from=envelope_from, envelope_to=recipients), options
 
 
 # --------------------------------------------------------------------------- writing
@@ -357,10 +365,10 @@ class EmailBackend(BaseEmailBackend):
             if not message.recipients():
                 continue
             try:
-                mq_message, options = to_mailqueue(message)
-                options.setdefault("relay", self.relay)
-                prepared.append(
-                    _prepare(
+                try:
+                    mq_message, options = to_mailqueue(message)
+                    options.setdefault("relay", self.relay)
+                    new = _prepare(
                         mq_message,
                         relay=options.get("relay"),
                         send_at=options.get("send_at"),
@@ -368,7 +376,9 @@ class EmailBackend(BaseEmailBackend):
                         metadata=options.get("metadata"),
                         now=now,
                     )
-                )
+                except HeaderInjectionError as exc:
+                    raise BadHeader(exc.reason, field=exc.field) from None
+                prepared.append(new)
                 sent.append(message)
             except Exception:
                 if self.mailqueue_fail_silently:
