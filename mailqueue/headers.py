@@ -173,6 +173,9 @@ def _mailbox_tokens(address: Address, first_room: int = _EW_ROOM) -> list[str]:
 
 def _fold(name: str, tokens: Sequence[str]) -> str:
     """``Name: t1 t2 …`` with a fold before a token where the line would pass 78."""
+    line = f"{name}: " + " ".join(tokens)
+    if len(line) <= _FOLD_AT:
+        return line  # the common short field: nothing to fold
     line = f"{name}:"
     lines: list[str] = []
     started = False
@@ -281,8 +284,10 @@ def check_block(
         raise _changed(
             f"fields {', '.join(extra[:5])} where {', '.join(expected[:5])}… was composed"
         )
+    encoded_words = "=?" in head
     for (name, value), field in zip(fields, composed, strict=False):
-        refuse_encoded_controls(value, field.name)
+        if encoded_words:
+            refuse_encoded_controls(value, field.name)
         if field.addresses is None:
             continue
         read = _read_addresses(name, value)

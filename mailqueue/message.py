@@ -344,6 +344,8 @@ def _entries(value: Addresses, field_name: str) -> list[AddressInput]:
         return []
     if isinstance(value, (str, Address)):
         return [value]  # a bare entry: still exactly one address
+    if isinstance(value, (list, tuple)):
+        return list(value)
     if isinstance(value, (bytes, Mapping)) or not isinstance(value, Iterable):
         raise InvalidMessageError(
             f"expected an address or a list of addresses, got {type(value).__name__}",
@@ -499,12 +501,14 @@ def _checked_body_fields(message: Message, limits: Limits) -> None:
             raise InvalidMessageError(f"expected a string, got {type(value).__name__}", field=name)
         if "\0" in value:
             raise InvalidMessageError("contains NUL, which no mail body may carry", field=name)
-    subtype = _text_input(message.text_subtype, "text_subtype", limits)
-    if not _CHARSET.fullmatch(subtype):
-        raise InvalidMessageError(f"{subtype!r} is not a MIME subtype", field="text_subtype")
-    charset = _text_input(message.charset, "charset", limits)
-    if not _CHARSET.fullmatch(charset):
-        raise InvalidMessageError(f"{charset!r} is not a charset name", field="charset")
+    if not isinstance(message.text_subtype, str) or not _CHARSET.fullmatch(message.text_subtype):
+        raise InvalidMessageError(
+            f"{message.text_subtype!r} is not a MIME subtype", field="text_subtype"
+        )
+    if not isinstance(message.charset, str) or not _CHARSET.fullmatch(message.charset):
+        raise InvalidMessageError(f"{message.charset!r} is not a charset name", field="charset")
+    if not message.attachments:
+        return
     if isinstance(message.attachments, (str, bytes)) or not isinstance(
         message.attachments, Iterable
     ):
