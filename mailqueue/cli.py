@@ -4,15 +4,23 @@ Commands parse input, call one service, and turn domain errors into exit
 codes: 0 done, 1 not found or failed, 2 bad input (``InvalidMessageError``
 or a usage error). ``--json`` output is meant for scripts and never holds a
 secret.
+
+Whatever came from a message, a recipient, a relay or the database is shown
+through :func:`shown` and as Rich ``Text``, never as Rich markup: a subject
+``[/bold]`` or ``[link=…]`` is printed as written, and control characters
+(ESC, CR, C1, bidi overrides) are printed escaped, so stored mail cannot
+restyle, break or rewrite the operator's terminal. ``--json`` escapes them
+as JSON does.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -20,7 +28,43 @@ from . import api
 from .config import get_settings
 from .errors import InvalidMessageError, NotFoundError, SMTPError
 
-__all__ = ["main"]
+if TYPE_CHECKING:
+    from rich.text import Text
+
+__all__ = ["main", "shown"]
+
+# C0 controls (ESC, CR, LF, BEL, BS…), DEL, C1 controls (CSI, OSC as one byte),
+# the Unicode line and paragraph separators and the bidi overrides that reorder
+# what a terminal displays.
+_TERMINAL_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
+_NAMED_CONTROLS = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape_control(match: re.Match[str]) -> str:
+    char = match.group()
+    code = ord(char)
+    return _NAMED_CONTROLS.get(char) or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+
+
+def shown(value: object, *, newlines: bool = False) -> str:
+    """``value`` as text that cannot steer the terminal it is printed on.
+
+    Control characters are written as escapes (``\\x1b``, ``\\r``, ``\\u202e``),
+    line feeds too unless ``newlines`` (a table cell may hold several lines; a
+    line of plain output may not). Rich markup is not touched: print the result
+    as ``Text`` or with ``click.echo``, never through markup.
+    """
+    text = "" if value is None else str(value)
+    if newlines:
+        return "\n".join(_TERMINAL_CONTROLS.sub(_escape_control, line) for line in text.split("\n"))
+    return _TERMINAL_CONTROLS.sub(_escape_control, text)
+
+
+def _text(value: object, style: str = "", *, newlines: bool = False) -> Text:
+    """A table cell or line from outside data: no markup, no emoji codes, no controls."""
+    from rich.text import Text
+
+    return Text(shown(value, newlines=newlines), style=style)
 
 
 def _echo_json(data: Any) -> None:
@@ -191,7 +235,7 @@ def _send_now(message: Any, as_json: bool, relay: str | None) -> None:
     except SMTPError as exc:  # the session itself failed: TLS, AUTH, unreachable
         if as_json:
             _echo_json({"error": type(exc).__name__, "code": exc.code, "reply": exc.reply})
-        click.echo(f"error: {type(exc).__name__}: {exc}", err=True)
+        click.echo(f"error: {type(exc).__name__}: {shown(exc)}", err=True)
         sys.exit(3)
     rows = [
         {
@@ -215,12 +259,13 @@ def _send_now(message: Any, as_json: bool, relay: str | None) -> None:
     else:
         for row in rows:
             click.echo(
-                f"{row['status']:<9} {row['code'] or '-':<4} {row['address']}  {row['reply'] or ''}"
+                f"{row['status']:<9} {row['code'] or '-':<4} {shown(row['address'])}  "
+                f"{shown(row['reply'])}"
             )
         if result.data_code is not None:
-            click.echo(f"DATA: {result.data_code} {result.data_reply or ''}")
+            click.echo(f"DATA: {result.data_code} {shown(result.data_reply)}")
         if result.error is not None:
-            click.echo(f"error: {result.error}", err=True)
+            click.echo(f"error: {shown(result.error)}", err=True)
     if result.rcpt_failed:
         sys.exit(3)
 
@@ -313,23 +358,24 @@ def status(message_id: str, as_json: bool, history: bool) -> None:
         _echo_json(data)
         return
     console = Console()
-    console.print(
-        f"[bold]{info.id}[/]  {info.status}  attempts={info.attempts}  relay={info.relay}"
-    )
-    console.print(f"from {info.mail_from}  subject {info.subject!r}  {info.size} bytes")
+    line = _text(info.id, "bold")
+    line.append(f"  {shown(info.status)}  attempts={info.attempts}  relay={shown(info.relay)}")
+    console.print(line)
+    console.print(_text(f"from {info.mail_from}  subject {info.subject!r}  {info.size} bytes"))
     console.print(
         f"created {_fmt_time(info.created_at)}  next attempt {_fmt_time(info.next_attempt_at)}"
-        f"  expires {_fmt_time(info.expires_at)}"
+        f"  expires {_fmt_time(info.expires_at)}",
+        markup=False,
     )
     table = Table("recipient", "kind", "status", "attempts", "code", "reply")
     for r in info.recipients:
         table.add_row(
-            r.address,
-            r.kind,
-            r.status,
+            _text(r.address),
+            _text(r.kind),
+            _text(r.status),
             str(r.attempts),
-            " ".join(x for x in (str(r.smtp_code or ""), r.enhanced_code or "") if x),
-            r.reply or "",
+            _text(" ".join(x for x in (str(r.smtp_code or ""), r.enhanced_code or "") if x)),
+            _text(r.reply, newlines=True),
         )
     console.print(table)
     if history:
@@ -337,11 +383,11 @@ def status(message_id: str, as_json: bool, history: bool) -> None:
         for a in attempts:
             log.add_row(
                 _fmt_time(a.at),
-                a.address,
-                a.status,
-                " ".join(x for x in (str(a.smtp_code or ""), a.enhanced_code or "") if x),
-                a.reply or "",
-                a.worker or "",
+                _text(a.address),
+                _text(a.status),
+                _text(" ".join(x for x in (str(a.smtp_code or ""), a.enhanced_code or "") if x)),
+                _text(a.reply, newlines=True),
+                _text(a.worker),
             )
         console.print(log)
 
@@ -384,13 +430,13 @@ def list_(
     table = Table("id", "status", "created", "from", "subject", "attempts", "last error")
     for r in rows:
         table.add_row(
-            r.id,
-            r.status,
+            _text(r.id),
+            _text(r.status),
             _fmt_time(r.created_at),
-            r.mail_from,
-            r.subject[:40],
+            _text(r.mail_from),
+            _text(r.subject[:40]),
             str(r.attempts),
-            r.last_error or "",
+            _text(r.last_error),
         )
     Console().print(table)
 
@@ -418,8 +464,10 @@ def stats(as_json: bool, watch: bool, interval: float, count: int | None) -> Non
         Console().print(_stats_table(data))
         for r in paused:
             click.secho(
-                f"relay {r['name']} PAUSED until {r['paused_until']}: {r['last_error']}: "
-                f"{r['last_reply']}",
+                shown(
+                    f"relay {r['name']} PAUSED until {r['paused_until']}: {r['last_error']}: "
+                    f"{r['last_reply']}"
+                ),
                 fg="red",
                 err=True,
             )
@@ -441,7 +489,7 @@ def _watch_stats(as_json: bool, interval: float, count: int | None) -> None:
         data = api.stats()
         depth = queue_depth(get_engine(get_settings().database_url))
         lines = [
-            f"relay {d.relay}: {d.waiting} waiting, {d.due} due, oldest due "
+            f"relay {shown(d.relay)}: {d.waiting} waiting, {d.due} due, oldest due "
             f"{d.oldest_due_age_s:.0f}s"
             for d in depth
         ]
@@ -492,17 +540,18 @@ def relays(as_json: bool, resume: str | None) -> None:
 
     table = Table("relay", "url", "starttls", "verify", "auth", "pool", "cluster limits", "state")
     for r in rows:
-        state = (
-            f"[red]PAUSED until {r['paused_until']}[/red]\n{r['last_error']}: {r['last_reply']}"
-            if r["paused"]
-            else "ok"
-        )
+        state = _text("ok")
+        if r["paused"]:
+            state = _text(f"PAUSED until {r['paused_until']}", "red")
+            state.append("\n" + shown(f"{r['last_error']}: {r['last_reply']}", newlines=True))
         table.add_row(
-            r["name"],
-            r["url"],
-            r["starttls"],
-            "yes" if r["tls_verify"] and r["tls_check_hostname"] else "[yellow]relaxed[/yellow]",
-            r["auth"] or "-",
+            _text(r["name"]),
+            _text(r["url"]),
+            _text(r["starttls"]),
+            _text("yes")
+            if r["tls_verify"] and r["tls_check_hostname"]
+            else _text("relaxed", "yellow"),
+            _text(r["auth"] or "-"),
             str(r["pool_size"]),
             _cluster_limits(r),
             state,
@@ -528,7 +577,7 @@ def _stats_table(data: dict[str, Any]) -> Any:
     for i in range(max(len(m), len(r))):
         left = m[i] if i < len(m) else ("", "")
         right = r[i] if i < len(r) else ("", "")
-        table.add_row(left[0], str(left[1]), right[0], str(right[1]))
+        table.add_row(_text(left[0]), str(left[1]), _text(right[0]), str(right[1]))
     return table
 
 

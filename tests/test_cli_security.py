@@ -1,21 +1,47 @@
-"""The CLI at the input boundary (#15): masked secrets.
+"""The CLI at the input boundary (#15): hostile output, masked secrets.
 
+* Whatever came from a message or a relay is printed as written: Rich markup
+  in it is not interpreted, and terminal control characters are printed as
+  escapes, so stored mail cannot crash ``list``/``status``, plant a link or
+  rewrite the operator's terminal.
 * ``migrate`` and ``repr(settings)`` never show a password, whether it is in
   the URL's userinfo or in a query parameter.
 """
 
 from __future__ import annotations
 
+import asyncio
+import datetime as dt
+import json
 import subprocess
 import sys
+import uuid
 
 import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner, Result
 
 import mailqueue
+from mailqueue import Message
 from mailqueue.cli import cli
 from mailqueue.config import RelayConfig, Settings, hide_password, settings_from_env
+from mailqueue.store.models import AttemptRow, MessageRow, RecipientRow
+from mailqueue.store.relays import pause_relay
+from mailqueue.worker.service import Deliverer
+
+M, R, A = MessageRow.__table__, RecipientRow.__table__, AttemptRow.__table__
+
+# What an attacker puts where an operator will read it: Rich markup (a closing
+# tag that used to crash the table, a link, a style, an emoji code) ...
+MARKUP = "[/bold] [link=https://evil.test]click me[/link] [red]alarm[/red] :warning:"
+# ... and terminal control sequences: an OSC 8 hyperlink, clear screen, cursor
+# up, a carriage return that overwrites the line, BEL, a C1 CSI, a bidi override.
+CONTROLS = (
+    "\x1b]8;;https://evil.test\x1b\\link\x1b]8;;\x1b\\ \x1b[2J\x1b[1A\rFAKE \x07 \x9b31m \u202eevil"
+)
+RAW_CONTROLS = ("\x1b", "\r", "\x07", "\x9b", "\u202e")
+SEND = ("send", "--from", "shop@example.com", "--text", "hello")
+SHOWN_CONTROLS = ("\\x1b]8;;https://evil.test", "\\x1b[2J", "\\x1b[1A", "\\r", "\\x07", "\\x9b31m")
 
 
 def run(*args: str, stdin: str | None = None) -> Result:
@@ -23,6 +49,123 @@ def run(*args: str, stdin: str | None = None) -> Result:
     return CliRunner(env={"COLUMNS": "500"}).invoke(
         cli, list(args), input=stdin, prog_name="mailqueue", catch_exceptions=False
     )
+
+
+def count_messages(stack) -> int:
+    with stack.engine.connect() as conn:
+        return conn.execute(sa.select(sa.func.count()).select_from(M)).scalar()
+
+
+def deliver(stack, *ids: str) -> None:
+    async def go() -> None:
+        d = Deliverer(stack.settings, stack.store)
+        try:
+            await d.deliver_batch([uuid.UUID(i) for i in ids])
+        finally:
+            await d.aclose()
+
+    asyncio.run(go())
+
+
+def assert_harmless(text: str) -> None:
+    for char in RAW_CONTROLS:
+        assert char not in text, f"{char!r} reached the terminal"
+
+
+# --------------------------------------------------------------------------- hostile output
+
+
+def test_list_and_status_print_markup_from_a_message_as_written(sqlite_stack, smtp_server):
+    """A subject and a relay reply full of Rich markup: exit 0, shown literally."""
+    smtp_server.on_recipient = lambda address: (
+        f"550 5.7.1 {MARKUP}" if address.startswith("victim") else True
+    )
+    mid = mailqueue.enqueue(
+        Message(
+            sender="shop@example.com",
+            to=["victim@example.com", "ok@example.com"],
+            subject=MARKUP,
+            text="x",
+        )
+    )
+    deliver(sqlite_stack, mid)
+    assert {r.address: r.status for r in mailqueue.get_status(mid).recipients} == {
+        "victim@example.com": "failed",
+        "ok@example.com": "sent",
+    }
+
+    listed = run("list")
+    assert listed.exit_code == 0, listed.output
+    assert MARKUP[:40] in listed.stdout  # the list shows 40 characters of a subject
+
+    status = run("status", mid, "--history")
+    assert status.exit_code == 0, status.output
+    assert f"subject {MARKUP!r}" in status.stdout
+    assert f"5.7.1 {MARKUP}" in status.stdout  # the reply, in the table and in the history
+    assert status.stdout.count(MARKUP) == 3
+    assert "\x1b" not in listed.output + status.output
+
+
+def test_control_characters_from_the_store_are_printed_escaped(sqlite_stack):
+    """Rows written by a worker (or by anything else with database access)."""
+    mid = mailqueue.enqueue(
+        Message(sender="shop@example.com", to=["a@example.com"], subject="s", text="x")
+    )
+    with sqlite_stack.engine.begin() as conn:
+        conn.execute(
+            sa.update(M)
+            .where(M.c.id == uuid.UUID(mid))
+            .values(subject=CONTROLS, relay="r\x1b[8m", last_error="Err\x1b[5m")
+        )
+        conn.execute(sa.update(R).values(reply=f"550 {CONTROLS}", status="failed"))
+        rid = conn.execute(sa.select(R.c.id)).scalar()
+        conn.execute(
+            sa.insert(A).values(
+                message_id=uuid.UUID(mid),
+                recipient_id=rid,
+                status="failed",
+                smtp_code=550,
+                reply=f"550 {CONTROLS}",
+                worker="w\x1b]0;owned\x07",
+                at=dt.datetime.now(dt.UTC),
+            )
+        )
+
+    listed = run("list")
+    status = run("status", mid, "--history")
+    for result in (listed, status):
+        assert result.exit_code == 0, result.output
+        assert_harmless(result.output)
+    assert "\\x1b]8;;https://ev" in listed.stdout and "Err\\x1b[5m" in listed.stdout
+    for shown in (*SHOWN_CONTROLS, "\\u202eevil", "relay=r\\x1b[8m", "w\\x1b]0;owned\\x07"):
+        assert shown in status.stdout, shown
+
+    as_json = json.loads(run("status", mid, "--json", "--history").stdout)
+    assert as_json["subject"] == CONTROLS  # scripts get the exact value, JSON-escaped
+
+
+def test_a_paused_relays_reply_is_shown_escaped(sqlite_stack):
+    pause_relay(sqlite_stack.engine, "bulk", error="AuthError", reply=f"535 {MARKUP} {CONTROLS}")
+
+    relays = run("relays")
+    assert relays.exit_code == 0, relays.output
+    assert f"535 {MARKUP}" in relays.stdout
+    assert "PAUSED until" in relays.stdout
+
+    stats = run("stats")
+    assert stats.exit_code == 0, stats.output
+    assert f"AuthError: 535 {MARKUP}" in stats.stderr
+    for result in (relays, stats):
+        assert_harmless(result.output)
+        assert "\\x1b[2J" in result.output and "\\r" in result.output
+
+
+def test_send_now_prints_the_relays_reply_escaped(sqlite_stack, smtp_server):
+    smtp_server.on_recipient = lambda address: f"550 5.7.1 {MARKUP} \x1b[2Jgone \x1b]0;t\x07"
+    result = run(*SEND, "--to", "a@example.com", "--now")
+    assert result.exit_code == 3, result.output
+    assert f"550  a@example.com  5.7.1 {MARKUP} \\x1b[2Jgone \\x1b]0;t\\x07" in result.stdout
+    assert_harmless(result.output)
 
 
 # --------------------------------------------------------------------------- secrets in URLs
