@@ -2,7 +2,8 @@
 
 Commands parse input, call one service, and turn domain errors into exit
 codes: 0 done, 1 not found or failed, 2 bad input (``InvalidMessageError``
-or a usage error). ``--json`` output is meant for scripts and never holds a
+or a usage error), each with one line on stderr (``error: <field>: <reason>``),
+never a traceback. ``--json`` output is meant for scripts and never holds a
 secret.
 
 Whatever came from a message, a recipient, a relay or the database is shown
@@ -15,12 +16,15 @@ as JSON does.
 
 from __future__ import annotations
 
+import contextlib
+import datetime as dt
 import json
 import logging
 import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import click
 
@@ -67,6 +71,57 @@ def _text(value: object, style: str = "", *, newlines: bool = False) -> Text:
     return Text(shown(value, newlines=newlines), style=style)
 
 
+class _Failed(click.ClickException):
+    """Exit 2 with one line on stderr: ``error: <what>: <reason>``."""
+
+    exit_code = 2
+
+    def show(self, file: IO[Any] | None = None) -> None:
+        click.echo(f"error: {shown(self.message)}", file=file, err=True)
+
+
+class _NotFound(_Failed):
+    """Exit 1 with one line: the message asked for does not exist."""
+
+    exit_code = 1
+
+
+@contextlib.contextmanager
+def _one_line_errors() -> Iterator[None]:
+    """Refusals become exit 2 (1: not found) with one line, never a traceback."""
+    try:
+        yield
+    except _Failed:
+        raise
+    except InvalidMessageError as exc:
+        raise _Failed(str(exc)) from None
+    except NotFoundError as exc:
+        raise _NotFound(str(exc)) from None
+    except click.exceptions.NoArgsIsHelpError:
+        raise
+    except click.UsageError as exc:
+        hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+        raise _Failed(exc.format_message() + hint) from None
+
+
+class _Group(click.Group):
+    """The ``mailqueue`` group: every command's errors go through ``_one_line_errors``."""
+
+    def make_context(
+        self,
+        info_name: str | None,
+        args: list[str],
+        parent: click.Context | None = None,
+        **extra: Any,
+    ) -> click.Context:
+        with _one_line_errors():
+            return super().make_context(info_name, args, parent=parent, **extra)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        with _one_line_errors():
+            return super().invoke(ctx)
+
+
 def _echo_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
 
@@ -83,7 +138,7 @@ def _ensure_schema() -> None:
         upgrade(url)
 
 
-@click.group()
+@click.group(cls=_Group)
 @click.option("-v", "--verbose", is_flag=True, help="Log at INFO level to stderr.")
 @click.version_option(package_name="mailqueue")
 def cli(verbose: bool) -> None:
@@ -108,11 +163,61 @@ def migrate() -> None:
     click.echo(f"database at head: {hide_password(get_settings().database_url)}")
 
 
+# RFC 5322 field name: printable US-ASCII but ':' (and so no space or control).
+_FIELD_NAME = re.compile(r"[!-9;-~]+")
+
+
 def _header(value: str) -> tuple[str, str]:
     name, sep, rest = value.partition(":")
     if not sep:
         raise click.BadParameter(f"{value!r} is not 'Name: value'", param_hint="--header")
-    return name.strip(), rest.strip()
+    name = name.strip(" \t")
+    if not _FIELD_NAME.fullmatch(name):
+        raise click.BadParameter(
+            f"{name!r} is not a header name (printable ASCII, no spaces, no ':')",
+            param_hint="--header",
+        )
+    # Only blanks are trimmed: a line break left in the value is refused, not dropped.
+    return name, rest.strip(" \t")
+
+
+@contextlib.contextmanager
+def _reading(path: str | Path, field: str) -> Iterator[None]:
+    """A file given on the command line that cannot be read is bad input of ``field``."""
+    try:
+        yield
+    except OSError as exc:
+        raise InvalidMessageError(
+            f"cannot read {str(path)!r}: {exc.strerror}", field=field
+        ) from None
+    except UnicodeDecodeError as exc:
+        raise InvalidMessageError(
+            f"{str(path)!r} is not UTF-8 text ({exc.reason})", field=field
+        ) from None
+
+
+def _attachment(path: Path, field: str, **options: Any) -> Any:
+    from .message import Attachment
+
+    with _reading(path, field):
+        return Attachment.from_path(path, **options)
+
+
+def _send_at(value: str | None) -> dt.datetime | None:
+    if value is None:
+        return None
+    try:
+        when = dt.datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise InvalidMessageError(
+            f"{value!r} is not an ISO 8601 date-time (e.g. 2026-05-01T09:00:00+02:00)",
+            field="send_at",
+        ) from None
+    if when.tzinfo is None:
+        raise InvalidMessageError(
+            f"{value!r} has no UTC offset: add one (e.g. +02:00 or Z)", field="send_at"
+        )
+    return when
 
 
 @cli.command()
@@ -157,6 +262,11 @@ def _header(value: str) -> tuple[str, str]:
     help="Send at once without the queue; print each recipient's reply (exit 3 if any refused).",
 )
 @click.option("--relay", help="Named relay to send through (default: the default relay).")
+@click.option(
+    "--send-at",
+    metavar="WHEN",
+    help="Keep the message until then: ISO 8601 with a UTC offset (2026-05-01T09:00+02:00).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def send(
     sender: str,
@@ -178,19 +288,33 @@ def send(
     text_subtype: str,
     now: bool,
     relay: str | None,
+    send_at: str | None,
     as_json: bool,
 ) -> None:
     """Enqueue one message and print its id (or, with --now, send it and print the replies)."""
-    from .message import Attachment, Message
+    from .message import Message
 
     if text == "-":
-        text = sys.stdin.read()
+        try:
+            text = sys.stdin.read()
+        except UnicodeDecodeError as exc:
+            raise InvalidMessageError(
+                f"standard input is not UTF-8 text ({exc.reason})", field="text"
+            ) from None
     if html and html.startswith("@"):
-        html = Path(html[1:]).read_text(encoding="utf-8")
+        with _reading(html[1:], "html"):
+            html = Path(html[1:]).read_text(encoding="utf-8")
     if eml is not None and (text or html or attach or inline or subject):
         raise click.UsageError(
             "--eml sends the file as it is: drop --subject/--text/--html/--attach/--inline"
         )
+    raw_eml = None
+    if eml is not None:
+        with _reading(eml, "eml"):
+            raw_eml = eml.read_bytes()
+    when = _send_at(send_at)
+    if now and when is not None:
+        raise click.UsageError("--now sends at once: drop --send-at")
     message = Message(
         sender=sender,
         to=list(to),
@@ -203,30 +327,28 @@ def send(
         html=html,
         text_subtype=text_subtype,
         charset=charset,
-        attachments=[Attachment.from_path(p) for p in attach] + [_inline(v) for v in inline],
+        attachments=[_attachment(p, "attach") for p in attach] + [_inline(v) for v in inline],
         headers=[_header(h) for h in headers],
         envelope_from=envelope_from,
         envelope_to=list(envelope_to) or None,
-        eml=eml.read_bytes() if eml is not None else None,
+        eml=raw_eml,
     )
     if now:
         _send_now(message, as_json, relay)
         return
     _ensure_schema()
-    message_id = api.enqueue(message, relay=relay)
+    message_id = api.enqueue(message, relay=relay, send_at=when)
     _echo_json({"id": message_id}) if as_json else click.echo(message_id)
 
 
 def _inline(value: str) -> Any:
-    from .message import Attachment
-
     cid, sep, path = value.partition("=")
     if not sep:
         cid, path = "", value
     file = Path(path)
     if not file.is_file():
         raise click.BadParameter(f"{path!r} is not a file", param_hint="--inline")
-    return Attachment.from_path(file, inline=True, content_id=cid or file.name)
+    return _attachment(file, "inline", inline=True, content_id=cid or file.name)
 
 
 def _send_now(message: Any, as_json: bool, relay: str | None) -> None:
@@ -806,14 +928,6 @@ def main() -> None:
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
-    except click.ClickException as exc:
+    except click.ClickException as exc:  # refusals: one line, see _one_line_errors
         exc.show()
         sys.exit(exc.exit_code)
-    except InvalidMessageError as exc:
-        click.echo(f"error: invalid message: {exc}", err=True)
-        sys.exit(2)
-    except NotFoundError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(1)
-    except SystemExit:
-        raise

@@ -1,5 +1,7 @@
-"""The CLI at the input boundary (#15): hostile output, masked secrets.
+"""The CLI at the input boundary (#15): refusals, hostile output, masked secrets.
 
+* Bad input to ``mailqueue send`` is exit 2 with one line on stderr
+  (``error: <field>: <reason>``), never a traceback, and nothing is queued.
 * Whatever came from a message or a relay is printed as written: Rich markup
   in it is not interpreted, and terminal control characters are printed as
   escapes, so stored mail cannot crash ``list``/``status``, plant a link or
@@ -70,6 +72,105 @@ def deliver(stack, *ids: str) -> None:
 def assert_harmless(text: str) -> None:
     for char in RAW_CONTROLS:
         assert char not in text, f"{char!r} reached the terminal"
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+@pytest.mark.parametrize(
+    "args, starts",
+    [
+        (["--to", "to@"], "error: "),
+        (["--to", "a@example.com", "--header", "X-Tag\n: v"], "error: Invalid value for --header"),
+        (["--to", "a@example.com", "--header", "X-Tag: a\nBcc: evil@example.net"], "error: "),
+        (["--to", "a@example.com", "--subject", "a\x00b"], "error: subject: "),
+        (["--to", "a@example.com", "--subject", "hi\r\nBcc: evil@example.net"], "error: subject: "),
+        (["--to", "a@example.com", "--html", "@missing-file.html"], "error: html: cannot read"),
+        (["--to", "a@example.com", "--send-at", "tomorrow"], "error: send_at: 'tomorrow' is not"),
+        (
+            ["--to", "a@example.com", "--send-at", "2030-01-01T09:00"],
+            "error: send_at: '2030-01-01T09:00' has no UTC offset",
+        ),
+        (["--to", "a@example.com", "--relay", "nope"], "error: relay: no relay named 'nope'"),
+        (["--to", "a@example.com", "--charset", "x\x1b]0;t\x07\x1b[2J"], "error: charset: "),
+        (["--to", "a@example.com", "--text-subtype", "plain\nX-Injected: 1"], "error: "),
+        (
+            ["--to", "a@example.com", "--attach", "missing.pdf"],
+            "error: Invalid value for '--attach'",
+        ),
+        (["--to", "a@example.com", "--inline", "missing.png"], "error: Invalid value for --inline"),
+        (["--to", "a@example.com", "--header", "no colon"], "error: Invalid value for --header"),
+        (["--to", "a@example.com", "--now", "--send-at", "2030-01-01T09:00Z"], "error: --now"),
+    ],
+)
+def test_bad_send_input_is_exit_2_with_one_line_and_nothing_queued(
+    sqlite_stack, tmp_path, monkeypatch, args, starts
+):
+    monkeypatch.chdir(tmp_path)
+    result = run(*SEND, *args)
+    assert result.exit_code == 2, result.output
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(starts), result.stderr
+    assert "Traceback" not in result.output
+    assert_harmless(result.stderr)
+    assert count_messages(sqlite_stack) == 0
+
+
+def test_unreadable_standard_input_is_refused_as_text(sqlite_stack):
+    result = CliRunner().invoke(
+        cli, [*SEND[:3], "--to", "a@example.com", "--text", "-"], input=b"\xff\xfe bad"
+    )
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: text: standard input is not UTF-8 text")
+    assert count_messages(sqlite_stack) == 0
+
+
+def test_the_installed_command_refuses_with_one_line_too(sqlite_stack, tmp_path):
+    """Through ``python -m mailqueue`` (``main()``), as scripts call it."""
+    env = sqlite_stack.env()
+    for extra, first in (
+        (["--to", "to@"], "error: "),
+        (["--to", "a@example.com", "--html", "@missing.html"], "error: html: cannot read"),
+        (["--to", "a@example.com", "--subject", "[/bold]", "--send-at", "x"], "error: send_at: "),
+    ):
+        done = subprocess.run(
+            [sys.executable, "-m", "mailqueue", *SEND, *extra],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 2, done.stderr
+        assert done.stdout == ""
+        assert len(done.stderr.splitlines()) == 1 and done.stderr.startswith(first), done.stderr
+    assert count_messages(sqlite_stack) == 0
+
+
+def test_not_found_and_usage_errors_are_one_line_too(sqlite_stack):
+    missing = run("status", str(uuid.uuid4()))
+    assert missing.exit_code == 1
+    assert missing.stderr.startswith("error: no message with id ")
+    assert len(missing.stderr.splitlines()) == 1
+    usage = run("send", "--to", "a@example.com")
+    assert usage.exit_code == 2
+    assert usage.stderr.splitlines() == [
+        "error: Missing option '--from'. (see 'mailqueue send --help')"
+    ]
+    hostile = run("\x1b]0;owned\x07\x1b[2J\nFAKE")  # click quotes it as it is
+    assert hostile.exit_code == 2
+    assert hostile.stderr.splitlines() == [
+        "error: No such command '\\x1b]0;owned\\x07\\x1b[2J\\nFAKE'. (see 'mailqueue --help')"
+    ]
+
+
+def test_send_at_keeps_the_message_until_then(sqlite_stack):
+    result = run(*SEND, "--to", "a@example.com", "--send-at", "2030-01-01T09:00:00+02:00")
+    assert result.exit_code == 0, result.output
+    info = mailqueue.get_status(result.stdout.strip())
+    assert info.status == "queued"
+    assert info.next_attempt_at == dt.datetime(2030, 1, 1, 7, 0, tzinfo=dt.UTC)
 
 
 # --------------------------------------------------------------------------- hostile output
