@@ -9,16 +9,18 @@ the mail part of your transaction: no commit, no mail.
 from __future__ import annotations
 
 import datetime as dt
+import json
+import math
 import uuid
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, TypeAlias
 
 from sqlalchemy import event
 from sqlalchemy.exc import IntegrityError
 
-from .config import get_settings
+from .config import Settings, get_settings
 from .errors import InvalidMessageError, NotFoundError
-from .message import Message, build_envelope
+from .message import Envelope, Message, build_envelope
 from .smtp.delivery import TransactionResult, deliver
 from .smtp.pool import Pool, pool_for_relay
 from .store import Store, get_engine
@@ -65,6 +67,171 @@ def new_id() -> uuid.UUID:
     return uuid.UUID(int=value)
 
 
+# Exceptions a composing bug could raise from deep inside the ``email`` package
+# or our own code. Whatever the input, the caller must see a refusal
+# (``InvalidMessageError``), never a bare crash; a new one of these is a bug to
+# fix in message.py, but until then it refuses the message instead of leaking.
+_COMPOSE_BUGS = (IndexError, AttributeError, TypeError, LookupError, ValueError)  # + UnicodeError
+
+METADATA_MAX_DEPTH = 32
+"""Deepest nesting of lists and objects accepted in ``metadata``."""
+METADATA_MAX_BYTES = 64 * 1024
+"""Largest ``metadata`` accepted, as compact JSON (UTF-8 bytes)."""
+TAG_MAX_LENGTH = 255
+"""Longest ``metadata["tag"]``: the list filters and an index read it."""
+
+
+def _type_name(value: object) -> str:
+    return type(value).__name__
+
+
+def _envelope(message: object, settings: Settings) -> Envelope:
+    """``build_envelope`` for anything a caller passed: an envelope or a refusal."""
+    if not isinstance(message, Message):
+        raise InvalidMessageError(
+            f"expected a mailqueue.Message, got {_type_name(message)}", field="message"
+        )
+    try:
+        return build_envelope(message, max_size=settings.max_message_size, limits=settings.limits)
+    except InvalidMessageError:
+        raise
+    except _COMPOSE_BUGS as exc:
+        raise InvalidMessageError(
+            f"could not compose the message ({_type_name(exc)}: {exc}); "
+            "check its addresses, headers and parts",
+            field=None,
+        ) from None
+
+
+def _check_relay(relay: object) -> None:
+    if relay is not None and not isinstance(relay, str):
+        raise InvalidMessageError(
+            f"must be a relay name (a string), not {_type_name(relay)}", field="relay"
+        )
+
+
+def _check_send_at(send_at: object) -> None:
+    if send_at is None:
+        return
+    if not isinstance(send_at, dt.datetime):
+        raise InvalidMessageError(
+            f"must be a timezone-aware datetime, not {_type_name(send_at)}", field="send_at"
+        )
+    if send_at.tzinfo is None or send_at.utcoffset() is None:
+        raise InvalidMessageError("must be timezone-aware", field="send_at")
+
+
+def _check_idempotency_key(key: object) -> None:
+    if key is None:
+        return
+    if not isinstance(key, str):
+        raise InvalidMessageError(
+            f"must be a string, not {_type_name(key)}", field="idempotency_key"
+        )
+    if not (0 < len(key) <= 255):
+        raise InvalidMessageError("must be 1 to 255 characters", field="idempotency_key")
+
+
+_Path: TypeAlias = tuple[str, "_Path"] | None
+"""Where a metadata value sits: (its key or index, the parent's path)."""
+
+
+def _check_metadata(metadata: object) -> None:
+    """JSON that reads back as it was given, within the depth and size limits.
+
+    Walked without recursion, so a cyclic or 100,000-deep object is refused
+    rather than a ``RecursionError``; strings must be storable in
+    PostgreSQL's JSON (no NUL, no lone surrogate).
+    """
+    if metadata is None:
+        return
+    if not isinstance(metadata, dict):
+        raise InvalidMessageError(
+            f"must be a JSON object (a dict), not {_type_name(metadata)}", field="metadata"
+        )
+    too_big = InvalidMessageError(
+        f"over the {METADATA_MAX_BYTES}-byte limit as JSON", field="metadata"
+    )
+    # A lower bound of the JSON size, counted as we go, so a huge value is
+    # refused before it is serialized.
+    budget = METADATA_MAX_BYTES
+    stack: list[tuple[object, int, _Path]] = [(metadata, 1, None)]
+    while stack:
+        value, depth, path = stack.pop()
+        budget -= 1
+        if isinstance(value, dict | list | tuple) and depth > METADATA_MAX_DEPTH:
+            raise InvalidMessageError(
+                f"nested deeper than {METADATA_MAX_DEPTH} levels (at {_where(path)})",
+                field="metadata",
+            )
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if not isinstance(key, str):
+                    raise InvalidMessageError(
+                        f"keys must be strings, not {_type_name(key)} (in {_where(path)})",
+                        field="metadata",
+                    )
+                _check_json_string(key, path)
+                budget -= len(key) + 3
+                stack.append((item, depth + 1, (repr(key[:30]), path)))
+        elif isinstance(value, list | tuple):
+            budget -= len(value)
+            stack.extend((item, depth + 1, (str(i), path)) for i, item in enumerate(value))
+        elif isinstance(value, str):
+            _check_json_string(value, path)
+            budget -= len(value) + 1
+        elif isinstance(value, float):
+            if not math.isfinite(value):
+                raise InvalidMessageError(
+                    f"{_where(path)} is {value}, which JSON cannot hold", field="metadata"
+                )
+        elif isinstance(value, int):  # bool included
+            budget -= value.bit_length() // 4
+        elif value is not None:
+            raise InvalidMessageError(
+                f"{_where(path)} is a {_type_name(value)}, which is not JSON "
+                "(use objects, lists, strings, numbers, true/false or null)",
+                field="metadata",
+            )
+        if budget < 0:
+            raise too_big
+    try:
+        text = json.dumps(metadata, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    except ValueError as exc:  # e.g. an int over Python's digit limit
+        raise InvalidMessageError(str(exc), field="metadata") from None
+    if len(text.encode("utf-8")) > METADATA_MAX_BYTES:
+        raise too_big
+    tag = metadata.get("tag")
+    if tag is not None and not (isinstance(tag, str) and len(tag) <= TAG_MAX_LENGTH):
+        raise InvalidMessageError(
+            f"metadata['tag'] must be a string of at most {TAG_MAX_LENGTH} characters",
+            field="metadata",
+        )
+
+
+def _where(path: _Path) -> str:
+    """``metadata['a'][0]`` for the linked path kept while walking."""
+    parts = []
+    while path is not None:
+        label, path = path
+        parts.append(f"[{label}]")
+    parts.reverse()
+    if len(parts) > 6:
+        parts[3:-2] = ["[…]"]
+    return "metadata" + "".join(parts)
+
+
+def _check_json_string(value: str, path: _Path) -> None:
+    if "\x00" in value:
+        raise InvalidMessageError(f"{_where(path)} holds a NUL character", field="metadata")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidMessageError(
+            f"{_where(path)} is not valid Unicode (a lone surrogate)", field="metadata"
+        ) from None
+
+
 def _prepare(
     message: Message,
     *,
@@ -75,16 +242,16 @@ def _prepare(
     now: dt.datetime,
 ) -> NewMessage:
     settings = get_settings()
-    envelope = build_envelope(message, max_size=settings.max_message_size, limits=settings.limits)
+    _check_relay(relay)
+    _check_send_at(send_at)
+    _check_idempotency_key(idempotency_key)
+    _check_metadata(metadata)
+    envelope = _envelope(message, settings)
     try:
         relay = settings.relay_named(relay).name if relay else None
     except KeyError as exc:
         raise InvalidMessageError(str(exc.args[0]), field="relay") from None
-    if send_at is not None and send_at.tzinfo is None:
-        raise InvalidMessageError("send_at must be timezone-aware", field="send_at")
     due = max(now, send_at) if send_at else now
-    if idempotency_key is not None and not (0 < len(idempotency_key) <= 255):
-        raise InvalidMessageError("must be 1 to 255 characters", field="idempotency_key")
     return NewMessage(
         id=new_id(),
         mail_from=envelope.mail_from,
@@ -164,12 +331,20 @@ def enqueue(
 ) -> str:
     """Store one message durably and queue it for delivery; returns its id.
 
-    Raises ``InvalidMessageError`` (and writes nothing) for bad input. With
+    Raises ``InvalidMessageError`` (and writes nothing) for bad input: a
+    ``message`` that is not a ``Message`` or cannot be composed, a ``send_at``
+    that is not a timezone-aware ``datetime``, a ``relay`` or
+    ``idempotency_key`` that is not a string, ``metadata`` that is not a JSON
+    object (string keys; at most ``METADATA_MAX_DEPTH`` levels and
+    ``METADATA_MAX_BYTES`` as JSON; ``metadata["tag"]`` a string of at most
+    ``TAG_MAX_LENGTH`` characters). Never a bare ``TypeError`` or
+    ``IndexError``. With
     ``session`` (a SQLAlchemy ``Session`` or ``Connection``) the rows are
     written in the caller's transaction and the broker is woken only after
     it commits. An ``idempotency_key`` already used returns the first
     message's id instead of queueing a second copy.
     """
+    _check_idempotency_key(idempotency_key)
     if idempotency_key is not None:
         existing = _find_key(idempotency_key, session)
         if existing is not None:
@@ -204,12 +379,22 @@ def enqueue_many(
 ) -> list[str]:
     """Store many messages; returns their ids in order.
 
-    All messages are validated first: one bad message refuses the whole
-    call and nothing is written. Without ``session`` the rows are written in
+    All messages are validated first: one bad message (or an item that is
+    not a ``Message``) refuses the whole call with ``InvalidMessageError``
+    naming its index, and nothing is written. Without ``session`` the rows are written in
     chunks of ``chunk_size`` messages, one transaction each, and each chunk
     is dispatched after its commit. ``progress(n)`` is called after each
     chunk with the number written so far.
     """
+    _check_relay(relay)
+    _check_send_at(send_at)
+    if isinstance(messages, Message | str | bytes | dict) or not isinstance(messages, Iterable):
+        raise InvalidMessageError(
+            f"expected an iterable of mailqueue.Message, got {_type_name(messages)}",
+            field="messages",
+        )
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise InvalidMessageError("must be a whole number of 1 or more", field="chunk_size")
     now = utcnow()
     prepared = []
     for index, message in enumerate(messages):
@@ -225,7 +410,7 @@ def enqueue_many(
                 )
             )
         except InvalidMessageError as exc:
-            raise InvalidMessageError(f"message #{index}: {exc}", field=exc.field) from None
+            raise InvalidMessageError(f"message #{index}: {exc.reason}", field=exc.field) from None
     if session is not None:
         ids = _write_and_dispatch(prepared, session)
         if progress:
@@ -312,7 +497,8 @@ async def asend_now(
 ) -> TransactionResult:
     """``send_now`` for asyncio code; pass a ``pool`` to reuse its connections across calls."""
     settings = get_settings()
-    envelope = build_envelope(message, max_size=settings.max_message_size, limits=settings.limits)
+    _check_relay(relay)
+    envelope = _envelope(message, settings)
     own = pool is None
     if pool is None:
         try:

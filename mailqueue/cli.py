@@ -2,17 +2,29 @@
 
 Commands parse input, call one service, and turn domain errors into exit
 codes: 0 done, 1 not found or failed, 2 bad input (``InvalidMessageError``
-or a usage error). ``--json`` output is meant for scripts and never holds a
+or a usage error), each with one line on stderr (``error: <field>: <reason>``),
+never a traceback. ``--json`` output is meant for scripts and never holds a
 secret.
+
+Whatever came from a message, a recipient, a relay or the database is shown
+through :func:`shown` and as Rich ``Text``, never as Rich markup: a subject
+``[/bold]`` or ``[link=…]`` is printed as written, and control characters
+(ESC, CR, C1, bidi overrides) are printed escaped, so stored mail cannot
+restyle, break or rewrite the operator's terminal. ``--json`` escapes them
+as JSON does.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime as dt
 import json
 import logging
+import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, TYPE_CHECKING, Any
 
 import click
 
@@ -20,7 +32,94 @@ from . import api
 from .config import get_settings
 from .errors import InvalidMessageError, NotFoundError, SMTPError
 
-__all__ = ["main"]
+if TYPE_CHECKING:
+    from rich.text import Text
+
+__all__ = ["main", "shown"]
+
+# C0 controls (ESC, CR, LF, BEL, BS…), DEL, C1 controls (CSI, OSC as one byte),
+# the Unicode line and paragraph separators and the bidi overrides that reorder
+# what a terminal displays.
+_TERMINAL_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
+_NAMED_CONTROLS = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape_control(match: re.Match[str]) -> str:
+    char = match.group()
+    code = ord(char)
+    return _NAMED_CONTROLS.get(char) or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+
+
+def shown(value: object, *, newlines: bool = False) -> str:
+    """``value`` as text that cannot steer the terminal it is printed on.
+
+    Control characters are written as escapes (``\\x1b``, ``\\r``, ``\\u202e``),
+    line feeds too unless ``newlines`` (a table cell may hold several lines; a
+    line of plain output may not). Rich markup is not touched: print the result
+    as ``Text`` or with ``click.echo``, never through markup.
+    """
+    text = "" if value is None else str(value)
+    if newlines:
+        return "\n".join(_TERMINAL_CONTROLS.sub(_escape_control, line) for line in text.split("\n"))
+    return _TERMINAL_CONTROLS.sub(_escape_control, text)
+
+
+def _text(value: object, style: str = "", *, newlines: bool = False) -> Text:
+    """A table cell or line from outside data: no markup, no emoji codes, no controls."""
+    from rich.text import Text
+
+    return Text(shown(value, newlines=newlines), style=style)
+
+
+class _Failed(click.ClickException):
+    """Exit 2 with one line on stderr: ``error: <what>: <reason>``."""
+
+    exit_code = 2
+
+    def show(self, file: IO[Any] | None = None) -> None:
+        click.echo(f"error: {shown(self.message)}", file=file, err=True)
+
+
+class _NotFound(_Failed):
+    """Exit 1 with one line: the message asked for does not exist."""
+
+    exit_code = 1
+
+
+@contextlib.contextmanager
+def _one_line_errors() -> Iterator[None]:
+    """Refusals become exit 2 (1: not found) with one line, never a traceback."""
+    try:
+        yield
+    except _Failed:
+        raise
+    except InvalidMessageError as exc:
+        raise _Failed(str(exc)) from None
+    except NotFoundError as exc:
+        raise _NotFound(str(exc)) from None
+    except click.exceptions.NoArgsIsHelpError:
+        raise
+    except click.UsageError as exc:
+        hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+        raise _Failed(exc.format_message() + hint) from None
+
+
+class _Group(click.Group):
+    """The ``mailqueue`` group: every command's errors go through ``_one_line_errors``."""
+
+    def make_context(
+        self,
+        info_name: str | None,
+        args: list[str],
+        parent: click.Context | None = None,
+        **extra: Any,
+    ) -> click.Context:
+        with _one_line_errors():
+            return super().make_context(info_name, args, parent=parent, **extra)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        with _one_line_errors():
+            return super().invoke(ctx)
 
 
 def _echo_json(data: Any) -> None:
@@ -39,7 +138,7 @@ def _ensure_schema() -> None:
         upgrade(url)
 
 
-@click.group()
+@click.group(cls=_Group)
 @click.option("-v", "--verbose", is_flag=True, help="Log at INFO level to stderr.")
 @click.version_option(package_name="mailqueue")
 def cli(verbose: bool) -> None:
@@ -64,11 +163,61 @@ def migrate() -> None:
     click.echo(f"database at head: {hide_password(get_settings().database_url)}")
 
 
+# RFC 5322 field name: printable US-ASCII but ':' (and so no space or control).
+_FIELD_NAME = re.compile(r"[!-9;-~]+")
+
+
 def _header(value: str) -> tuple[str, str]:
     name, sep, rest = value.partition(":")
     if not sep:
         raise click.BadParameter(f"{value!r} is not 'Name: value'", param_hint="--header")
-    return name.strip(), rest.strip()
+    name = name.strip(" \t")
+    if not _FIELD_NAME.fullmatch(name):
+        raise click.BadParameter(
+            f"{name!r} is not a header name (printable ASCII, no spaces, no ':')",
+            param_hint="--header",
+        )
+    # Only blanks are trimmed: a line break left in the value is refused, not dropped.
+    return name, rest.strip(" \t")
+
+
+@contextlib.contextmanager
+def _reading(path: str | Path, field: str) -> Iterator[None]:
+    """A file given on the command line that cannot be read is bad input of ``field``."""
+    try:
+        yield
+    except OSError as exc:
+        raise InvalidMessageError(
+            f"cannot read {str(path)!r}: {exc.strerror}", field=field
+        ) from None
+    except UnicodeDecodeError as exc:
+        raise InvalidMessageError(
+            f"{str(path)!r} is not UTF-8 text ({exc.reason})", field=field
+        ) from None
+
+
+def _attachment(path: Path, field: str, **options: Any) -> Any:
+    from .message import Attachment
+
+    with _reading(path, field):
+        return Attachment.from_path(path, **options)
+
+
+def _send_at(value: str | None) -> dt.datetime | None:
+    if value is None:
+        return None
+    try:
+        when = dt.datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise InvalidMessageError(
+            f"{value!r} is not an ISO 8601 date-time (e.g. 2026-05-01T09:00:00+02:00)",
+            field="send_at",
+        ) from None
+    if when.tzinfo is None:
+        raise InvalidMessageError(
+            f"{value!r} has no UTC offset: add one (e.g. +02:00 or Z)", field="send_at"
+        )
+    return when
 
 
 @cli.command()
@@ -113,6 +262,11 @@ def _header(value: str) -> tuple[str, str]:
     help="Send at once without the queue; print each recipient's reply (exit 3 if any refused).",
 )
 @click.option("--relay", help="Named relay to send through (default: the default relay).")
+@click.option(
+    "--send-at",
+    metavar="WHEN",
+    help="Keep the message until then: ISO 8601 with a UTC offset (2026-05-01T09:00+02:00).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def send(
     sender: str,
@@ -134,19 +288,33 @@ def send(
     text_subtype: str,
     now: bool,
     relay: str | None,
+    send_at: str | None,
     as_json: bool,
 ) -> None:
     """Enqueue one message and print its id (or, with --now, send it and print the replies)."""
-    from .message import Attachment, Message
+    from .message import Message
 
     if text == "-":
-        text = sys.stdin.read()
+        try:
+            text = sys.stdin.read()
+        except UnicodeDecodeError as exc:
+            raise InvalidMessageError(
+                f"standard input is not UTF-8 text ({exc.reason})", field="text"
+            ) from None
     if html and html.startswith("@"):
-        html = Path(html[1:]).read_text(encoding="utf-8")
+        with _reading(html[1:], "html"):
+            html = Path(html[1:]).read_text(encoding="utf-8")
     if eml is not None and (text or html or attach or inline or subject):
         raise click.UsageError(
             "--eml sends the file as it is: drop --subject/--text/--html/--attach/--inline"
         )
+    raw_eml = None
+    if eml is not None:
+        with _reading(eml, "eml"):
+            raw_eml = eml.read_bytes()
+    when = _send_at(send_at)
+    if now and when is not None:
+        raise click.UsageError("--now sends at once: drop --send-at")
     message = Message(
         sender=sender,
         to=list(to),
@@ -159,30 +327,28 @@ def send(
         html=html,
         text_subtype=text_subtype,
         charset=charset,
-        attachments=[Attachment.from_path(p) for p in attach] + [_inline(v) for v in inline],
+        attachments=[_attachment(p, "attach") for p in attach] + [_inline(v) for v in inline],
         headers=[_header(h) for h in headers],
         envelope_from=envelope_from,
         envelope_to=list(envelope_to) or None,
-        eml=eml.read_bytes() if eml is not None else None,
+        eml=raw_eml,
     )
     if now:
         _send_now(message, as_json, relay)
         return
     _ensure_schema()
-    message_id = api.enqueue(message, relay=relay)
+    message_id = api.enqueue(message, relay=relay, send_at=when)
     _echo_json({"id": message_id}) if as_json else click.echo(message_id)
 
 
 def _inline(value: str) -> Any:
-    from .message import Attachment
-
     cid, sep, path = value.partition("=")
     if not sep:
         cid, path = "", value
     file = Path(path)
     if not file.is_file():
         raise click.BadParameter(f"{path!r} is not a file", param_hint="--inline")
-    return Attachment.from_path(file, inline=True, content_id=cid or file.name)
+    return _attachment(file, "inline", inline=True, content_id=cid or file.name)
 
 
 def _send_now(message: Any, as_json: bool, relay: str | None) -> None:
@@ -191,7 +357,7 @@ def _send_now(message: Any, as_json: bool, relay: str | None) -> None:
     except SMTPError as exc:  # the session itself failed: TLS, AUTH, unreachable
         if as_json:
             _echo_json({"error": type(exc).__name__, "code": exc.code, "reply": exc.reply})
-        click.echo(f"error: {type(exc).__name__}: {exc}", err=True)
+        click.echo(f"error: {type(exc).__name__}: {shown(exc)}", err=True)
         sys.exit(3)
     rows = [
         {
@@ -215,12 +381,13 @@ def _send_now(message: Any, as_json: bool, relay: str | None) -> None:
     else:
         for row in rows:
             click.echo(
-                f"{row['status']:<9} {row['code'] or '-':<4} {row['address']}  {row['reply'] or ''}"
+                f"{row['status']:<9} {row['code'] or '-':<4} {shown(row['address'])}  "
+                f"{shown(row['reply'])}"
             )
         if result.data_code is not None:
-            click.echo(f"DATA: {result.data_code} {result.data_reply or ''}")
+            click.echo(f"DATA: {result.data_code} {shown(result.data_reply)}")
         if result.error is not None:
-            click.echo(f"error: {result.error}", err=True)
+            click.echo(f"error: {shown(result.error)}", err=True)
     if result.rcpt_failed:
         sys.exit(3)
 
@@ -313,23 +480,24 @@ def status(message_id: str, as_json: bool, history: bool) -> None:
         _echo_json(data)
         return
     console = Console()
-    console.print(
-        f"[bold]{info.id}[/]  {info.status}  attempts={info.attempts}  relay={info.relay}"
-    )
-    console.print(f"from {info.mail_from}  subject {info.subject!r}  {info.size} bytes")
+    line = _text(info.id, "bold")
+    line.append(f"  {shown(info.status)}  attempts={info.attempts}  relay={shown(info.relay)}")
+    console.print(line)
+    console.print(_text(f"from {info.mail_from}  subject {info.subject!r}  {info.size} bytes"))
     console.print(
         f"created {_fmt_time(info.created_at)}  next attempt {_fmt_time(info.next_attempt_at)}"
-        f"  expires {_fmt_time(info.expires_at)}"
+        f"  expires {_fmt_time(info.expires_at)}",
+        markup=False,
     )
     table = Table("recipient", "kind", "status", "attempts", "code", "reply")
     for r in info.recipients:
         table.add_row(
-            r.address,
-            r.kind,
-            r.status,
+            _text(r.address),
+            _text(r.kind),
+            _text(r.status),
             str(r.attempts),
-            " ".join(x for x in (str(r.smtp_code or ""), r.enhanced_code or "") if x),
-            r.reply or "",
+            _text(" ".join(x for x in (str(r.smtp_code or ""), r.enhanced_code or "") if x)),
+            _text(r.reply, newlines=True),
         )
     console.print(table)
     if history:
@@ -337,11 +505,11 @@ def status(message_id: str, as_json: bool, history: bool) -> None:
         for a in attempts:
             log.add_row(
                 _fmt_time(a.at),
-                a.address,
-                a.status,
-                " ".join(x for x in (str(a.smtp_code or ""), a.enhanced_code or "") if x),
-                a.reply or "",
-                a.worker or "",
+                _text(a.address),
+                _text(a.status),
+                _text(" ".join(x for x in (str(a.smtp_code or ""), a.enhanced_code or "") if x)),
+                _text(a.reply, newlines=True),
+                _text(a.worker),
             )
         console.print(log)
 
@@ -384,13 +552,13 @@ def list_(
     table = Table("id", "status", "created", "from", "subject", "attempts", "last error")
     for r in rows:
         table.add_row(
-            r.id,
-            r.status,
+            _text(r.id),
+            _text(r.status),
             _fmt_time(r.created_at),
-            r.mail_from,
-            r.subject[:40],
+            _text(r.mail_from),
+            _text(r.subject[:40]),
             str(r.attempts),
-            r.last_error or "",
+            _text(r.last_error),
         )
     Console().print(table)
 
@@ -418,8 +586,10 @@ def stats(as_json: bool, watch: bool, interval: float, count: int | None) -> Non
         Console().print(_stats_table(data))
         for r in paused:
             click.secho(
-                f"relay {r['name']} PAUSED until {r['paused_until']}: {r['last_error']}: "
-                f"{r['last_reply']}",
+                shown(
+                    f"relay {r['name']} PAUSED until {r['paused_until']}: {r['last_error']}: "
+                    f"{r['last_reply']}"
+                ),
                 fg="red",
                 err=True,
             )
@@ -441,7 +611,7 @@ def _watch_stats(as_json: bool, interval: float, count: int | None) -> None:
         data = api.stats()
         depth = queue_depth(get_engine(get_settings().database_url))
         lines = [
-            f"relay {d.relay}: {d.waiting} waiting, {d.due} due, oldest due "
+            f"relay {shown(d.relay)}: {d.waiting} waiting, {d.due} due, oldest due "
             f"{d.oldest_due_age_s:.0f}s"
             for d in depth
         ]
@@ -492,17 +662,18 @@ def relays(as_json: bool, resume: str | None) -> None:
 
     table = Table("relay", "url", "starttls", "verify", "auth", "pool", "cluster limits", "state")
     for r in rows:
-        state = (
-            f"[red]PAUSED until {r['paused_until']}[/red]\n{r['last_error']}: {r['last_reply']}"
-            if r["paused"]
-            else "ok"
-        )
+        state = _text("ok")
+        if r["paused"]:
+            state = _text(f"PAUSED until {r['paused_until']}", "red")
+            state.append("\n" + shown(f"{r['last_error']}: {r['last_reply']}", newlines=True))
         table.add_row(
-            r["name"],
-            r["url"],
-            r["starttls"],
-            "yes" if r["tls_verify"] and r["tls_check_hostname"] else "[yellow]relaxed[/yellow]",
-            r["auth"] or "-",
+            _text(r["name"]),
+            _text(r["url"]),
+            _text(r["starttls"]),
+            _text("yes")
+            if r["tls_verify"] and r["tls_check_hostname"]
+            else _text("relaxed", "yellow"),
+            _text(r["auth"] or "-"),
             str(r["pool_size"]),
             _cluster_limits(r),
             state,
@@ -528,7 +699,7 @@ def _stats_table(data: dict[str, Any]) -> Any:
     for i in range(max(len(m), len(r))):
         left = m[i] if i < len(m) else ("", "")
         right = r[i] if i < len(r) else ("", "")
-        table.add_row(left[0], str(left[1]), right[0], str(right[1]))
+        table.add_row(_text(left[0]), str(left[1]), _text(right[0]), str(right[1]))
     return table
 
 
@@ -757,14 +928,6 @@ def main() -> None:
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
-    except click.ClickException as exc:
+    except click.ClickException as exc:  # refusals: one line, see _one_line_errors
         exc.show()
         sys.exit(exc.exit_code)
-    except InvalidMessageError as exc:
-        click.echo(f"error: invalid message: {exc}", err=True)
-        sys.exit(2)
-    except NotFoundError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(1)
-    except SystemExit:
-        raise

@@ -10,10 +10,11 @@ environment variable or a file, never in rows or task payloads.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, unquote_plus, urlsplit
 
 from .message import Limits
 
@@ -23,6 +24,7 @@ __all__ = [
     "configure",
     "get_settings",
     "hide_password",
+    "is_secret_parameter",
     "settings_from_env",
 ]
 
@@ -114,11 +116,28 @@ class RelayConfig:
         parts = urlsplit(self.url)
         if parts.scheme not in ("smtp", "smtps"):
             raise ValueError(f"relay {self.name!r}: URL must start with smtp:// or smtps://")
+        if "@" in parts.path or "@" in parts.fragment:
+            # urllib ended the host at a '/', '?' or '#' inside the password.
+            raise ValueError(
+                f"relay {self.name!r}: {hide_password(self.url)} has an '@' after its host: "
+                "percent-encode '/', '?', '#' and '@' in the user name and password"
+            )
+        try:
+            parts.port  # noqa: B018 - raises for a port that is not a number
+        except ValueError:
+            raise ValueError(
+                f"relay {self.name!r}: the port of {hide_password(self.url)} is not a number"
+            ) from None
         if not parts.hostname:
             raise ValueError(f"relay {self.name!r}: URL has no host name")
         known = _RELAY_FIELDS
         for key, value in parse_qsl(parts.query, keep_blank_values=True):
             if key not in known or key in ("name", "url"):
+                if not key.isidentifier():  # not an option: maybe the tail of a password
+                    raise ValueError(
+                        f"relay {self.name!r}: the query of {hide_password(self.url)} is not "
+                        "option=value pairs; percent-encode '/', '?', '#' and '@' in a password"
+                    )
                 raise ValueError(f"relay {self.name!r}: unknown URL option {key!r}")
             object.__setattr__(self, key, _convert_relay_field(key, value))
         if parts.username and self.username is None:
@@ -181,16 +200,10 @@ class RelayConfig:
 
     @property
     def safe_url(self) -> str:
-        """The URL with any password (and the query) left out, fit for logs and ``--json``."""
-        parts = urlsplit(self.url)
-        netloc = parts.hostname or ""
-        if parts.port:
-            netloc = f"{netloc}:{parts.port}"
-        if parts.username:
-            netloc = (
-                f"{parts.username}:***@{netloc}" if parts.password else f"{parts.username}@{netloc}"
-            )
-        return f"{parts.scheme}://{netloc}"
+        """Scheme, user and host of the URL (password masked, path and query left
+        out), fit for logs and ``--json``."""
+        parts = urlsplit(self.url)  # validated: urllib's reading is the one used
+        return hide_password(f"{parts.scheme}://{parts.netloc}")
 
     def describe(self) -> dict[str, Any]:
         """What operators may see: everything but secrets."""
@@ -375,18 +388,115 @@ class Settings:
         return [self.relay, *(r for n, r in sorted(self.relays.items()) if n != self.relay.name)]
 
     def __repr__(self) -> str:
+        limits = self.limits_redis_url and hide_password(self.limits_redis_url)
         return (
             f"Settings(database_url={hide_password(self.database_url)!r}, "
-            f"broker_url={hide_password(self.broker_url)!r}, relay={self.relay!r})"
+            f"broker_url={hide_password(self.broker_url)!r}, "
+            f"limits_redis_url={limits!r}, relay={self.relay!r})"
         )
 
 
+SECRET_PARAMETERS = frozenset(
+    {
+        "password",
+        "passwd",
+        "pwd",
+        "pass",
+        "secret",
+        "token",
+        "key",
+        "apikey",
+        "api_key",
+        "access_key",
+        "secret_key",
+        "private_key",
+        "auth",
+        "credential",
+        "credentials",
+        "sig",
+        "signature",
+    }
+)
+"""Query parameter names whose value ``hide_password`` masks (any case, ``-`` as ``_``).
+
+So are names ending in ``password``, ``passwd``, ``secret`` or ``token``
+(``sslpassword``, ``client_secret``, ``access_token``…). Not ``sslkey``,
+``sslcert`` or ``password_file``: they name files, and the operator needs to
+see which."""
+
+_SECRET_SUFFIXES = ("password", "passwd", "secret", "token")
+_SCHEME = re.compile(r"\s*[A-Za-z][\w+.-]*://")
+_AUTHORITY = re.compile(r"[^/?#]*")
+# How SQLAlchemy's make_url reads a password: from the first ':' after the user
+# name up to the next '@', across any '/', '?' or '#'.
+_SQLALCHEMY_PASSWORD = re.compile(r"[^:/]*:(?P<password>[^@]*)@")
+MASK = "***"
+
+
+def is_secret_parameter(name: str) -> bool:
+    """Whether a URL query parameter called ``name`` holds a secret."""
+    key = unquote_plus(name).strip().lower().replace("-", "_")
+    return key in SECRET_PARAMETERS or key.endswith(_SECRET_SUFFIXES)
+
+
 def hide_password(url: str) -> str:
-    """``url`` with its password (if any) replaced by ``***``."""
-    parts = urlsplit(url)
-    if parts.password:
-        return url.replace(f":{parts.password}@", ":***@", 1)
-    return url
+    """``url`` fit to show: its password and secret query parameters replaced by ``***``.
+
+    The one masking function for every URL mailqueue shows (``migrate``,
+    ``repr(settings)``, relay lists, log lines). The password is masked as
+    both urllib (kombu, the relays) and SQLAlchemy read it, since they split
+    a password holding an unencoded ``/``, ``?`` or ``@`` differently. Query
+    parameters named in :data:`SECRET_PARAMETERS` are masked whatever the
+    scheme, ``?password=`` as well as ``?sslpassword=`` or ``&Access_Token=``.
+    """
+    scheme = _SCHEME.match(url)
+    if scheme is None:
+        return url
+    start = scheme.end()
+    spans = []
+    authority = _AUTHORITY.match(url, start)
+    userinfo, at, _ = authority.group().rpartition("@") if authority else ("", "", "")
+    if at and ":" in userinfo:
+        spans.append((start + userinfo.index(":") + 1, start + len(userinfo)))
+    sqlalchemy = _SQLALCHEMY_PASSWORD.match(url, start)
+    if sqlalchemy is not None:
+        spans.append(sqlalchemy.span("password"))
+    merged: list[tuple[int, int]] = []
+    for begin, end in sorted(spans):
+        if end <= begin:
+            continue  # an empty password hides nothing
+        if merged and begin <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(end, merged[-1][1]))
+        else:
+            merged.append((begin, end))
+    parts, done = [], 0
+    for begin, end in merged:
+        parts += [url[done:begin], MASK]
+        done = end
+    parts.append(url[done:])
+    return _hide_secret_parameters("".join(parts), start)
+
+
+def _hide_secret_parameters(url: str, start: int) -> str:
+    """Mask ``name=value`` after the first ``?`` when ``name`` is a secret's.
+
+    Pairs are split on ``&`` (what SQLAlchemy and urllib's ``parse_qsl`` do)
+    and also looked for after a ``;``; a secret's value is masked up to the
+    next ``&``, so a value holding ``;`` or ``#`` does not show its tail.
+    """
+    query_at = url.find("?", start)
+    if query_at < 0:
+        return url
+    pairs = url[query_at + 1 :].split("&")
+    for index, pair in enumerate(pairs):
+        offset = 0
+        for piece in pair.split(";"):
+            name, eq, _ = piece.partition("=")
+            if eq and is_secret_parameter(name):
+                pairs[index] = pair[: offset + len(name) + 1] + MASK
+                break
+            offset += len(piece) + 1
+    return url[: query_at + 1] + "&".join(pairs)
 
 
 # env name -> (Settings field or "relay.<field>", converter)

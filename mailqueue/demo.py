@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 __all__ = ["run_demo"]
@@ -51,7 +52,7 @@ def _demo_messages(count: int) -> list:
 def run_demo(*, messages: int, workdir: Path, concurrency: int, timeout: float) -> int:
     """Run the demo; returns the process exit code (0 when every message settled)."""
     from . import api
-    from .config import configure
+    from .config import configure, hide_password
     from .devserver import DevServer
     from .migrate import upgrade
 
@@ -72,11 +73,19 @@ def run_demo(*, messages: int, workdir: Path, concurrency: int, timeout: float) 
     }
     os.environ.update({k: v for k, v in env.items() if k.startswith("MAILQUEUE_")})
     settings = configure()
-    console.print(f"[bold]mailqueue demo[/]: dev SMTP server on {server.url}, state in {workdir}/")
-    console.print(f"  database {settings.database_url}\n  broker   {settings.broker_url}")
+    console.print(
+        f"[bold]mailqueue demo[/]: dev SMTP server on {server.url}, "
+        f"state in {escape(str(workdir))}/"
+    )
+    console.print(
+        f"  database {hide_password(settings.database_url)}\n"
+        f"  broker   {hide_password(settings.broker_url)}",
+        markup=False,
+    )
     upgrade(settings.database_url)
 
     log_path = workdir / "worker.log"
+    log_shown = escape(str(log_path))
     log = open(log_path, "w")  # noqa: SIM115 - closed in finally
     children = [
         subprocess.Popen(
@@ -129,12 +138,12 @@ def run_demo(*, messages: int, workdir: Path, concurrency: int, timeout: float) 
                     server.defer = []  # the relay recovers; deferred mail goes through on retry
                     recovered = True
                 if time.monotonic() - started > timeout:
-                    console.print(f"[red]timed out after {timeout:.0f}s[/]; see {log_path}")
+                    console.print(f"[red]timed out after {timeout:.0f}s[/]; see {log_shown}")
                     return 1
                 for child in children:
                     if child.poll() is not None:
                         console.print(
-                            f"[red]a child process exited ({child.returncode})[/]; see {log_path}"
+                            f"[red]a child process exited ({child.returncode})[/]; see {log_shown}"
                         )
                         return 1
                 time.sleep(0.3)

@@ -16,24 +16,28 @@ import re
 import sys
 from typing import Any
 
+from .config import hide_password, is_secret_parameter
+
 __all__ = ["configure_logging", "json_enabled", "log_attempt", "SecretFilter"]
 
 log = logging.getLogger("mailqueue.delivery")
 
-_URL_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*:)[^@\s]+(?=@)")
-_KEY_VALUE = re.compile(
-    r"(?P<head>\b(?:password|passwd|pwd|secret|token|api_key)\s*[=:]\s*)[^\s,;&]+", re.I
-)
+_URL = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://\S+")
+_KEY_VALUE = re.compile(r"(?P<head>(?<![\w-])(?P<name>[\w-]+)\s*[=:]\s*)[^\s,;&]+", re.I)
 _AUTH_LINE = re.compile(r"(?P<head>\bAUTH\s+(?:PLAIN|LOGIN|XOAUTH2)\s+)\S+", re.I)
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def scrub(text: str) -> str:
-    """``text`` with URL passwords, ``password=…`` values and AUTH blobs masked."""
-    for pattern in (_URL_PASSWORD, _KEY_VALUE, _AUTH_LINE):
-        text = pattern.sub(lambda m: m.group("head") + "***", text)
-    return text
+    """``text`` with URL passwords and secret parameters (``hide_password``),
+    ``password=…``-like values (the same names) and AUTH blobs masked."""
+    text = _URL.sub(lambda m: hide_password(m.group()), text)
+    text = _KEY_VALUE.sub(
+        lambda m: m.group("head") + "***" if is_secret_parameter(m.group("name")) else m.group(),
+        text,
+    )
+    return _AUTH_LINE.sub(lambda m: m.group("head") + "***", text)
 
 
 class SecretFilter(logging.Filter):

@@ -90,6 +90,140 @@ def test_bad_input_is_refused_whole(stack, bad, field):
     assert counts(stack) == (0, 0)  # nothing half-written
 
 
+def _nested(depth: int) -> dict:
+    """``{"a": {"a": ... {"a": 1}}}`` with ``depth`` objects."""
+    value: object = 1
+    for _ in range(depth):
+        value = {"a": value}
+    return value  # type: ignore[return-value]
+
+
+def _cyclic() -> dict:
+    loop: dict = {}
+    loop["self"] = loop
+    return loop
+
+
+def _refused(field, call, *args, **kwargs) -> InvalidMessageError:
+    with pytest.raises(InvalidMessageError) as caught:
+        call(*args, **kwargs)
+    assert isinstance(caught.value, ValueError)
+    assert caught.value.field == field, caught.value
+    return caught.value
+
+
+@pytest.mark.parametrize("item", [{"sender": "a@example.com"}, None, "a@example.com", b"x", 5])
+def test_anything_but_a_message_is_refused_whole(stack, item):
+    good = Message(sender="a@example.com", to="x@example.com", text="t")
+    kind = type(item).__name__
+    error = _refused("message", mailqueue.enqueue_many, [good, good, item])
+    assert str(error) == f"message: message #2: expected a mailqueue.Message, got {kind}"
+    error = _refused("message", mailqueue.enqueue, item)
+    assert str(error) == f"message: expected a mailqueue.Message, got {kind}"
+    _refused("messages", mailqueue.enqueue_many, good)  # one Message, not a list of them
+    _refused("message", mailqueue.send_now, item)
+    assert counts(stack) == (0, 0)
+
+
+@pytest.mark.parametrize(
+    "options, field, says",
+    [
+        (dict(send_at=5), "send_at", "must be a timezone-aware datetime, not int"),
+        (dict(send_at="2030-01-01T00:00:00Z"), "send_at", "not str"),
+        (dict(send_at=dt.date(2030, 1, 1)), "send_at", "not date"),
+        (dict(send_at=dt.datetime(2030, 1, 1)), "send_at", "must be timezone-aware"),
+        (dict(relay=5), "relay", "must be a relay name (a string), not int"),
+        (dict(relay="nope"), "relay", "no relay named 'nope'"),
+        (dict(idempotency_key=42), "idempotency_key", "must be a string, not int"),
+        (dict(idempotency_key=""), "idempotency_key", "1 to 255 characters"),
+        (dict(metadata=["a"]), "metadata", "must be a JSON object (a dict), not list"),
+        (dict(metadata="tag=x"), "metadata", "not str"),
+        (dict(metadata={"when": dt.datetime.now(dt.UTC)}), "metadata", "is a datetime"),
+        (dict(metadata={"s": {1, 2}}), "metadata", "metadata['s'] is a set, which is not JSON"),
+        (dict(metadata={1: "x"}), "metadata", "keys must be strings, not int"),
+        (dict(metadata={"x": float("nan")}), "metadata", "nan, which JSON cannot hold"),
+        (dict(metadata={"x": float("inf")}), "metadata", "inf, which JSON cannot hold"),
+        (dict(metadata={"x": 10**5000}), "metadata", "4300 digits"),
+        (dict(metadata={"x": "a\x00b"}), "metadata", "metadata['x'] holds a NUL character"),
+        (dict(metadata={"x": "\ud800"}), "metadata", "not valid Unicode"),
+        (dict(metadata=_nested(33)), "metadata", "nested deeper than 32 levels"),
+        (dict(metadata=_nested(100_000)), "metadata", "nested deeper than 32 levels"),
+        (dict(metadata=_cyclic()), "metadata", "nested deeper than 32 levels"),
+        (dict(metadata={"x": "y" * 65_536}), "metadata", "over the 65536-byte limit"),
+        (dict(metadata={"x": [0] * 40_000}), "metadata", "over the 65536-byte limit"),
+        (dict(metadata={"x": "é" * 33_000}), "metadata", "over the 65536-byte limit"),
+        (dict(metadata={"tag": "t" * 256}), "metadata", "at most 255 characters"),
+        (dict(metadata={"tag": ["a"]}), "metadata", "metadata['tag'] must be a string"),
+    ],
+)
+def test_bad_options_are_refused_before_anything_is_written(stack, options, field, says):
+    msg = Message(sender="a@example.com", to="x@example.com", text="t")
+    error = _refused(field, mailqueue.enqueue, msg, **options)
+    assert says in error.reason
+    if set(options) <= {"send_at", "relay"}:
+        error = _refused(field, mailqueue.enqueue_many, [msg], **options)
+        assert says in error.reason
+    assert counts(stack) == (0, 0)
+    assert broker_depth(stack) == 0
+
+
+def test_metadata_at_the_limits_reads_back_as_given(stack):
+    """32 levels, just under 64 KiB, a 255-character tag: stored and indexed
+    on both databases (PostgreSQL indexes ``meta ->> 'tag'``)."""
+    from mailqueue.api import METADATA_MAX_BYTES
+
+    deep = _nested(31)  # 31 objects under the top one: 32 levels
+    filler = "é" * ((METADATA_MAX_BYTES - 1000) // 2)
+    metadata = {"tag": "t" * 255, "deep": deep, "filler": filler, "list": [1, 2.5, None, True]}
+    mid = mailqueue.enqueue(
+        Message(sender="a@example.com", to="x@example.com", text="t"), metadata=metadata
+    )
+    with stack.engine.connect() as conn:
+        assert conn.execute(sa.select(M.c.meta).where(M.c.id == uuid.UUID(mid))).scalar() == (
+            metadata
+        )
+
+
+@pytest.mark.parametrize(
+    "bug",
+    [
+        IndexError("string index out of range"),
+        AttributeError("'NoneType' object has no attribute 'local_part'"),
+        TypeError("expected str"),
+        UnicodeEncodeError("ascii", "é", 0, 1, "ordinal not in range(128)"),
+        LookupError("unknown encoding: x"),
+        KeyError("charset"),
+        ValueError("Header values may not contain linefeed or carriage return characters"),
+    ],
+)
+def test_a_composing_bug_is_a_refusal_not_a_crash(stack, monkeypatch, bug):
+    """Whatever ``build_envelope`` raises by mistake reaches the caller as
+    ``InvalidMessageError`` (field None) carrying the original words, with no
+    chained traceback; nothing is written."""
+    from mailqueue import api
+
+    def broken(message, **_options):
+        raise bug
+
+    monkeypatch.setattr(api, "build_envelope", broken)
+    msg = Message(sender="a@example.com", to="x@example.com", text="t")
+    for call in (mailqueue.enqueue, mailqueue.send_now):
+        error = _refused(None, call, msg)
+        assert str(bug) in error.reason and type(bug).__name__ in error.reason
+        assert error.__cause__ is None and error.__suppress_context__
+    error = _refused(None, mailqueue.enqueue_many, [msg])
+    assert error.reason.startswith("message #0: could not compose the message")
+    assert counts(stack) == (0, 0)
+
+
+@pytest.mark.parametrize("address", ["to@", "@", "a@b@", "<>", "to@[", '"', "a@exa mple.com"])
+def test_malformed_addresses_are_refused_not_crashed_on(stack, address):
+    """``to@`` used to raise a bare ``IndexError`` from the ``email`` package."""
+    with pytest.raises(InvalidMessageError):
+        mailqueue.enqueue(Message(sender="a@example.com", to=[address], text="t"))
+    assert counts(stack) == (0, 0)
+
+
 def test_rows_commit_with_the_callers_session_and_dispatch_after_commit(stack):
     engine = stack.engine
     with Session(engine) as session:

