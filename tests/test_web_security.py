@@ -1,0 +1,548 @@
+"""The web app's input boundary (issue #15, items 6 and 7, the JSON API's part).
+
+Judged by what a client sees: status codes, JSON errors naming the field,
+and the rows that were (not) written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from starlette.testclient import TestClient
+
+import mailqueue
+from mailqueue.store.models import MessageRow
+from mailqueue.web import payload
+from mailqueue.web.app import create_app
+
+TOKEN = "web-security-test-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+GOOD = {"sender": "app@example.com", "to": ["ana@example.org"], "subject": "Hi", "text": "x"}
+
+
+@pytest.fixture
+def client(stack) -> Iterator[TestClient]:
+    with TestClient(create_app(token=TOKEN)) as c:
+        yield c
+
+
+def count_messages(stack) -> int:
+    with stack.engine.connect() as conn:
+        return conn.execute(sa.select(sa.func.count()).select_from(MessageRow)).scalar()
+
+
+# -- item 6: the body is bounded before it is read ---------------------------------------------
+
+
+def call_asgi(
+    app, method: str, path: str, headers: dict[str, str], chunks
+) -> tuple[int, dict, bytes, int]:
+    """Drive the ASGI app directly: ``chunks`` is pulled only as the app asks for it.
+
+    Returns the status, headers, body and how many request bytes the app pulled.
+    """
+    pulled = 0
+    out: dict[str, Any] = {"body": b""}
+    chunks = iter(chunks)
+
+    async def receive() -> dict[str, Any]:
+        nonlocal pulled
+        chunk = next(chunks, None)
+        if chunk is None:
+            return {"type": "http.request", "body": b"", "more_body": False}
+        pulled += len(chunk)
+        return {"type": "http.request", "body": chunk, "more_body": True}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            out["status"] = message["status"]
+            out["headers"] = {k.decode(): v.decode() for k, v in message["headers"]}
+        elif message["type"] == "http.response.body":
+            out["body"] += message.get("body", b"")
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
+        "client": ("127.0.0.1", 50000),
+        "server": ("testserver", 80),
+    }
+    asyncio.run(app(scope, receive, send))
+    return out["status"], out["headers"], out["body"], pulled
+
+
+def test_a_declared_length_over_the_limit_is_refused_before_one_byte_is_read(sqlite_stack):
+    sqlite_stack.reconfigure(api_max_body=1024 * 1024)
+    app = create_app(token=TOKEN)
+    headers = {**AUTH, "content-type": "application/json", "content-length": str(80_000_000)}
+    chunk = b" " * (1024 * 1024)
+    status, _h, body, pulled = call_asgi(app, "POST", "/api/v1/messages", headers, [chunk] * 80)
+    assert status == 413
+    answer = json.loads(body)
+    assert answer["error"] == "too_large" and answer["field"] == "body"
+    assert "1048576 bytes" in answer["detail"] and "MAILQUEUE_API_MAX_BODY" in answer["detail"]
+    assert pulled == 0
+    # the other POST endpoints never read a body, but refuse a declared huge one all the same
+    status, _h, _b, pulled = call_asgi(
+        app, "POST", "/api/v1/messages/0190d2a8-0000-7000-8000-000000000000/retry", headers, []
+    )
+    assert status == 413 and pulled == 0
+
+
+def test_a_chunked_body_is_cut_off_as_soon_as_it_passes_the_limit(sqlite_stack):
+    limit = 1024 * 1024
+    sqlite_stack.reconfigure(api_max_body=limit)
+    app = create_app(token=TOKEN)
+    headers = {**AUTH, "content-type": "application/json", "transfer-encoding": "chunked"}
+    chunk = b" " * (64 * 1024)
+    status, _h, body, pulled = call_asgi(
+        app, "POST", "/api/v1/messages", headers, [chunk] * (80 * 16)
+    )  # 80 MiB offered
+    assert status == 413 and json.loads(body)["field"] == "body"
+    assert pulled <= limit + len(chunk)
+    assert count_messages(sqlite_stack) == 0
+
+
+def test_a_body_of_exactly_the_limit_is_read(sqlite_stack):
+    raw = json.dumps(GOOD).encode()
+    sqlite_stack.reconfigure(api_max_body=len(raw))
+    with TestClient(create_app(token=TOKEN)) as c:
+        ok = c.post(
+            "/api/v1/messages", headers={**AUTH, "content-type": "application/json"}, content=raw
+        )
+        assert ok.status_code == 201, ok.text
+        over = c.post(
+            "/api/v1/messages",
+            headers={**AUTH, "content-type": "application/json"},
+            content=raw + b" ",
+        )
+        assert over.status_code == 413
+
+
+def test_the_default_body_limit_follows_the_message_limit():
+    from mailqueue.config import Settings, settings_from_env
+
+    default = Settings()
+    assert default.api_body_limit == default.max_message_size * 3 // 2 + 64 * 1024
+    assert Settings(max_message_size=100 * 1024 * 1024).api_body_limit > 150 * 1024 * 1024
+    env = settings_from_env({"MAILQUEUE_API_MAX_BODY": "2048", "MAILQUEUE_API_MAX_DEPTH": "8"})
+    assert env.api_body_limit == 2048 and env.api_max_depth == 8
+    with pytest.raises(ValueError, match="MAILQUEUE_API_MAX_DEPTH"):
+        Settings(api_max_depth=2)
+
+
+@pytest.fixture
+def live_server(sqlite_stack) -> Iterator[tuple[str, int]]:
+    """The app under a real uvicorn on a free loopback port."""
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(token=TOKEN), host="127.0.0.1", port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline, "web server did not start"
+        time.sleep(0.05)
+    try:
+        yield "127.0.0.1", port
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def test_on_the_wire_a_huge_declared_body_gets_413_without_sending_it(live_server):
+    """Only the headers are sent: the answer comes without waiting for 80 MB."""
+    with socket.create_connection(live_server, timeout=30) as sock:
+        sock.sendall(
+            b"POST /api/v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Authorization: Bearer " + TOKEN.encode() + b"\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 80000000\r\n\r\n"
+        )
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            data = sock.recv(65536)
+            assert data, "the server closed the connection without answering"
+            answer += data
+    assert answer.startswith(b"HTTP/1.1 413 ")
+
+
+# -- item 6: JSON nesting and what strict JSON excludes ----------------------------------------
+
+
+def nested(depth: int) -> Any:
+    value: Any = "leaf"
+    for _ in range(depth):
+        value = {"k": value}
+    return value
+
+
+def post_raw(c: TestClient, raw: bytes | str):
+    return c.post(
+        "/api/v1/messages", headers={**AUTH, "content-type": "application/json"}, content=raw
+    )
+
+
+def test_json_nesting_is_capped_and_never_a_recursion_error(stack, client):
+    # depth counts the body object: {"metadata": <30 objects>} is 31 deep, fine at 32
+    ok = client.post("/api/v1/messages", headers=AUTH, json={**GOOD, "metadata": nested(30)})
+    assert ok.status_code == 201, ok.text
+    too_deep = client.post("/api/v1/messages", headers=AUTH, json={**GOOD, "metadata": nested(32)})
+    assert too_deep.status_code == 400
+    assert too_deep.json()["field"] == "body" and "32" in too_deep.json()["detail"]
+    for raw in ("[" * 100_000 + "]" * 100_000, '{"a":' * 50_000 + "1" + "}" * 50_000):
+        r = post_raw(client, raw)
+        assert r.status_code == 400 and r.json()["field"] == "body", r.text
+    assert count_messages(stack) == 1
+
+
+@pytest.mark.parametrize(
+    ("raw", "field", "words"),
+    [
+        (b'{"sender": "a@x.org", "to": "b@x.org", "metadata": {"n": NaN}}', "body", "NaN"),
+        (b'{"sender": "a@x.org", "to": "b@x.org", "metadata": {"n": -Infinity}}', "body", "Inf"),
+        (b'{"to": "b@x.org", "to": "evil@x.org", "sender": "a@x.org"}', "body", "twice"),
+        (b'{"sender": "a@x.org", "to": "b@x.org", "subject": "\\ud800"}', "subject", "surrogate"),
+        (
+            b'{"sender": "a@x.org", "to": "b@x.org", "metadata": {"k": "a\\u0000"}}',
+            "metadata",
+            "NUL",
+        ),
+        (
+            b'{"sender": "a@x.org", "to": "b@x.org", "idempotency_key": "k\\u0000"}',
+            "idempotency_key",
+            "NUL",
+        ),
+        (b'{"sender": "a@x.org", "to": "b@x.org", "text": "a\\u0000b"}', "text", "NUL"),
+        (b"\xff\xfe{}", "body", "UTF-8"),
+        (b'{"sender": ', "body", "not valid JSON"),
+        (b"", "body", "not valid JSON"),
+    ],
+)
+def test_what_strict_json_refuses(stack, client, raw, field, words):
+    r = post_raw(client, raw)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"] == "invalid" and r.json()["field"] == field
+    assert words in r.json()["detail"]
+    assert count_messages(stack) == 0
+
+
+# -- item 7: every field is type-checked -----------------------------------------------------
+
+BAD_FIELDS = [
+    ({"send_at": 5}, "send_at"),
+    ({"send_at": "next tuesday"}, "send_at"),
+    ({"send_at": ["2030-01-01"]}, "send_at"),
+    ({"send_at": "9999-12-31T23:00:00+00:00"}, "send_at"),
+    ({"send_at": "0001-01-01T00:00:00+14:00"}, "send_at"),
+    ({"to": 5}, "to"),
+    ({"to": [1, 2]}, "to"),
+    ({"to": {"a": "b@x.org"}}, "to"),
+    ({"cc": True}, "cc"),
+    ({"bcc": [None]}, "bcc"),
+    ({"reply_to": 1.5}, "reply_to"),
+    ({"sender": ["a@x.org"]}, "sender"),
+    ({"subject": 5}, "subject"),
+    ({"text": ["x"]}, "text"),
+    ({"html": {"x": 1}}, "html"),
+    ({"headers": [1, 2]}, "headers"),
+    ({"headers": "X-A: b"}, "headers"),
+    ({"headers": 0}, "headers"),
+    ({"headers": {"X-A": 5}}, "headers"),
+    ({"headers": {"X-A": ["b"]}}, "headers"),
+    ({"attachments": {"filename": "a"}}, "attachments"),
+    ({"attachments": 5}, "attachments"),
+    ({"attachments": "abc"}, "attachments"),
+    ({"attachments": [5]}, "attachments"),
+    ({"attachments": [{"filename": 5, "content_base64": ""}]}, "attachments"),
+    ({"attachments": [{"content_base64": "aGk="}]}, "attachments"),
+    ({"attachments": [{"filename": "a", "content_base64": 5}]}, "attachments"),
+    ({"attachments": [{"filename": "a", "content_base64": None}]}, "attachments"),
+    ({"attachments": [{"filename": "a", "content_base64": "!!"}]}, "attachments"),
+    ({"attachments": [{"filename": "a", "content_base64": "", "content_type": 5}]}, "attachments"),
+    ({"attachments": [{"filename": "a", "content_base64": "", "inline": True}]}, "attachments"),
+    ({"metadata": []}, "metadata"),
+    ({"metadata": "tag=x"}, "metadata"),
+    ({"metadata": {"tag": 5}}, "metadata"),
+    ({"metadata": {"tag": "x" * 256}}, "metadata"),
+    ({"metadata": {"blob": "x" * (70 * 1024)}}, "metadata"),
+    ({"relay": 5}, "relay"),
+    ({"relay": "bulk\n"}, "relay"),
+    ({"relay": "no-such-relay"}, "relay"),
+    ({"idempotency_key": 5}, "idempotency_key"),
+    ({"idempotency_key": ""}, "idempotency_key"),
+    ({"idempotency_key": "k" * 256}, "idempotency_key"),
+    ({"idempotency_key": "a\nb"}, "idempotency_key"),
+    ({"bogus": 1}, "body"),
+]
+
+
+@pytest.mark.parametrize(("patch", "field"), BAD_FIELDS, ids=[repr(p)[:60] for p, _ in BAD_FIELDS])
+def test_a_bad_field_is_a_400_naming_it_and_writes_nothing(stack, client, patch, field):
+    r = client.post("/api/v1/messages", headers=AUTH, json={**GOOD, **patch})
+    assert r.status_code == 400, r.text
+    body = r.json()
+    assert body["error"] == "invalid" and body["field"] == field, body
+    assert body["detail"]
+    assert count_messages(stack) == 0
+
+
+@pytest.mark.parametrize("body", [[GOOD], "x", 5, None, True])
+def test_a_body_that_is_not_an_object_is_a_400(stack, client, body):
+    r = post_raw(client, json.dumps(body))
+    assert r.status_code == 400 and r.json()["field"] == "body"
+    assert "JSON object" in r.json()["detail"]
+
+
+def test_null_is_the_same_as_absent_and_a_full_message_is_queued(stack, client):
+    nulls = dict.fromkeys(payload.ENQUEUE_FIELDS)
+    r = client.post("/api/v1/messages", headers=AUTH, json={**nulls, **GOOD})
+    assert r.status_code == 201, r.text
+    r = client.post(
+        "/api/v1/messages",
+        headers=AUTH,
+        json={
+            **GOOD,
+            "cc": "cc@example.org",
+            "headers": {"X-Campaign": "spring"},
+            "attachments": [
+                {
+                    "filename": "a.txt",
+                    "content_base64": base64.b64encode(b"hello").decode(),
+                    "content_type": "text/plain",
+                }
+            ],
+            "send_at": "2030-01-01T10:00:00+02:00",
+            "metadata": {"tag": "welcome", "n": [1, {"deep": True}]},
+            "idempotency_key": "order-1",
+        },
+    )
+    assert r.status_code == 201, r.text
+    info = mailqueue.get_status(r.json()["id"])
+    assert sorted(x.address for x in info.recipients) == ["ana@example.org", "cc@example.org"]
+    assert info.next_attempt_at.isoformat().startswith("2030-01-01T08:00:00")
+
+
+def test_bad_list_filters_are_400_not_database_errors(stack, client):
+    for query, field in [
+        ("sender=%00", "sender"),
+        ("recipient=a%00b", "recipient"),
+        ("tag=%00", "tag"),
+        ("before=%00", "before"),
+        ("since=0001-01-01T00:00:00%2B14:00", "since"),
+        ("limit=" + "9" * 5000, "limit"),
+    ]:
+        r = client.get(f"/api/v1/messages?{query}", headers=AUTH)
+        assert r.status_code == 400, (query, r.text)
+        assert r.json()["field"] == field
+
+
+# -- item 7: hypothesis throws JSON at the endpoint ----------------------------------------------
+#
+# Until the message side of #15 lands (mailqueue/message.py), a few address and
+# content-type texts still make ``Message`` raise a raw IndexError, ValueError or
+# AssertionError; they are pinned, one by one, in
+# ``test_hostile_message_values_are_a_400_naming_the_field`` below, and kept out of
+# the random texts here (no "@" in random text, no empty sender, no line breaks in
+# content types). When that branch is merged, drop ``_no_known_message_bug``.
+
+
+def _no_known_message_bug(text: str) -> bool:
+    return bool(text) and "@" not in text
+
+
+_LINE_BREAKS = "\r\n\v\f\x1c\x1d\x1e\x85\u2028\u2029"
+_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=30).filter(_no_known_message_bug)
+)
+_json = st.recursive(
+    _scalars,
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+_address = st.sampled_from(
+    [
+        "ana@example.org",
+        "Bob <bob@example.org>",
+        "@example.org",
+        "a@b",
+        " ",
+        "x@y.z, evil@attacker.test",
+        '"evil@attacker.test, Someone" <ana@example.org>',
+        "ana@ex\u00e4mple.org",
+        "\u00e4na@example.org",
+        "<>",
+        "a" * 300 + "@example.org",
+    ]
+) | st.text(max_size=40).filter(_no_known_message_bug)
+_plausible = {
+    "sender": _address,
+    "to": _address | st.lists(_address, max_size=3),
+    "cc": st.lists(_address, max_size=2),
+    "bcc": _address,
+    "reply_to": st.lists(_address, max_size=2),
+    "subject": st.text(max_size=60)
+    | st.sampled_from(["=?utf-8?q?x=0D=0ABcc:_evil@attacker.test?=", "a\r\nBcc: e@x.org"]),
+    "text": st.text(max_size=60),
+    "html": st.text(max_size=60),
+    "headers": st.dictionaries(
+        st.text(max_size=12) | st.sampled_from(["X-Tag", "X-Tag\n", "Bcc", "From", "Subject"]),
+        st.text(max_size=30),
+        max_size=3,
+    ),
+    "attachments": st.lists(
+        st.fixed_dictionaries(
+            {
+                "filename": st.text(max_size=20),
+                "content_base64": st.binary(max_size=30).map(lambda b: base64.b64encode(b).decode())
+                | st.text(max_size=10),
+            },
+            optional={
+                "content_type": st.text(
+                    st.characters(blacklist_characters=_LINE_BREAKS), max_size=30
+                )
+                | st.sampled_from(["text/plain", "a/b/c", "x", 'text/plain; charset="x"'])
+            },
+        ),
+        max_size=2,
+    ),
+    "relay": st.text(max_size=10) | st.sampled_from(["default", "bulk", "r" * 64]),
+    "send_at": st.datetimes().map(lambda d: d.isoformat()) | st.text(max_size=25),
+    "idempotency_key": st.text(max_size=20),
+    "metadata": st.dictionaries(st.sampled_from(["tag", "k", ""]), _json, max_size=3),
+}
+_any_field = st.sampled_from(sorted(_plausible)).flatmap(
+    lambda name: st.tuples(st.just(name), _plausible[name] | _json)
+)
+_bodies = (
+    # a good message with one or two fields replaced, so no other field's error masks it
+    st.lists(_any_field, min_size=1, max_size=2).map(lambda pairs: {**GOOD, **dict(pairs)})
+    | st.fixed_dictionaries(
+        {}, optional={name: strategy | _json for name, strategy in _plausible.items()}
+    )
+    | _json
+)
+
+
+@settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(body=_bodies)
+def test_random_json_is_never_a_server_error(stack, client, body):
+    """Whatever JSON arrives: 201 or a JSON 4xx that names a field; the app never raises."""
+    r = post_raw(client, json.dumps(body))
+    assert r.status_code in (201, 400, 413), r.text
+    answer = r.json()
+    if r.status_code != 201:
+        assert answer["field"] and answer["detail"], answer
+
+
+def _message_bug(raises: type[BaseException], what: str) -> Any:
+    return pytest.mark.xfail(
+        raises=raises, strict=True, reason=f"mailqueue/message.py {what} (#15, message side)"
+    )
+
+
+HOSTILE = [
+    pytest.param(
+        {"to": "ana@example.org, evil@attacker.test"},
+        "to",
+        marks=_message_bug(AssertionError, "delivers one entry to two addresses"),
+        id="two-in-one-to",
+    ),
+    pytest.param(
+        {"bcc": ["ana@example.org, evil@attacker.test"]},
+        "bcc",
+        marks=_message_bug(AssertionError, "delivers one entry to two addresses"),
+        id="two-in-one-bcc",
+    ),
+    pytest.param(
+        {"headers": {"X-Tag\n": "a"}},
+        "headers",
+        marks=_message_bug(AssertionError, "accepts a header name ending in a newline"),
+        id="header-name-newline",
+    ),
+    pytest.param({"headers": {"X-Tag": "a\r\nBcc: evil@attacker.test"}}, "headers", id="crlf"),
+    pytest.param({"subject": "a\nBcc: evil@attacker.test"}, "subject", id="subject-lf"),
+    pytest.param({"text": "a\u0000"}, "text", id="text-nul"),
+    pytest.param(
+        {"attachments": [{"filename": "a\r\nX: y", "content_base64": ""}]},
+        "attachments",
+        id="filename-crlf",
+    ),
+    pytest.param({"sender": ""}, "sender", marks=_message_bug(AssertionError, "asserts"), id="e"),
+    pytest.param({"to": "to@"}, "to", marks=_message_bug(IndexError, "IndexError"), id="to@"),
+    pytest.param({"cc": ["a@"]}, "cc", marks=_message_bug(IndexError, "IndexError"), id="cc"),
+    pytest.param(
+        {"sender": "=?utf-8?q?x=0D=0ABcc:_evil@attacker.test?= <ana@example.org>"},
+        "sender",
+        marks=_message_bug(ValueError, "raw ValueError"),
+        id="encoded-crlf-display-name",
+    ),
+    pytest.param(
+        {"attachments": [{"filename": "a", "content_base64": "", "content_type": "text/p\nlain"}]},
+        "attachments",
+        marks=_message_bug(ValueError, "raw ValueError"),
+        id="content-type-lf",
+    ),
+]
+
+
+@pytest.mark.parametrize(("patch", "field"), HOSTILE)
+def test_hostile_message_values_are_a_400_naming_the_field(stack, client, patch, field):
+    r = client.post("/api/v1/messages", headers=AUTH, json={**GOOD, **patch})
+    assert r.status_code == 400, r.text
+    assert r.json()["field"] == field
+    assert count_messages(stack) == 0
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    params=st.dictionaries(
+        st.sampled_from(
+            ["status", "sender", "recipient", "relay", "tag", "since", "until", "before", "limit"]
+        ),
+        st.text(max_size=20),
+        max_size=4,
+    )
+)
+def test_random_list_filters_are_never_a_server_error(stack, client, params):
+    r = client.get("/api/v1/messages", headers=AUTH, params=params)
+    assert r.status_code in (200, 400, 404), r.text  # 404: ``before`` names no message
+    assert r.json()
+    r = client.get("/", headers=AUTH, params=params)
+    assert r.status_code in (200, 400, 404), r.text
