@@ -236,6 +236,8 @@ def test_json_nesting_is_capped_and_never_a_recursion_error(stack, client):
             "NUL",
         ),
         (b'{"sender": "a@x.org", "to": "b@x.org", "text": "a\\u0000b"}', "text", "NUL"),
+        (b'{"": {"\\u0000": 1}}', "body", "NUL"),
+        (b'{"\\u0000": 1}', "body", "NUL"),
         (b"\xff\xfe{}", "body", "UTF-8"),
         (b'{"sender": ', "body", "not valid JSON"),
         (b"", "body", "not valid JSON"),

@@ -187,7 +187,8 @@ def _check_tree(value: Any, max_depth: int) -> None:
                 raise _too_deep(max_depth)
             if isinstance(item, dict):
                 for key, child in item.items():
-                    name = key if depth == 1 else field
+                    # the body's own keys name the field; a key that cannot be one is "body"
+                    name = key if depth == 1 and key.isidentifier() else field
                     stack.append((key, depth, name))
                     stack.append((child, depth, name))
             else:
