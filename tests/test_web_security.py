@@ -1,7 +1,8 @@
-"""The web app's input boundary (issue #15, items 6 and 7, the JSON API's part).
+"""The web app's input boundary and its guards (issue #15, items 6, 7 and 10).
 
 Judged by what a client sees: status codes, JSON errors naming the field,
-and the rows that were (not) written.
+cookies, and the rows that were (not) written. Time is a clock the test
+moves, never a sleep.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
 import socket
 import threading
 import time
@@ -24,11 +26,22 @@ from starlette.testclient import TestClient
 import mailqueue
 from mailqueue.store.models import MessageRow
 from mailqueue.web import payload
-from mailqueue.web.app import create_app
+from mailqueue.web.app import CSRF_COOKIE, SESSION_COOKIE, create_app
+from mailqueue.web.security import client_key
 
 TOKEN = "web-security-test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 GOOD = {"sender": "app@example.com", "to": ["ana@example.org"], "subject": "Hi", "text": "x"}
+
+
+class Clock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
 
 
 @pytest.fixture
@@ -40,6 +53,15 @@ def client(stack) -> Iterator[TestClient]:
 def count_messages(stack) -> int:
     with stack.engine.connect() as conn:
         return conn.execute(sa.select(sa.func.count()).select_from(MessageRow)).scalar()
+
+
+def csrf_of(response) -> str:
+    return re.search(r'name="csrf" value="([^"]+)"', response.text).group(1)
+
+
+def login(c: TestClient, token: str = TOKEN):
+    csrf = csrf_of(c.get("/login"))
+    return c.post("/login", data={"token": token, "csrf": csrf}, follow_redirects=False)
 
 
 # -- item 6: the body is bounded before it is read ---------------------------------------------
@@ -548,3 +570,154 @@ def test_random_list_filters_are_never_a_server_error(stack, client, params):
     assert r.json()
     r = client.get("/", headers=AUTH, params=params)
     assert r.status_code in (200, 400, 404), r.text
+
+
+# -- item 10: sessions -------------------------------------------------------------------------
+
+
+def test_each_login_gets_a_new_random_session_that_logout_ends(sqlite_stack):
+    app = create_app(token=TOKEN)
+    with TestClient(app) as first, TestClient(app) as second:
+        assert login(first).status_code == 303
+        assert login(second).status_code == 303
+        one, two = first.cookies[SESSION_COOKIE], second.cookies[SESSION_COOKIE]
+        assert one != two and TOKEN not in one and len(one) >= 40
+        assert login(first).status_code == 303
+        assert first.cookies[SESSION_COOKIE] not in (one, two)  # again a new one
+        kept = first.cookies[SESSION_COOKIE]
+        assert first.get("/", follow_redirects=False).status_code == 200
+
+        page = first.get("/")
+        bye = first.post("/logout", data={"csrf": csrf_of(page)}, follow_redirects=False)
+        assert bye.status_code == 303 and bye.headers["location"] == "/login"
+        assert SESSION_COOKIE not in first.cookies
+
+    # someone who copied the cookie before the logout gets nothing with it
+    with TestClient(app, cookies={SESSION_COOKIE: kept}) as thief:
+        r = thief.get("/", follow_redirects=False)
+        assert r.status_code == 303 and r.headers["location"].startswith("/login")
+    # the other browser's session is untouched
+    with TestClient(app, cookies={SESSION_COOKIE: two}) as other:
+        assert other.get("/", follow_redirects=False).status_code == 200
+
+
+def test_logout_needs_the_csrf_token(sqlite_stack):
+    with TestClient(create_app(token=TOKEN)) as c:
+        login(c)
+        session = c.cookies[SESSION_COOKIE]
+        forged = c.post("/logout", data={"csrf": "forged"}, follow_redirects=False)
+        assert forged.status_code == 403
+        assert c.post("/logout", follow_redirects=False).status_code == 403
+        assert c.get("/logout").status_code == 405
+        assert c.cookies[SESSION_COOKIE] == session
+        assert c.get("/", follow_redirects=False).status_code == 200  # still logged in
+
+
+def test_a_session_expires_after_its_lifetime(sqlite_stack):
+    sqlite_stack.reconfigure(web_session_s=3600.0)
+    clock = Clock()
+    with TestClient(create_app(token=TOKEN, clock=clock)) as c:
+        r = login(c)
+        assert "max-age=3600" in r.headers["set-cookie"].lower()
+        clock.now += 3599
+        assert c.get("/", follow_redirects=False).status_code == 200
+        clock.now += 1
+        r = c.get("/", follow_redirects=False)
+        assert r.status_code == 303 and r.headers["location"].startswith("/login")
+
+
+def test_cookies_are_httponly_strict_and_secure_over_https(sqlite_stack):
+    app = create_app(token=TOKEN)
+    with TestClient(app, base_url="https://mail.example.com") as c:
+        r = login(c)
+        cookies = [v.lower() for k, v in r.headers.multi_items() if k == "set-cookie"]
+        session = next(v for v in cookies if v.startswith(SESSION_COOKIE))
+        assert "httponly" in session and "samesite=strict" in session and "secure" in session
+        assert any(v.startswith(CSRF_COOKIE) and "secure" in v for v in cookies)
+    with TestClient(app) as c:
+        r = login(c)
+        session = next(
+            v.lower()
+            for k, v in r.headers.multi_items()
+            if k == "set-cookie" and SESSION_COOKIE in v
+        )
+        assert "httponly" in session and "secure" not in session  # plain http on loopback
+
+
+def test_login_redirects_only_to_this_site(sqlite_stack):
+    with TestClient(create_app(token=TOKEN)) as c:
+        for nxt, expected in [
+            ("/messages", "/messages"),
+            ("//evil.example", "/"),
+            ("/\\evil.example", "/"),
+            ("https://evil.example", "/"),
+        ]:
+            csrf = csrf_of(c.get("/login"))
+            r = c.post(
+                "/login",
+                params={"next": nxt},
+                data={"token": TOKEN, "csrf": csrf},
+                follow_redirects=False,
+            )
+            assert r.status_code == 303 and r.headers["location"] == expected
+
+
+# -- item 10: failed attempts ------------------------------------------------------------------
+
+
+def test_wrong_logins_are_limited_per_address_with_retry_after(sqlite_stack):
+    sqlite_stack.reconfigure(web_auth_failures_per_min=3)
+    clock = Clock()
+    app = create_app(token=TOKEN, clock=clock)
+    with TestClient(app, client=("203.0.113.7", 5000)) as c:
+        for _ in range(3):
+            assert login(c, "guess").status_code == 401
+            clock.now += 1
+        limited = login(c, "guess")
+        assert limited.status_code == 429
+        assert 1 <= int(limited.headers["retry-after"]) <= 60
+        assert "try again in" in limited.text and TOKEN not in limited.text
+        # while limited, even the right token is not looked at
+        assert login(c).status_code == 429
+        # another address is not affected
+        with TestClient(app, client=("198.51.100.9", 5000)) as other:
+            assert login(other).status_code == 303
+        clock.now += 60
+        assert login(c).status_code == 303
+
+
+def test_wrong_bearer_tokens_are_limited_per_address(sqlite_stack):
+    sqlite_stack.reconfigure(web_auth_failures_per_min=5)
+    clock = Clock()
+    app = create_app(token=TOKEN, clock=clock)
+    wrong = {"Authorization": "Bearer not-the-token"}
+    with TestClient(app, client=("2001:db8:1:2::10", 5000)) as c:
+        for _ in range(5):
+            assert c.get("/api/v1/stats", headers=wrong).status_code == 401
+        r = c.get("/api/v1/stats", headers=wrong)
+        assert r.status_code == 429 and r.json()["error"] == "too_many_attempts"
+        assert int(r.headers["retry-after"]) == 60
+        assert TOKEN not in r.text
+        assert c.get("/api/v1/stats", headers=AUTH).status_code == 429
+        assert c.post("/api/v1/messages", headers=AUTH, json=GOOD).status_code == 429
+        # no Authorization at all is not a guess: a plain 401
+        assert c.get("/api/v1/stats").status_code == 401
+    # the same /64 shares the budget; the next /64 has its own
+    with TestClient(app, client=("2001:db8:1:2::99", 5000)) as same_net:
+        assert same_net.get("/api/v1/stats", headers=AUTH).status_code == 429
+    with TestClient(app, client=("2001:db8:1:3::10", 5000)) as next_net:
+        assert next_net.get("/api/v1/stats", headers=AUTH).status_code == 200
+    clock.now += 30
+    with TestClient(app, client=("2001:db8:1:2::10", 5000)) as c:
+        r = c.get("/api/v1/stats", headers=AUTH)
+        assert r.status_code == 429 and int(r.headers["retry-after"]) == 30
+        clock.now += 30
+        assert c.get("/api/v1/stats", headers=AUTH).status_code == 200
+
+
+def test_client_key_groups_ipv6_by_64_and_unwraps_mapped_ipv4():
+    assert client_key("203.0.113.7") == "203.0.113.7"
+    assert client_key("2001:db8:1:2::10") == client_key("2001:db8:1:2:ffff::1")
+    assert client_key("2001:db8:1:2::10") != client_key("2001:db8:1:3::10")
+    assert client_key("::ffff:203.0.113.7") == "203.0.113.7"
+    assert client_key(None) == "unknown"

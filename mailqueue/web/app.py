@@ -1,14 +1,17 @@
 """The status page and the JSON API, as one Starlette app.
 
 Access: with a token, the API wants ``Authorization: Bearer <token>`` and
-the page a login (the token typed once, kept as a signed cookie). Without a
-token the app only runs bound to loopback and only when asked explicitly
-(``--no-auth-on-loopback``); it then also refuses other ``Host`` headers, so
-a web page elsewhere cannot reach it through DNS rebinding.
+the page a login (the token typed once; the browser then holds a random
+session id, see ``security.py``). Without a token the app only runs bound to
+loopback and only when asked explicitly (``--no-auth-on-loopback``); it then
+also refuses other ``Host`` headers, so a web page elsewhere cannot reach it
+through DNS rebinding. Wrong tokens are counted per client address and
+answered 429 past the limit.
 
-Every state change is a POST. Page forms carry a CSRF token that must match
-a ``SameSite=Strict`` cookie; API POSTs must be JSON (a cross-site form can
-not send that without a CORS preflight, which this app never grants).
+Every state change is a POST. Page forms (logout included) carry a CSRF
+token that must match a ``SameSite=Strict`` cookie; API POSTs must be JSON
+(a cross-site form can not send that without a CORS preflight, which this
+app never grants).
 
 Input is bounded before it is read (``payload.py``): a JSON body over
 ``api_body_limit`` is answered 413 from its ``Content-Length`` or as soon as
@@ -22,7 +25,6 @@ settings are never dumped.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import hmac
 import json
 import secrets
@@ -50,6 +52,7 @@ from ..store.models import MessageStatus, RecipientStatus
 from . import payload
 from .chart import render_chart
 from .payload import BodyTooLarge, parse_time, read_body, read_form, refuse_nul
+from .security import FailureLimiter, SessionStore, TooManyAttempts, client_key
 
 __all__ = ["create_app"]
 
@@ -160,65 +163,125 @@ def _limit(params: Any, default: int = 50) -> int:
 _WINDOWS = {"1h": (3600, 60), "6h": (6 * 3600, 600), "24h": (86400, 3600), "7d": (7 * 86400, 21600)}
 
 
-def create_app(*, token: str | None, allow_anonymous: bool = False) -> Starlette:
-    """The ASGI app; ``token=None`` requires ``allow_anonymous`` (loopback only)."""
+def create_app(
+    *,
+    token: str | None,
+    allow_anonymous: bool = False,
+    clock: Callable[[], float] = time.monotonic,
+) -> Starlette:
+    """The ASGI app; ``token=None`` requires ``allow_anonymous`` (loopback only).
+
+    ``clock`` (seconds, monotonic) times sessions and the failed-attempt
+    window; tests pass their own to move time without sleeping.
+    """
     if not token and not allow_anonymous:
         raise ValueError("a token is required unless anonymous loopback access is allowed")
-    key = hashlib.sha256(b"mailqueue-web:" + (token or secrets.token_hex(16)).encode()).digest()
-    session_value = hmac.new(key, b"session", hashlib.sha256).hexdigest()
+    settings = get_settings()
+    sessions = SessionStore(settings.web_session_s, clock)
+    failures = FailureLimiter(settings.web_auth_failures_per_min, clock)
     cache = _Cache(5.0)
 
-    def authed(request: Request, *, api_call: bool) -> bool:
-        if not token:
-            return True
+    def token_matches(given: str) -> bool:
+        return bool(token) and hmac.compare_digest(
+            given.encode("utf-8", "surrogateescape"), (token or "").encode()
+        )
+
+    def bearer(request: Request) -> str | None:
         header = request.headers.get("authorization", "")
-        if header.lower().startswith("bearer ") and hmac.compare_digest(
-            header[7:].strip().encode(), token.encode()
-        ):
+        return header[7:].strip() if header[:7].lower() == "bearer " else None
+
+    def client(request: Request) -> str:
+        return client_key(request.client.host if request.client else None)
+
+    def bearer_ok(request: Request) -> bool | None:
+        """Whether the bearer token is right (None: none sent); ``TooManyAttempts`` first."""
+        given = bearer(request)
+        if given is None:
+            return None
+        who = client(request)
+        failures.check(who)
+        if token_matches(given):
+            failures.succeeded(who)
             return True
-        if api_call:
-            return False
-        cookie = request.cookies.get(SESSION_COOKIE, "")
-        return hmac.compare_digest(cookie.encode(), session_value.encode())
+        failures.failed(who)
+        return False
+
+    def has_session(request: Request) -> bool:
+        return sessions.is_valid(request.cookies.get(SESSION_COOKIE, ""))
 
     def csrf_token(request: Request) -> str:
         return request.cookies.get(CSRF_COOKIE) or request.state.new_csrf
 
-    async def csrf_ok(request: Request) -> bool:
-        form = await read_form(request)
+    def csrf_ok(request: Request, form: dict[str, str]) -> bool:
         sent = form.get("csrf", "")
         cookie = request.cookies.get(CSRF_COOKIE, "")
-        return bool(cookie) and hmac.compare_digest(sent.encode(), cookie.encode())
+        return bool(cookie) and hmac.compare_digest(
+            sent.encode("utf-8", "surrogateescape"), cookie.encode("utf-8", "surrogateescape")
+        )
 
-    def render(request: Request, name: str, status_code: int = 200, **ctx: Any) -> HTMLResponse:
+    def set_cookie(request: Request, response: Response, name: str, value: str, **kw: Any) -> None:
+        response.set_cookie(
+            name,
+            value,
+            httponly=True,
+            samesite="strict",
+            secure=request.url.scheme == "https",
+            **kw,
+        )
+
+    def render(
+        request: Request,
+        name: str,
+        status_code: int = 200,
+        headers: dict[str, str] | None = None,
+        **ctx: Any,
+    ) -> HTMLResponse:
         html = _templates.get_template(name).render(
             request=request,
             csrf=csrf_token(request),
-            auth=bool(token) and authed(request, api_call=False),
+            auth=bool(token) and getattr(request.state, "authed", False),
             **ctx,
         )
-        response = HTMLResponse(html, status_code=status_code)
+        response = HTMLResponse(html, status_code=status_code, headers=headers)
         if not request.cookies.get(CSRF_COOKIE):
-            response.set_cookie(
-                CSRF_COOKIE, request.state.new_csrf, httponly=True, samesite="strict"
-            )
+            set_cookie(request, response, CSRF_COOKIE, request.state.new_csrf)
         return response
+
+    def too_many(request: Request, exc: TooManyAttempts, *, api_call: bool) -> Response:
+        headers = {"Retry-After": str(exc.retry_after)}
+        if api_call:
+            return JSONResponse(
+                {"error": "too_many_attempts", "detail": str(exc)}, status_code=429, headers=headers
+            )
+        return render(
+            request, "error.html", 429, headers, title="Too many attempts", detail=str(exc)
+        )
 
     def page(
         fn: Callable[[Request], Awaitable[Response]],
     ) -> Callable[[Request], Awaitable[Response]]:
         async def wrapper(request: Request) -> Response:
             request.state.new_csrf = secrets.token_urlsafe(24)
-            if not authed(request, api_call=False):
-                return RedirectResponse(
-                    "/login?" + urlencode({"next": request.url.path}), status_code=303
-                )
             try:
-                if request.method == "POST" and not await csrf_ok(request):
-                    return render(
-                        request, "error.html", 403, title="Forbidden", detail="CSRF check failed"
-                    )
+                if token:
+                    request.state.authed = bearer_ok(request) or has_session(request)
+                    if not request.state.authed:
+                        return RedirectResponse(
+                            "/login?" + urlencode({"next": request.url.path}), status_code=303
+                        )
+                if request.method == "POST":
+                    form = await read_form(request)
+                    if not csrf_ok(request, form):
+                        return render(
+                            request,
+                            "error.html",
+                            403,
+                            title="Forbidden",
+                            detail="CSRF check failed",
+                        )
                 return await fn(request)
+            except TooManyAttempts as exc:
+                return too_many(request, exc, api_call=False)
             except BodyTooLarge as exc:
                 return render(request, "error.html", 413, title="Too large", detail=str(exc))
             except NotFoundError as exc:
@@ -232,13 +295,13 @@ def create_app(*, token: str | None, allow_anonymous: bool = False) -> Starlette
         fn: Callable[[Request], Awaitable[Any]],
     ) -> Callable[[Request], Awaitable[Response]]:
         async def wrapper(request: Request) -> Response:
-            if not authed(request, api_call=True):
-                return JSONResponse(
-                    {"error": "unauthorized", "detail": "send Authorization: Bearer <token>"},
-                    status_code=401,
-                    headers={"WWW-Authenticate": "Bearer"},
-                )
             try:
+                if token and not bearer_ok(request):
+                    return JSONResponse(
+                        {"error": "unauthorized", "detail": "send Authorization: Bearer <token>"},
+                        status_code=401,
+                        headers={"WWW-Authenticate": "Bearer"},
+                    )
                 if request.method == "POST":
                     ctype = request.headers.get("content-type", "").split(";")[0].strip()
                     if ctype != "application/json":
@@ -253,6 +316,8 @@ def create_app(*, token: str | None, allow_anonymous: bool = False) -> Starlette
                     if length is not None and length > get_settings().api_body_limit:
                         raise BodyTooLarge(get_settings().api_body_limit)
                 result = await fn(request)
+            except TooManyAttempts as exc:
+                return too_many(request, exc, api_call=True)
             except BodyTooLarge as exc:
                 return JSONResponse(
                     {
@@ -367,30 +432,49 @@ def create_app(*, token: str | None, allow_anonymous: bool = False) -> Starlette
     async def login(request: Request) -> Response:
         request.state.new_csrf = secrets.token_urlsafe(24)
         nxt = request.query_params.get("next", "/")
-        if not nxt.startswith("/") or nxt.startswith("//"):
+        if not nxt.startswith("/") or nxt.startswith("//") or "\\" in nxt:
             nxt = "/"
         if request.method == "GET":
             return render(request, "login.html", next=nxt, error=None)
+        who = client(request)
         try:
+            failures.check(who)
             form = await read_form(request)
+        except TooManyAttempts as exc:
+            return too_many(request, exc, api_call=False)
         except BodyTooLarge as exc:
             return render(request, "login.html", 413, next=nxt, error=str(exc))
-        sent = form.get("csrf", "")
-        cookie = request.cookies.get(CSRF_COOKIE, "")
-        if not (cookie and hmac.compare_digest(sent.encode(), cookie.encode())):
+        if not csrf_ok(request, form):
             return render(request, "login.html", 403, next=nxt, error="CSRF check failed")
-        given = form.get("token", "")
-        if not token or not hmac.compare_digest(given.encode(), token.encode()):
+        if not token_matches(form.get("token", "")):
+            if token:
+                failures.failed(who)
             return render(request, "login.html", 401, next=nxt, error="wrong token")
+        failures.succeeded(who)
         response = RedirectResponse(nxt, status_code=303)
-        response.set_cookie(
-            SESSION_COOKIE, session_value, httponly=True, samesite="strict", max_age=12 * 3600
+        set_cookie(
+            request,
+            response,
+            SESSION_COOKIE,
+            sessions.create(),
+            max_age=int(sessions.lifetime_s),
         )
+        # a fresh CSRF token for the new session: one planted before login is worthless
+        set_cookie(request, response, CSRF_COOKIE, secrets.token_urlsafe(24))
         return response
 
     async def logout(request: Request) -> Response:
+        request.state.new_csrf = secrets.token_urlsafe(24)
+        try:
+            form = await read_form(request)
+        except BodyTooLarge as exc:
+            return render(request, "error.html", 413, title="Too large", detail=str(exc))
+        if not csrf_ok(request, form):
+            request.state.authed = has_session(request)
+            return render(request, "error.html", 403, title="Forbidden", detail="CSRF check failed")
+        sessions.end(request.cookies.get(SESSION_COOKIE, ""))
         response = RedirectResponse("/login", status_code=303)
-        response.delete_cookie(SESSION_COOKIE)
+        response.delete_cookie(SESSION_COOKIE, httponly=True, samesite="strict")
         return response
 
     # -- the JSON API -----------------------------------------------------------------
