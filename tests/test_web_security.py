@@ -1,8 +1,8 @@
-"""The web app's input boundary and its guards (issue #15, items 6, 7 and 10).
+"""The web app's input boundary and its guards (issue #15, items 6, 7, 10 and 11's web part).
 
 Judged by what a client sees: status codes, JSON errors naming the field,
-cookies, and the rows that were (not) written. Time is a clock the test
-moves, never a sleep.
+cookies, headers, and the rows that were (not) written. Time is a clock the
+test moves, never a sleep.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import mailqueue
 from mailqueue.store.models import MessageRow
 from mailqueue.web import payload
 from mailqueue.web.app import CSRF_COOKIE, SESSION_COOKIE, create_app
-from mailqueue.web.security import client_key
+from mailqueue.web.security import CONTENT_SECURITY_POLICY, client_key
 
 TOKEN = "web-security-test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -721,3 +721,56 @@ def test_client_key_groups_ipv6_by_64_and_unwraps_mapped_ipv4():
     assert client_key("2001:db8:1:2::10") != client_key("2001:db8:1:3::10")
     assert client_key("::ffff:203.0.113.7") == "203.0.113.7"
     assert client_key(None) == "unknown"
+
+
+# -- item 10: headers on every response -------------------------------------------------------
+
+
+def test_every_response_carries_the_security_headers(stack, monkeypatch):
+    app = create_app(token=TOKEN)
+    with TestClient(app, raise_server_exceptions=False) as c:
+        responses = {
+            "login page": c.get("/login"),
+            "redirect": c.get("/", follow_redirects=False),
+            "api 401": c.get("/api/v1/stats"),
+            "api 200": c.get("/api/v1/stats", headers=AUTH),
+            "api 400": c.post("/api/v1/messages", headers=AUTH, json={"to": 5}),
+            "no route": c.get("/nowhere"),
+            "stylesheet": c.get("/static/mailqueue.css"),
+        }
+        login(c)
+        responses["status page"] = c.get("/")
+
+        def broken() -> None:
+            raise RuntimeError("the database went away")
+
+        monkeypatch.setattr(mailqueue.api, "stats", broken)
+        responses["server error"] = c.get("/api/v1/stats", headers=AUTH)
+    assert responses["server error"].status_code == 500
+    for what, r in responses.items():
+        assert r.headers["content-security-policy"] == CONTENT_SECURITY_POLICY, what
+        assert r.headers["x-frame-options"] == "DENY", what
+        assert r.headers["x-content-type-options"] == "nosniff", what
+        assert r.headers["referrer-policy"] == "same-origin", what
+    csp = CONTENT_SECURITY_POLICY
+    assert "default-src 'none'" in csp and "frame-ancestors 'none'" in csp
+    assert "unsafe" not in csp and "script-src" not in csp
+
+
+def test_pages_need_nothing_the_csp_forbids(stack, smtp_server):
+    """No inline script, style or handler anywhere: the CSP can stay strict."""
+    mid = mailqueue.enqueue(
+        mailqueue.Message(sender="app@example.com", to=["a@example.org"], text="x"),
+        metadata={"tag": "t"},
+    )
+    with TestClient(create_app(token=TOKEN)) as c:
+        pages = [c.get("/login").text]
+        login(c, "wrong")
+        pages.append(c.get("/login").text)
+        login(c)
+        pages += [c.get("/").text, c.get(f"/messages/{mid}").text, c.get("/messages/nope").text]
+        css = c.get("/static/mailqueue.css")
+    assert css.status_code == 200 and css.headers["content-type"].startswith("text/css")
+    for html in pages:
+        assert '<link rel="stylesheet" href="/static/mailqueue.css">' in html
+        assert not re.search(r"<script|<style|\sstyle=|\son[a-z]+=|javascript:", html, re.I)

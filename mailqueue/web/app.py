@@ -19,7 +19,9 @@ a chunked body passes the limit, nesting is capped, and every field is
 type-checked, so bad input is a 4xx naming the field, never a 500.
 
 Nothing secret is ever rendered: relay URLs are shown without passwords and
-settings are never dumped.
+settings are never dumped. Every response carries a strict CSP (the page
+runs no script and loads its one stylesheet from ``/static``),
+``X-Frame-Options: DENY``, ``nosniff`` and ``Referrer-Policy``.
 """
 
 from __future__ import annotations
@@ -52,7 +54,13 @@ from ..store.models import MessageStatus, RecipientStatus
 from . import payload
 from .chart import render_chart
 from .payload import BodyTooLarge, parse_time, read_body, read_form, refuse_nul
-from .security import FailureLimiter, SessionStore, TooManyAttempts, client_key
+from .security import (
+    FailureLimiter,
+    SecurityHeaders,
+    SessionStore,
+    TooManyAttempts,
+    client_key,
+)
 
 __all__ = ["create_app"]
 
@@ -60,6 +68,7 @@ SESSION_COOKIE = "mq_session"
 CSRF_COOKIE = "mq_csrf"
 LOOPBACK_HOSTS = ["127.0.0.1", "localhost", "[::1]", "::1"]
 MAX_LIMIT = 200
+STYLESHEET = (Path(__file__).parent / "static" / "mailqueue.css").read_bytes()
 NOTICES = {
     "requeued": "Requeued for delivery: failed and deferred recipients will be tried again.",
     "nothing-to-retry": "Nothing to retry: no failed or deferred recipient (or it is sending).",
@@ -161,6 +170,13 @@ def _limit(params: Any, default: int = 50) -> int:
 
 
 _WINDOWS = {"1h": (3600, 60), "6h": (6 * 3600, 600), "24h": (86400, 3600), "7d": (7 * 86400, 21600)}
+
+
+class _App(Starlette):
+    """Starlette with ``SecurityHeaders`` outside everything, its own 500 page included."""
+
+    def build_middleware_stack(self) -> Any:
+        return SecurityHeaders(super().build_middleware_stack())
 
 
 def create_app(
@@ -477,6 +493,13 @@ def create_app(
         response.delete_cookie(SESSION_COOKIE, httponly=True, samesite="strict")
         return response
 
+    async def stylesheet(request: Request) -> Response:
+        return Response(
+            STYLESHEET,
+            media_type="text/css",
+            headers={"Cache-Control": "public, max-age=3600"},
+        )
+
     # -- the JSON API -----------------------------------------------------------------
 
     @endpoint
@@ -548,6 +571,7 @@ def create_app(
         Route("/messages/{message_id}/cancel", message_cancel, methods=["POST"]),
         Route("/login", login, methods=["GET", "POST"]),
         Route("/logout", logout, methods=["POST"]),
+        Route("/static/mailqueue.css", stylesheet),
         Route("/healthz", healthz),
         Route("/api/v1/stats", api_stats),
         Route("/api/v1/series", api_series),
@@ -560,4 +584,4 @@ def create_app(
     middleware = []
     if not token:
         middleware.append(Middleware(TrustedHostMiddleware, allowed_hosts=LOOPBACK_HOSTS))
-    return Starlette(routes=routes, middleware=middleware)
+    return _App(routes=routes, middleware=middleware)
