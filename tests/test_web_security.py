@@ -143,6 +143,20 @@ def test_a_chunked_body_is_cut_off_as_soon_as_it_passes_the_limit(sqlite_stack):
     assert count_messages(sqlite_stack) == 0
 
 
+def test_the_login_form_anyone_can_post_to_is_bounded_too(sqlite_stack):
+    """/login needs no token: its form is read only up to 64 KiB."""
+    app = create_app(token=TOKEN)
+    form = {"content-type": "application/x-www-form-urlencoded"}
+    status, _h, body, pulled = call_asgi(
+        app, "POST", "/login", {**form, "content-length": "80000000"}, [b"a" * 65536] * 10
+    )
+    assert status == 413 and pulled == 0 and b"over the limit" in body
+    status, _h, _b, pulled = call_asgi(
+        app, "POST", "/login", {**form, "transfer-encoding": "chunked"}, [b"a" * 4096] * 1000
+    )
+    assert status == 413 and pulled <= payload.FORM_MAX_BODY + 4096
+
+
 def test_a_body_of_exactly_the_limit_is_read(sqlite_stack):
     raw = json.dumps(GOOD).encode()
     sqlite_stack.reconfigure(api_max_body=len(raw))

@@ -1,8 +1,7 @@
 """What the web app reads from a request: bounded bodies, bounded JSON, typed fields.
 
-The contract: whatever bytes arrive, the answer is a 201, a 4xx naming what
-was wrong, never a 500, and the process never holds more than the limit of
-one request's body.
+The contract: whatever bytes arrive, the answer is a 201 or a 4xx naming what
+was wrong, never a 500, and no request's body is read past its limit.
 
 * ``read_body`` refuses a body over its limit before reading it when the
   ``Content-Length`` says so, and otherwise stops reading (a chunked body)
