@@ -145,7 +145,8 @@ def cli(verbose: bool) -> None:
     """A durable mail delivery queue (configure with MAILQUEUE_* variables).
 
     MAILQUEUE_LOG_JSON=1 logs JSON lines; MAILQUEUE_METRICS_PORT makes `worker`
-    and `scheduler` serve Prometheus metrics on that port.
+    and `scheduler` serve Prometheus metrics on that port, on 127.0.0.1 unless
+    MAILQUEUE_METRICS_ADDR names another address.
     """
     from .logging_setup import configure_logging
 

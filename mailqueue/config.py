@@ -340,12 +340,26 @@ class Settings:
     dispatch: str = "background"
     """How enqueue hands committed ids to the broker: ``background`` (a thread, so the
     call returns after its commit; see ``worker/handoff.py``) or ``inline``."""
+    api_max_body: int | None = None
+    """Largest JSON API request body in bytes; default ``api_body_limit`` (below)."""
+    api_max_depth: int = 32
+    """Deepest nesting of arrays/objects the JSON API accepts (a message needs 3)."""
+    web_session_s: float = 12 * 3600
+    """A status page login lasts this long (sessions live in the web process)."""
+    web_auth_failures_per_min: int = 10
+    """Wrong tokens (login or bearer) one client address may send per minute."""
 
     def __post_init__(self) -> None:
         if self.dispatch not in ("background", "inline"):
             raise ValueError(
                 f"MAILQUEUE_DISPATCH must be 'background' or 'inline', not {self.dispatch!r}"
             )
+        if self.api_max_body is not None and self.api_max_body < 1:
+            raise ValueError("MAILQUEUE_API_MAX_BODY must be at least 1 byte")
+        if self.api_max_depth < 3:
+            raise ValueError("MAILQUEUE_API_MAX_DEPTH must be at least 3 (a message needs 3)")
+        if self.web_auth_failures_per_min < 1:
+            raise ValueError("MAILQUEUE_WEB_AUTH_FAILURES_PER_MIN must be at least 1")
         limited = [r.name for r in self.all_relays if r.has_cluster_limits]
         if limited and self.cluster_redis_url is None:
             raise ValueError(
@@ -363,6 +377,22 @@ class Settings:
             max_header_block=self.max_header_block,
             max_recipients=self.max_recipients,
         )
+
+    @property
+    def api_body_limit(self) -> int:
+        """``api_max_body``, or by default 1.5 × ``max_message_size`` + 64 KiB.
+
+        Attachments travel base64-encoded in the JSON as in the message, so a
+        body that fits the message limit is about as large as the message;
+        the half on top leaves room for JSON's escapes (a client that writes
+        ``\\u4e2d`` for each CJK character sends 6 bytes where the mail
+        carries 4), the 64 KiB for the fields around. Anything bigger would be
+        refused by the message limit anyway, after costing its full size in
+        memory several times over: it is refused before it is read.
+        """
+        if self.api_max_body is not None:
+            return self.api_max_body
+        return self.max_message_size * 3 // 2 + 64 * 1024
 
     @property
     def cluster_redis_url(self) -> str | None:
@@ -529,6 +559,10 @@ _ENV: dict[str, tuple[str, Any]] = {
     "MAILQUEUE_SMTP_DATA_TIMEOUT_S": ("relay.data_timeout_s", float),
     "MAILQUEUE_EHLO_NAME": ("relay.ehlo_name", str),
     "MAILQUEUE_RELAY_PASSWORD_FILE": ("relay.password_file", str),
+    "MAILQUEUE_API_MAX_BODY": ("api_max_body", int),
+    "MAILQUEUE_API_MAX_DEPTH": ("api_max_depth", int),
+    "MAILQUEUE_WEB_SESSION_S": ("web_session_s", float),
+    "MAILQUEUE_WEB_AUTH_FAILURES_PER_MIN": ("web_auth_failures_per_min", int),
 }
 
 

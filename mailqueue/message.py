@@ -635,7 +635,7 @@ def _splice(data: bytes, later: dict[bytes, bytes]) -> bytes:
 
 
 def _compose(message: Message, limits: Limits) -> tuple[str, tuple[Recipient, ...], bytes, bool]:
-    if message.sender is None:
+    if message.sender is None or message.sender == "":
         raise InvalidMessageError("a sender (From) is required", field="sender")
     _check_recipient_count(message, limits)
     sender, utf8 = _one_address(message.sender, "sender", limits)

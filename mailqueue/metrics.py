@@ -12,6 +12,12 @@ Exposure (see ``serve``): set ``MAILQUEUE_METRICS_PORT`` and
   unless you set one) and serves them all from the parent on that port;
 * ``mailqueue scheduler`` serves its own on that port.
 
+They listen on 127.0.0.1 unless ``MAILQUEUE_METRICS_ADDR`` names another
+address (``0.0.0.0`` or ``::`` for every interface, e.g. when Prometheus
+scrapes from another host or container). The endpoint has no
+authentication: relay names, volumes and failure rates are for the
+operator's network, not the Internet.
+
 The hooks (``observe_attempt``, ``pool_changed``, ``pool_waited``,
 ``scheduler_tick``) never raise: a metrics problem must not stop delivery.
 
@@ -226,8 +232,23 @@ def _child_exited(**_: Any) -> None:
         log.debug("could not mark metrics of process %d dead", os.getpid(), exc_info=True)
 
 
-def serve(port: int, addr: str = "0.0.0.0") -> Any:
-    """Serve ``/metrics`` on ``port`` from a background thread; multiprocess-aware."""
+DEFAULT_ADDR = "127.0.0.1"
+
+
+def metrics_addr(environ: dict[str, str] | None = None) -> str:
+    """``MAILQUEUE_METRICS_ADDR``, the address to listen on; loopback when unset or empty."""
+    value = (environ if environ is not None else os.environ).get("MAILQUEUE_METRICS_ADDR", "")
+    return value.strip() or DEFAULT_ADDR
+
+
+def serve(port: int, addr: str | None = None) -> Any:
+    """Serve ``/metrics`` on ``addr:port`` from a background thread; multiprocess-aware.
+
+    ``addr`` defaults to ``metrics_addr()``: 127.0.0.1 unless
+    ``MAILQUEUE_METRICS_ADDR`` says otherwise. The address is logged.
+    """
+    if addr is None:
+        addr = metrics_addr()
     from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
 
     registry = REGISTRY
@@ -237,7 +258,18 @@ def serve(port: int, addr: str = "0.0.0.0") -> Any:
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
     server, _thread = start_http_server(port, addr=addr, registry=registry)
-    log.info("metrics on http://%s:%d/metrics", addr, port)
+    host = f"[{addr}]" if ":" in addr else addr
+    port = server.server_address[1]
+    if addr in (DEFAULT_ADDR, "::1", "localhost"):
+        log.info("metrics on http://%s:%d/metrics (this host only)", host, port)
+    else:
+        log.info(
+            "metrics on http://%s:%d/metrics (MAILQUEUE_METRICS_ADDR=%s: reachable from "
+            "other hosts, with no authentication)",
+            host,
+            port,
+            addr,
+        )
     return server
 
 

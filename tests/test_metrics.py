@@ -259,3 +259,74 @@ def test_pool_gauges_show_the_state_the_pool_settles_in(smtp_server):
 
     assert asyncio.run(go()) == (3, 3, 0)
     assert sample("mailqueue_pool_connections", relay="gauges", state="open") == 0
+
+
+def _non_loopback_ipv4() -> str | None:
+    """This host's address on its default route, if it has one (no packet is sent)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))
+        except OSError:
+            return None
+        address = s.getsockname()[0]
+    return None if address.startswith("127.") else address
+
+
+def _answers(host: str, port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def test_metrics_listen_on_loopback_unless_an_address_is_given(monkeypatch, caplog):
+    monkeypatch.delenv("MAILQUEUE_METRICS_ADDR", raising=False)
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    outside = _non_loopback_ipv4()
+    caplog.set_level(logging.INFO, logger="mailqueue.metrics")
+
+    server = metrics.serve(0)
+    try:
+        host, port = server.server_address[:2]
+        assert host == "127.0.0.1"
+        assert _answers("127.0.0.1", port)
+        if outside:  # another interface of this very host is refused
+            assert not _answers(outside, port)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert f"metrics on http://127.0.0.1:{port}/metrics (this host only)" in caplog.text
+
+    caplog.clear()
+    monkeypatch.setenv("MAILQUEUE_METRICS_ADDR", "0.0.0.0")
+    server = metrics.serve(0)
+    try:
+        host, port = server.server_address[:2]
+        assert host == "0.0.0.0"
+        if outside:
+            assert _answers(outside, port)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert f"metrics on http://0.0.0.0:{port}/metrics (MAILQUEUE_METRICS_ADDR=0.0.0.0" in (
+        caplog.text
+    )
+
+
+def test_metrics_address_setting_reads_the_environment():
+    assert metrics.metrics_addr({}) == "127.0.0.1"
+    assert metrics.metrics_addr({"MAILQUEUE_METRICS_ADDR": "  "}) == "127.0.0.1"
+    assert metrics.metrics_addr({"MAILQUEUE_METRICS_ADDR": "10.0.0.5"}) == "10.0.0.5"
+    assert metrics.metrics_addr({"MAILQUEUE_METRICS_ADDR": "::"}) == "::"
+
+
+def test_compose_services_serving_metrics_to_prometheus_say_where():
+    """In compose Prometheus scrapes from its own container: loopback would hide them."""
+    from .test_ops import _compose
+
+    envs = {n: s.get("environment") or {} for n, s in _compose()["services"].items()}
+    serving = {n: env for n, env in envs.items() if "MAILQUEUE_METRICS_PORT" in env}
+    assert set(serving) == {"worker", "scheduler"}
+    for name, env in serving.items():
+        assert env.get("MAILQUEUE_METRICS_ADDR") == "0.0.0.0", name

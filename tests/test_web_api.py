@@ -200,7 +200,10 @@ def test_page_needs_login_and_csrf_for_actions(stack, smtp_server, client):
     assert page.status_code == 200 and "550" in page.text and TOKEN not in page.text
     forged = client.post(f"/messages/{mid}/retry", data={"csrf": "forged"})
     assert forged.status_code == 403
+    # a login starts with a fresh CSRF token: one known before the login is refused
+    assert client.post(f"/messages/{mid}/retry", data={"csrf": csrf}).status_code == 403
     assert mailqueue.get_status(mid).status == "failed"
+    csrf = re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)
     done = client.post(f"/messages/{mid}/retry", data={"csrf": csrf})
     assert done.status_code == 200 and "Requeued for delivery" in done.text
     assert mailqueue.get_status(mid).status == "queued"

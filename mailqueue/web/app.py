@@ -1,27 +1,34 @@
 """The status page and the JSON API, as one Starlette app.
 
 Access: with a token, the API wants ``Authorization: Bearer <token>`` and
-the page a login (the token typed once, kept as a signed cookie). Without a
-token the app only runs bound to loopback and only when asked explicitly
-(``--no-auth-on-loopback``); it then also refuses other ``Host`` headers, so
-a web page elsewhere cannot reach it through DNS rebinding.
+the page a login (the token typed once; the browser then holds a random
+session id, see ``security.py``). Without a token the app only runs bound to
+loopback and only when asked explicitly (``--no-auth-on-loopback``); it then
+also refuses other ``Host`` headers, so a web page elsewhere cannot reach it
+through DNS rebinding. Wrong tokens are counted per client address and
+answered 429 past the limit.
 
-Every state change is a POST. Page forms carry a CSRF token that must match
-a ``SameSite=Strict`` cookie; API POSTs must be JSON (a cross-site form can
-not send that without a CORS preflight, which this app never grants).
+Every state change is a POST. Page forms (logout included) carry a CSRF
+token that must match a ``SameSite=Strict`` cookie; API POSTs must be JSON
+(a cross-site form can not send that without a CORS preflight, which this
+app never grants).
+
+Input is bounded before it is read (``payload.py``): a JSON body over
+``api_body_limit`` is answered 413 from its ``Content-Length`` or as soon as
+a chunked body passes the limit, nesting is capped, and every field is
+type-checked, so bad input is a 4xx naming the field, never a 500.
 
 Nothing secret is ever rendered: relay URLs are shown without passwords and
-settings are never dumped.
+settings are never dumped. Every response carries a strict CSP (the page
+runs no script and loads its one stylesheet from ``/static``),
+``X-Frame-Options: DENY``, ``nosniff`` and ``Referrer-Policy``.
 """
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
-import hashlib
 import hmac
 import json
-import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -44,7 +51,16 @@ from ..config import get_settings
 from ..errors import InvalidMessageError, NotFoundError
 from ..store import get_engine, ops
 from ..store.models import MessageStatus, RecipientStatus
+from . import payload
 from .chart import render_chart
+from .payload import BodyTooLarge, parse_time, read_body, read_form, refuse_nul
+from .security import (
+    FailureLimiter,
+    SecurityHeaders,
+    SessionStore,
+    TooManyAttempts,
+    client_key,
+)
 
 __all__ = ["create_app"]
 
@@ -52,7 +68,7 @@ SESSION_COOKIE = "mq_session"
 CSRF_COOKIE = "mq_csrf"
 LOOPBACK_HOSTS = ["127.0.0.1", "localhost", "[::1]", "::1"]
 MAX_LIMIT = 200
-RELAY_NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+STYLESHEET = (Path(__file__).parent / "static" / "mailqueue.css").read_bytes()
 NOTICES = {
     "requeued": "Requeued for delivery: failed and deferred recipients will be tried again.",
     "nothing-to-retry": "Nothing to retry: no failed or deferred recipient (or it is sending).",
@@ -116,36 +132,30 @@ def _engine() -> Any:
     return get_engine(get_settings().database_url)
 
 
-def _parse_time(value: str | None, field: str) -> dt.datetime | None:
-    if not value:
-        return None
-    try:
-        parsed = dt.datetime.fromisoformat(value.strip())
-    except ValueError:
-        raise InvalidMessageError(
-            f"{value!r} is not an ISO 8601 date or time", field=field
-        ) from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
+def _param(params: Any, name: str) -> str | None:
+    value = (params.get(name) or "").strip() or None
+    refuse_nul(value, name)
+    return value
 
 
 def _filters(params: Any) -> ops.Filters:
-    status = (params.get("status") or "").strip() or None
+    status = _param(params, "status")
     if status and status not in MessageStatus.ALL:
         raise InvalidMessageError(f"unknown status {status!r}", field="status")
     return ops.Filters(
         status=status,
-        relay=(params.get("relay") or "").strip() or None,
-        sender=(params.get("sender") or "").strip() or None,
-        recipient=(params.get("recipient") or "").strip() or None,
-        tag=(params.get("tag") or "").strip() or None,
-        since=_parse_time(params.get("since"), "since"),
-        until=_until(params.get("until")),
+        relay=_param(params, "relay"),
+        sender=_param(params, "sender"),
+        recipient=_param(params, "recipient"),
+        tag=_param(params, "tag"),
+        since=parse_time(_param(params, "since"), "since"),
+        until=_until(_param(params, "until")),
     )
 
 
 def _until(value: str | None) -> dt.datetime | None:
     """A bare date means "to the end of that day"; a time is taken as it is."""
-    parsed = _parse_time(value, "until")
+    parsed = parse_time(value, "until")
     if parsed is not None and value is not None and len(value.strip()) == 10:
         parsed += dt.timedelta(days=1)
     return parsed
@@ -154,7 +164,7 @@ def _until(value: str | None) -> dt.datetime | None:
 def _limit(params: Any, default: int = 50) -> int:
     try:
         value = int(params.get("limit") or default)
-    except ValueError:
+    except ValueError:  # also a number of more than 4300 digits
         raise InvalidMessageError("limit must be a number", field="limit") from None
     return max(1, min(MAX_LIMIT, value))
 
@@ -162,65 +172,134 @@ def _limit(params: Any, default: int = 50) -> int:
 _WINDOWS = {"1h": (3600, 60), "6h": (6 * 3600, 600), "24h": (86400, 3600), "7d": (7 * 86400, 21600)}
 
 
-def create_app(*, token: str | None, allow_anonymous: bool = False) -> Starlette:
-    """The ASGI app; ``token=None`` requires ``allow_anonymous`` (loopback only)."""
+class _App(Starlette):
+    """Starlette with ``SecurityHeaders`` outside everything, its own 500 page included."""
+
+    def build_middleware_stack(self) -> Any:
+        return SecurityHeaders(super().build_middleware_stack())
+
+
+def create_app(
+    *,
+    token: str | None,
+    allow_anonymous: bool = False,
+    clock: Callable[[], float] = time.monotonic,
+) -> Starlette:
+    """The ASGI app; ``token=None`` requires ``allow_anonymous`` (loopback only).
+
+    ``clock`` (seconds, monotonic) times sessions and the failed-attempt
+    window; tests pass their own to move time without sleeping.
+    """
     if not token and not allow_anonymous:
         raise ValueError("a token is required unless anonymous loopback access is allowed")
-    key = hashlib.sha256(b"mailqueue-web:" + (token or secrets.token_hex(16)).encode()).digest()
-    session_value = hmac.new(key, b"session", hashlib.sha256).hexdigest()
+    settings = get_settings()
+    sessions = SessionStore(settings.web_session_s, clock)
+    failures = FailureLimiter(settings.web_auth_failures_per_min, clock)
     cache = _Cache(5.0)
 
-    def authed(request: Request, *, api_call: bool) -> bool:
-        if not token:
-            return True
+    def token_matches(given: str) -> bool:
+        return bool(token) and hmac.compare_digest(
+            given.encode("utf-8", "surrogateescape"), (token or "").encode()
+        )
+
+    def bearer(request: Request) -> str | None:
         header = request.headers.get("authorization", "")
-        if header.lower().startswith("bearer ") and hmac.compare_digest(
-            header[7:].strip().encode(), token.encode()
-        ):
+        return header[7:].strip() if header[:7].lower() == "bearer " else None
+
+    def client(request: Request) -> str:
+        return client_key(request.client.host if request.client else None)
+
+    def bearer_ok(request: Request) -> bool | None:
+        """Whether the bearer token is right (None: none sent); ``TooManyAttempts`` first."""
+        given = bearer(request)
+        if given is None:
+            return None
+        who = client(request)
+        failures.check(who)
+        if token_matches(given):
+            failures.succeeded(who)
             return True
-        if api_call:
-            return False
-        cookie = request.cookies.get(SESSION_COOKIE, "")
-        return hmac.compare_digest(cookie.encode(), session_value.encode())
+        failures.failed(who)
+        return False
+
+    def has_session(request: Request) -> bool:
+        return sessions.is_valid(request.cookies.get(SESSION_COOKIE, ""))
 
     def csrf_token(request: Request) -> str:
         return request.cookies.get(CSRF_COOKIE) or request.state.new_csrf
 
-    async def csrf_ok(request: Request) -> bool:
-        form = await request.form()
-        sent = str(form.get("csrf") or "")
+    def csrf_ok(request: Request, form: dict[str, str]) -> bool:
+        sent = form.get("csrf", "")
         cookie = request.cookies.get(CSRF_COOKIE, "")
-        return bool(cookie) and hmac.compare_digest(sent.encode(), cookie.encode())
+        return bool(cookie) and hmac.compare_digest(
+            sent.encode("utf-8", "surrogateescape"), cookie.encode("utf-8", "surrogateescape")
+        )
 
-    def render(request: Request, name: str, status_code: int = 200, **ctx: Any) -> HTMLResponse:
+    def set_cookie(request: Request, response: Response, name: str, value: str, **kw: Any) -> None:
+        response.set_cookie(
+            name,
+            value,
+            httponly=True,
+            samesite="strict",
+            secure=request.url.scheme == "https",
+            **kw,
+        )
+
+    def render(
+        request: Request,
+        name: str,
+        status_code: int = 200,
+        headers: dict[str, str] | None = None,
+        **ctx: Any,
+    ) -> HTMLResponse:
         html = _templates.get_template(name).render(
             request=request,
             csrf=csrf_token(request),
-            auth=bool(token) and authed(request, api_call=False),
+            auth=bool(token) and getattr(request.state, "authed", False),
             **ctx,
         )
-        response = HTMLResponse(html, status_code=status_code)
+        response = HTMLResponse(html, status_code=status_code, headers=headers)
         if not request.cookies.get(CSRF_COOKIE):
-            response.set_cookie(
-                CSRF_COOKIE, request.state.new_csrf, httponly=True, samesite="strict"
-            )
+            set_cookie(request, response, CSRF_COOKIE, request.state.new_csrf)
         return response
+
+    def too_many(request: Request, exc: TooManyAttempts, *, api_call: bool) -> Response:
+        headers = {"Retry-After": str(exc.retry_after)}
+        if api_call:
+            return JSONResponse(
+                {"error": "too_many_attempts", "detail": str(exc)}, status_code=429, headers=headers
+            )
+        return render(
+            request, "error.html", 429, headers, title="Too many attempts", detail=str(exc)
+        )
 
     def page(
         fn: Callable[[Request], Awaitable[Response]],
     ) -> Callable[[Request], Awaitable[Response]]:
         async def wrapper(request: Request) -> Response:
             request.state.new_csrf = secrets.token_urlsafe(24)
-            if not authed(request, api_call=False):
-                return RedirectResponse(
-                    "/login?" + urlencode({"next": request.url.path}), status_code=303
-                )
-            if request.method == "POST" and not await csrf_ok(request):
-                return render(
-                    request, "error.html", 403, title="Forbidden", detail="CSRF check failed"
-                )
             try:
+                if token:
+                    request.state.authed = bearer_ok(request) or has_session(request)
+                    if not request.state.authed:
+                        return RedirectResponse(
+                            "/login?" + urlencode({"next": request.url.path}), status_code=303
+                        )
+                if request.method == "POST":
+                    form = await read_form(request)
+                    if not csrf_ok(request, form):
+                        return render(
+                            request,
+                            "error.html",
+                            403,
+                            title="Forbidden",
+                            detail="CSRF check failed",
+                        )
                 return await fn(request)
+            except TooManyAttempts as exc:
+                return too_many(request, exc, api_call=False)
+            except BodyTooLarge as exc:
+                return render(request, "error.html", 413, title="Too large", detail=str(exc))
             except NotFoundError as exc:
                 return render(request, "error.html", 404, title="Not found", detail=str(exc))
             except InvalidMessageError as exc:
@@ -232,21 +311,38 @@ def create_app(*, token: str | None, allow_anonymous: bool = False) -> Starlette
         fn: Callable[[Request], Awaitable[Any]],
     ) -> Callable[[Request], Awaitable[Response]]:
         async def wrapper(request: Request) -> Response:
-            if not authed(request, api_call=True):
-                return JSONResponse(
-                    {"error": "unauthorized", "detail": "send Authorization: Bearer <token>"},
-                    status_code=401,
-                    headers={"WWW-Authenticate": "Bearer"},
-                )
-            if request.method == "POST":
-                ctype = request.headers.get("content-type", "").split(";")[0].strip()
-                if ctype != "application/json":
-                    return JSONResponse(
-                        {"error": "bad_request", "detail": "POST bodies must be application/json"},
-                        status_code=415,
-                    )
             try:
+                if token and not bearer_ok(request):
+                    return JSONResponse(
+                        {"error": "unauthorized", "detail": "send Authorization: Bearer <token>"},
+                        status_code=401,
+                        headers={"WWW-Authenticate": "Bearer"},
+                    )
+                if request.method == "POST":
+                    ctype = request.headers.get("content-type", "").split(";")[0].strip()
+                    if ctype != "application/json":
+                        return JSONResponse(
+                            {
+                                "error": "bad_request",
+                                "detail": "POST bodies must be application/json",
+                            },
+                            status_code=415,
+                        )
+                    length = payload.declared_length(request)
+                    if length is not None and length > get_settings().api_body_limit:
+                        raise BodyTooLarge(get_settings().api_body_limit)
                 result = await fn(request)
+            except TooManyAttempts as exc:
+                return too_many(request, exc, api_call=True)
+            except BodyTooLarge as exc:
+                return JSONResponse(
+                    {
+                        "error": "too_large",
+                        "field": "body",
+                        "detail": f"{exc} (MAILQUEUE_API_MAX_BODY)",
+                    },
+                    status_code=413,
+                )
             except NotFoundError as exc:
                 return JSONResponse({"error": "not_found", "detail": str(exc)}, status_code=404)
             except InvalidMessageError as exc:
@@ -274,7 +370,7 @@ def create_app(*, token: str | None, allow_anonymous: bool = False) -> Starlette
     async def list_data(params: Any) -> tuple[ops.Filters, list[Any], int]:
         filters = _filters(params)
         limit = _limit(params)
-        before = (params.get("before") or "").strip() or None
+        before = _param(params, "before")
         rows = await run_in_threadpool(ops.search, _engine(), filters, limit=limit, before=before)
         return filters, rows, limit
 
@@ -352,26 +448,57 @@ def create_app(*, token: str | None, allow_anonymous: bool = False) -> Starlette
     async def login(request: Request) -> Response:
         request.state.new_csrf = secrets.token_urlsafe(24)
         nxt = request.query_params.get("next", "/")
-        if not nxt.startswith("/") or nxt.startswith("//"):
+        if not nxt.startswith("/") or nxt.startswith("//") or "\\" in nxt:
             nxt = "/"
         if request.method == "GET":
             return render(request, "login.html", next=nxt, error=None)
-        if not await csrf_ok(request):
+        who = client(request)
+        try:
+            failures.check(who)
+            form = await read_form(request)
+        except TooManyAttempts as exc:
+            return too_many(request, exc, api_call=False)
+        except BodyTooLarge as exc:
+            return render(request, "login.html", 413, next=nxt, error=str(exc))
+        if not csrf_ok(request, form):
             return render(request, "login.html", 403, next=nxt, error="CSRF check failed")
-        form = await request.form()
-        given = str(form.get("token") or "")
-        if not token or not hmac.compare_digest(given.encode(), token.encode()):
+        if not token_matches(form.get("token", "")):
+            if token:
+                failures.failed(who)
             return render(request, "login.html", 401, next=nxt, error="wrong token")
+        failures.succeeded(who)
         response = RedirectResponse(nxt, status_code=303)
-        response.set_cookie(
-            SESSION_COOKIE, session_value, httponly=True, samesite="strict", max_age=12 * 3600
+        set_cookie(
+            request,
+            response,
+            SESSION_COOKIE,
+            sessions.create(),
+            max_age=int(sessions.lifetime_s),
         )
+        # a fresh CSRF token for the new session: one planted before login is worthless
+        set_cookie(request, response, CSRF_COOKIE, secrets.token_urlsafe(24))
         return response
 
     async def logout(request: Request) -> Response:
+        request.state.new_csrf = secrets.token_urlsafe(24)
+        try:
+            form = await read_form(request)
+        except BodyTooLarge as exc:
+            return render(request, "error.html", 413, title="Too large", detail=str(exc))
+        if not csrf_ok(request, form):
+            request.state.authed = has_session(request)
+            return render(request, "error.html", 403, title="Forbidden", detail="CSRF check failed")
+        sessions.end(request.cookies.get(SESSION_COOKIE, ""))
         response = RedirectResponse("/login", status_code=303)
-        response.delete_cookie(SESSION_COOKIE)
+        response.delete_cookie(SESSION_COOKIE, httponly=True, samesite="strict")
         return response
+
+    async def stylesheet(request: Request) -> Response:
+        return Response(
+            STYLESHEET,
+            media_type="text/css",
+            headers={"Cache-Control": "public, max-age=3600"},
+        )
 
     # -- the JSON API -----------------------------------------------------------------
 
@@ -416,11 +543,10 @@ def create_app(*, token: str | None, allow_anonymous: bool = False) -> Starlette
 
     @endpoint
     async def api_enqueue(request: Request) -> Any:
-        try:
-            body = await request.json()
-        except ValueError:
-            raise InvalidMessageError("body is not valid JSON", field="body") from None
-        kwargs = _enqueue_args(body)
+        current = get_settings()
+        raw = await read_body(request, current.api_body_limit)
+        body = payload.load_json(raw, max_depth=current.api_max_depth)
+        kwargs = payload.enqueue_args(body, lifetime_s=current.message_lifetime_s)
         message_id = await run_in_threadpool(lambda: api.enqueue(kwargs.pop("message"), **kwargs))
         cache.clear()
         return JSONResponse({"id": message_id}, status_code=201)
@@ -445,6 +571,7 @@ def create_app(*, token: str | None, allow_anonymous: bool = False) -> Starlette
         Route("/messages/{message_id}/cancel", message_cancel, methods=["POST"]),
         Route("/login", login, methods=["GET", "POST"]),
         Route("/logout", logout, methods=["POST"]),
+        Route("/static/mailqueue.css", stylesheet),
         Route("/healthz", healthz),
         Route("/api/v1/stats", api_stats),
         Route("/api/v1/series", api_series),
@@ -457,90 +584,4 @@ def create_app(*, token: str | None, allow_anonymous: bool = False) -> Starlette
     middleware = []
     if not token:
         middleware.append(Middleware(TrustedHostMiddleware, allowed_hosts=LOOPBACK_HOSTS))
-    return Starlette(routes=routes, middleware=middleware)
-
-
-_ENQUEUE_FIELDS = {
-    "sender",
-    "to",
-    "cc",
-    "bcc",
-    "reply_to",
-    "subject",
-    "text",
-    "html",
-    "headers",
-    "attachments",
-    "relay",
-    "send_at",
-    "idempotency_key",
-    "metadata",
-}
-
-
-def _enqueue_args(body: Any) -> dict[str, Any]:
-    """Turn the API's JSON body into ``enqueue`` arguments; refuse anything unexpected."""
-    from ..message import Attachment, Message
-
-    if not isinstance(body, dict):
-        raise InvalidMessageError("body must be a JSON object", field="body")
-    unknown = set(body) - _ENQUEUE_FIELDS
-    if unknown:
-        raise InvalidMessageError(f"unknown field(s): {', '.join(sorted(unknown))}", field="body")
-    for name in ("sender", "subject", "text", "html", "relay", "idempotency_key"):
-        if body.get(name) is not None and not isinstance(body[name], str):
-            raise InvalidMessageError("must be a string", field=name)
-    for name in ("to", "cc", "bcc", "reply_to"):
-        value = body.get(name, [])
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise InvalidMessageError("must be a string or a list of strings", field=name)
-        body[name] = value
-    headers = body.get("headers") or {}
-    if not isinstance(headers, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
-    ):
-        raise InvalidMessageError("must be an object of strings", field="headers")
-    attachments = []
-    for index, item in enumerate(body.get("attachments") or []):
-        if not isinstance(item, dict) or not isinstance(item.get("filename"), str):
-            raise InvalidMessageError(f"#{index} needs a filename", field="attachments")
-        try:
-            content = base64.b64decode(str(item.get("content_base64", "")), validate=True)
-        except ValueError:
-            raise InvalidMessageError(
-                f"#{index}: content_base64 is not base64", field="attachments"
-            ) from None
-        attachments.append(
-            Attachment(
-                filename=item["filename"],
-                content=content,
-                content_type=item.get("content_type"),
-            )
-        )
-    if body.get("relay") is not None and not RELAY_NAME.match(body["relay"]):
-        raise InvalidMessageError("1 to 64 letters, digits, '.', '_' or '-'", field="relay")
-    metadata = body.get("metadata")
-    if metadata is not None and not isinstance(metadata, dict):
-        raise InvalidMessageError("must be an object", field="metadata")
-    send_at = _parse_time(body.get("send_at"), "send_at") if body.get("send_at") else None
-    message = Message(
-        sender=body.get("sender"),
-        to=body["to"],
-        cc=body["cc"],
-        bcc=body["bcc"],
-        reply_to=body["reply_to"],
-        subject=body.get("subject") or "",
-        text=body.get("text"),
-        html=body.get("html"),
-        headers=list(headers.items()),
-        attachments=attachments,
-    )
-    return {
-        "message": message,
-        "relay": body.get("relay"),
-        "send_at": send_at,
-        "idempotency_key": body.get("idempotency_key"),
-        "metadata": metadata,
-    }
+    return _App(routes=routes, middleware=middleware)
