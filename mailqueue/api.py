@@ -20,6 +20,7 @@ from sqlalchemy.exc import IntegrityError
 
 from .config import Settings, get_settings
 from .errors import InvalidMessageError, NotFoundError
+from .headers import CONTROL
 from .message import Envelope, Message, build_envelope
 from .smtp.delivery import TransactionResult, deliver
 from .smtp.pool import Pool, pool_for_relay
@@ -119,6 +120,12 @@ def _check_send_at(send_at: object) -> None:
         )
     if send_at.tzinfo is None or send_at.utcoffset() is None:
         raise InvalidMessageError("must be timezone-aware", field="send_at")
+    try:  # the message's lifetime is added to it: that must still be a datetime
+        too_far = send_at.astimezone(dt.UTC).year > 9000
+    except OverflowError:
+        too_far = True
+    if too_far:
+        raise InvalidMessageError("is too far in the future (after the year 9000)", field="send_at")
 
 
 def _check_idempotency_key(key: object) -> None:
@@ -130,6 +137,10 @@ def _check_idempotency_key(key: object) -> None:
         )
     if not (0 < len(key) <= 255):
         raise InvalidMessageError("must be 1 to 255 characters", field="idempotency_key")
+    if CONTROL.search(key):
+        raise InvalidMessageError(
+            "contains NUL or another control character", field="idempotency_key"
+        )
 
 
 _Path: TypeAlias = tuple[str, "_Path"] | None

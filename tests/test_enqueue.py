@@ -466,3 +466,18 @@ def test_a_script_that_exits_right_after_enqueue_still_wakes_the_broker(stack, t
     assert out.returncode == 0, out.stderr
     assert "broker unreachable" not in out.stderr, out.stderr
     assert broker_depth(stack) == 1
+
+
+def test_a_key_with_a_control_character_and_a_send_at_past_the_calendar_are_refused(stack):
+    """Both reached the database before (a DataError on PostgreSQL, an OverflowError
+    adding the lifetime); both are the caller's input, refused whole."""
+    msg = Message(sender="a@example.com", to="x@example.com", text="t")
+    far = dt.datetime.max.replace(tzinfo=dt.UTC)
+    for kwargs, field in (
+        ({"idempotency_key": "k\0"}, "idempotency_key"),
+        ({"send_at": far}, "send_at"),
+    ):
+        with pytest.raises(InvalidMessageError) as caught:
+            mailqueue.enqueue(msg, **kwargs)
+        assert caught.value.field == field
+    assert counts(stack) == (0, 0)
