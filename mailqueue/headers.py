@@ -26,8 +26,8 @@ import codecs
 import email.policy
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 from email.headerregistry import Address
+from typing import NamedTuple
 
 from .errors import HeaderInjectionError, InvalidMessageError
 
@@ -60,6 +60,8 @@ _SPEC = r"[^\s<>(),;:\"\\\[\]@]+@[^\s<>(),;:\"\\\[\]@]+"
 _PLAIN_MAILBOX = rf"(?:({_ATEXT}(?: {_ATEXT})*) <({_SPEC})>|({_SPEC}))"
 _PLAIN_LIST = re.compile(rf" ?{_PLAIN_MAILBOX}(?:, {_PLAIN_MAILBOX})*")
 _PLAIN_ONE = re.compile(_PLAIN_MAILBOX)
+_PLAIN_MAILBOXES = re.compile(_PLAIN_MAILBOX)
+_BARE_BREAK = re.compile("\r(?!\n)|(?<!\r)\n|\0")
 
 _FOLD_AT = 78  # RFC 5322's recommended line length
 _MAX_WORD = 900  # a longer word would risk the hard 998-character line limit
@@ -67,8 +69,7 @@ _EW_PREFIX, _EW_SUFFIX = "=?utf-8?q?", "?="
 _EW_ROOM = 75 - len(_EW_PREFIX) - len(_EW_SUFFIX)  # RFC 2047: an encoded word <= 75
 
 
-@dataclass(frozen=True)
-class Field:
+class Field(NamedTuple):
     """One header field as composed: its addresses, or its text."""
 
     name: str
@@ -219,10 +220,10 @@ def _first_room(name: str) -> int:
 
 def read_block(head: str) -> list[tuple[str, str]]:
     """The fields of a header block (CRLF lines, no final blank line), unfolded."""
+    if _BARE_BREAK.search(head):
+        raise _changed("a bare CR, LF or NUL in the header block")
     fields: list[list[str]] = []
     for line in head.split("\r\n"):
-        if "\r" in line or "\n" in line or "\0" in line:
-            raise _changed("a bare CR, LF or NUL in the header block")
         if line[:1] in (" ", "\t"):
             if not fields or not line.strip():
                 raise _changed("a continuation line where none can be")
@@ -247,7 +248,7 @@ def _read_addresses(name: str, value: str) -> list[tuple[str, str]]:
     """(display name, addr-spec) pairs of an address field, as a receiver reads them."""
     if "=?" not in value and _PLAIN_LIST.fullmatch(value):
         out = []
-        for match in re.finditer(_PLAIN_MAILBOX, value):
+        for match in _PLAIN_MAILBOXES.finditer(value):
             display, named, bare = match.groups()
             out.append((display or "", named or bare))
         return out
@@ -293,7 +294,8 @@ def check_block(
         read = _read_addresses(name, value)
         want = [(a.display_name, a.addr_spec) for a in field.addresses]
         if len(read) != len(want) or any(
-            r_spec.lower() != w_spec.lower() or not _same_name(r_name, w_name)
+            r_spec.lower() != w_spec.lower()
+            or (r_name != w_name and not _same_name(r_name, w_name))
             for (r_name, r_spec), (w_name, w_spec) in zip(read, want, strict=True)
         ):
             raise _changed(

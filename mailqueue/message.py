@@ -42,7 +42,6 @@ from .headers import (
     Field,
     address_field,
     check_block,
-    read_block,
     refuse_controls,
     refuse_encoded_controls,
 )
@@ -672,7 +671,7 @@ def _compose(message: Message, limits: Limits) -> tuple[str, tuple[Recipient, ..
     ]
     fields.append(Field("Subject", text=subject))
     if "date" not in names:
-        fields.append(Field("Date", text=email.utils.format_datetime(dt.datetime.now(dt.UTC))))
+        fields.append(Field("Date", text=_date_now()))
     if "message-id" not in names:
         fields.append(Field("Message-ID", text=email.utils.make_msgid(domain=sender.domain)))
     fields += [Field(name, text=value) for name, value in custom]
@@ -685,7 +684,7 @@ def _compose(message: Message, limits: Limits) -> tuple[str, tuple[Recipient, ..
 
     body = _body_bytes(message)
     mime_head = body.partition(b"\r\n\r\n")[0].decode("ascii")
-    mime_names = [name for name, _ in read_block(mime_head)]
+    mime_names = [line.partition(":")[0] for line in mime_head.split("\r\n") if line[:1] != " "]
     # The finished block, read back: exactly the fields composed, then MIME's own.
     check_block(
         head + "\r\n" + mime_head, fields, then=mime_names, max_bytes=limits.max_header_block
@@ -696,6 +695,19 @@ def _compose(message: Message, limits: Limits) -> tuple[str, tuple[Recipient, ..
             f"the body writer produced the fields {mime_names}", field="headers"
         )
     return mail_from, recipients, head.encode("utf-8") + b"\r\n" + body, utf8
+
+
+_date_cache: tuple[int, str] = (0, "")
+
+
+def _date_now() -> str:
+    """The Date field's text, formatted once a second (it names whole seconds)."""
+    global _date_cache
+    now = dt.datetime.now(dt.UTC)
+    second = int(now.timestamp())
+    if _date_cache[0] != second:
+        _date_cache = (second, email.utils.format_datetime(now.replace(microsecond=0)))
+    return _date_cache[1]
 
 
 def _write_field(f: Field) -> str:
