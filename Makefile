@@ -33,7 +33,10 @@ $(STAMP61): pyproject.toml
 
 # The whole suite on the default Python (Django 5.2 LTS), then the Django
 # tests again on Python 3.12 with Django 6.1. With PYTEST_ARGS (a subset) only
-# the first run happens; `make test-django61` runs the second on its own.
+# the first run happens; `make test-django61` runs the second on its own. The
+# second run includes the hostile-input suite (issue #15), so that the guard
+# is also proven on the unpatched Python 3.12.1 (CVE-2024-6923 is fixed only
+# from 3.12.5). test_django.py goes first: its session fixture sets Django up.
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 ifeq ($(strip $(PYTEST_ARGS)),)
@@ -50,7 +53,8 @@ test-django61:
 	fi; \
 	$(MAKE) --no-print-directory $(STAMP61) && \
 	$(VENV61)/bin/python -c "import django, sys; print('Django', django.get_version(), 'on Python', sys.version.split()[0])" && \
-	$(VENV61)/bin/python -m pytest tests/test_django.py $(DJANGO61_PYTEST_ARGS)
+	$(VENV61)/bin/python -m pytest tests/test_django.py tests/test_hostile_django.py tests/test_hostile.py \
+	    $(DJANGO61_PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
