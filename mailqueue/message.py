@@ -225,6 +225,27 @@ def _text_input(value: object, field_name: str, limits: Limits, *, what: str = "
     return value
 
 
+def header_text(value: object, field_name: str, limits: Limits = DEFAULT_LIMITS) -> str:
+    """``value`` checked as text bound for a header (type, length, control characters)."""
+    return _text_input(value, field_name, limits)
+
+
+def mime_type(value: object, field_name: str) -> str:
+    """``value`` checked as a MIME type ``type/subtype`` (RFC 2045 tokens, no parameters)."""
+    if not isinstance(value, str) or not _MIME_TYPE.fullmatch(value):
+        raise InvalidMessageError(
+            f"{value!r} is not a MIME type such as 'image/png' (no parameters)", field=field_name
+        )
+    return value
+
+
+def mime_token(value: object, field_name: str) -> str:
+    """``value`` checked as one RFC 2045 token: a subtype or a charset name."""
+    if not isinstance(value, str) or not _CHARSET.fullmatch(value):
+        raise InvalidMessageError(f"{value!r} is not a MIME token", field=field_name)
+    return value
+
+
 def _parse_header_addresses(value: str, field_name: str) -> list[Address]:
     """Parse an address-list header value: display names, quoted commas, groups, comments."""
     _no_newlines(value, field_name)
@@ -924,7 +945,14 @@ def _header_object_addresses(value: object, name: str) -> list[Address]:
     """
     addresses = getattr(value, "addresses", None)
     if addresses is not None:
-        return list(addresses)
+        # (an item set as a plain string in a list stays a string in the header object)
+        return [
+            found
+            for item in addresses
+            for found in (
+                [item] if isinstance(item, Address) else _parse_header_addresses(str(item), name)
+            )
+        ]
     if isinstance(value, Header):
         value = value.encode()  # compat32's Header: its encoded form, as it is written
     return _parse_header_addresses(_FOLD_STR.sub("", str(value)), name.lower())
@@ -958,6 +986,12 @@ def _serialize_checked(obj: _StdMessage, limits: Limits) -> tuple[bytes, _StdMes
             fields.append(Field(name, addresses=tuple(found)))
         else:
             fields.append(Field(name))
+    for part in obj.walk():
+        if part is obj:
+            continue
+        for _name, value in part.items():
+            text = value.encode() if isinstance(value, Header) else str(value)
+            refuse_controls(_FOLD_STR.sub("", text).replace("\t", " "), "attachments")
     try:
         data = _crlf(_as_bytes(obj))
     except (UnicodeError, ValueError, LookupError, AttributeError, TypeError) as exc:

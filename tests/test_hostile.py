@@ -502,3 +502,50 @@ def test_harness_judge_catches_what_it_must():
     for r in bad:
         with pytest.raises(AssertionError):
             hostile.judge_wire(case, [r], where="bad")
+
+
+# --------------------------------------------------------------------------- the last guard
+
+
+def _unquoting_writer(real):
+    """CPython gh-80222, as a writer bug: a folded quoted name loses its quotes."""
+    return lambda name, addresses: real(name, addresses).replace('"', "")
+
+
+def _line_adding_writer(real):
+    """CVE-2024-6923, as a writer bug: the text field comes out with a line of its own."""
+    return lambda name, value: real(name, value) + f"\r\nBcc: {EVIL}"
+
+
+def _line_adding_serializer(real):
+    """The email package's serializer, as if it wrote a field the object does not hold."""
+    return lambda obj: real(obj).replace(b"\nSubject:", f"\nCc: {EVIL}\r\nSubject:".encode(), 1)
+
+
+FAULTY_WRITERS = {
+    "unquoting-address-writer": ("address_field", _unquoting_writer),
+    "line-adding-text-writer": ("_text_field", _line_adding_writer),
+    "line-adding-serializer": ("_as_bytes", _line_adding_serializer),
+}
+# Where each writer is used: mailqueue composes (every face) or serializes an object (eml=).
+_WRITER_FACES = {
+    "unquoting-address-writer": [*(f for f in FACES if f != "cli"), "eml"],
+    "line-adding-text-writer": [f for f in FACES if f != "cli"],
+    "line-adding-serializer": ["eml"],
+}
+
+
+@pytest.mark.parametrize(
+    ("fault", "face"), [(fault, face) for fault, faces in _WRITER_FACES.items() for face in faces]
+)
+def test_the_finished_header_check_holds_when_the_writer_is_wrong(env, monkeypatch, face, fault):
+    """The read-back of the finished header block is the last guard: with a header
+    writer that goes wrong the way the email package does on some interpreters,
+    the message is refused, never sent with a header or an address nobody named."""
+    import mailqueue.message as message_module
+
+    attribute, make = FAULTY_WRITERS[fault]
+    monkeypatch.setattr(message_module, attribute, make(getattr(message_module, attribute)))
+    case = Case(f"faulty-{fault}", to=[(LONG_NAME, ANA)], subject="Your order")
+    outcome = check(face, case, env)
+    assert isinstance(outcome, hostile.Refused), outcome

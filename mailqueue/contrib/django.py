@@ -73,8 +73,10 @@ from django.db import connections, transaction
 from sqlalchemy.exc import IntegrityError
 
 from ..api import _prepare, _store, _write_and_dispatch
+from ..config import get_settings
 from ..errors import HeaderInjectionError, InvalidMessageError
-from ..message import Message, one_address
+from ..headers import HEADER_NAME
+from ..message import Limits, Message, header_text, mime_token, mime_type, one_address
 from ..store.models import utcnow
 from ..store.queue import NewMessage
 from ..worker.app import dispatch_committed
@@ -159,7 +161,7 @@ def _parse_option(name: str, value: Any) -> Any:
     if name == "metadata" and not isinstance(value, dict):
         try:
             value = json.loads(str(value))
-        except ValueError:
+        except (ValueError, RecursionError):
             value = None
         if not isinstance(value, dict):
             raise InvalidMessageError(
@@ -168,6 +170,52 @@ def _parse_option(name: str, value: Any) -> Any:
     if name == "tags" and isinstance(value, str):
         value = [t.strip() for t in value.split(",") if t.strip()]
     return value
+
+
+def _check_django_input(message: EmailMessage, headers: dict[str, Any], limits: Limits) -> None:
+    """What Django will put in headers and parts, checked before Django composes it.
+
+    The same rules and limits as ``mailqueue.Message`` (README, "Security"), so
+    that a hostile value is refused here, not half-handled by Django's composer
+    (which also takes many seconds on a megabyte subject).
+    """
+    header_text(message.subject, "subject", limits)
+    if len(headers) > limits.max_headers:
+        raise InvalidMessageError(
+            f"{len(headers)} headers, over the {limits.max_headers}-header limit "
+            "(MAILQUEUE_MAX_HEADERS)",
+            field="headers",
+        )
+    for name, value in headers.items():
+        if not isinstance(name, str) or not HEADER_NAME.fullmatch(name):
+            raise InvalidMessageError(f"{name!r} is not a valid header name", field="headers")
+        header_text(str(value), "headers", limits)
+    entries = [*message.to, *message.cc, *message.bcc]
+    if len(entries) > limits.max_recipients:
+        raise InvalidMessageError(
+            f"{len(entries)} recipients, over the {limits.max_recipients}-recipient limit "
+            "(MAILQUEUE_MAX_RECIPIENTS)",
+            field="to",
+        )
+    for entry in message.reply_to:
+        one_address(entry, field_name="reply_to")
+    mime_token(message.content_subtype, "content_subtype")
+    if message.encoding is not None:
+        mime_token(str(message.encoding), "encoding")
+    for name, body in [("body", message.body)] + [
+        ("alternatives", alt[0]) for alt in getattr(message, "alternatives", [])
+    ]:
+        if isinstance(body, str) and "\0" in body:
+            raise InvalidMessageError("contains NUL, which no mail body may carry", field=name)
+    for alt in getattr(message, "alternatives", []):
+        mime_type(alt[1], "alternatives")
+    for attachment in message.attachments:
+        if isinstance(attachment, tuple):  # (filename, content, mimetype); MIME objects as built
+            filename, _content, mimetype = attachment
+            if filename is not None:
+                header_text(filename, "attachments", limits)
+            if mimetype is not None:
+                mime_type(mimetype, "attachments")
 
 
 def to_mailqueue(message: EmailMessage) -> tuple[Message, dict[str, Any]]:
@@ -189,6 +237,7 @@ def to_mailqueue(message: EmailMessage) -> tuple[Message, dict[str, Any]]:
     if tags:
         options["metadata"] = {**options.get("metadata", {}), "tags": list(tags)}
 
+    _check_django_input(message, headers, get_settings().limits)
     # The envelope comes from Django's address lists, one address per entry, checked
     # the way Django's SMTP backend checks them (sanitize_address), never from the
     # headers Django writes: a header can say more than its entries meant.
