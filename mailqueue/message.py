@@ -407,9 +407,18 @@ def _one_entry(item: object, field_name: str, limits: Limits) -> Address:
             )
         return _address(name, addr, field_name)
     item = _text_input(item, field_name, limits, what="an address string or (name, address)")
+    name, spec = _entry_parts(item, field_name)
+    if name:
+        _text_input(name, field_name, limits)  # what an encoded word decoded to
+    return _address(name, spec, field_name)
+
+
+@functools.lru_cache(maxsize=16384)
+def _entry_parts(item: str, field_name: str) -> tuple[str, str]:
+    """(display name, address) of a one-address string, remembered: a sender recurs."""
     plain = _read_one_mailbox(item.strip())
     if plain is not None:
-        return _address(plain[0], plain[1], field_name)
+        return plain
     parsed = _parse_header_addresses(item, field_name)
     if len(parsed) != 1:
         raise InvalidMessageError(
@@ -420,7 +429,7 @@ def _one_entry(item: object, field_name: str, limits: Limits) -> Address:
     (one,) = parsed
     if not one.addr_spec or "@" not in one.addr_spec:
         raise InvalidMessageError(f"{item!r} is not a valid address", field=field_name)
-    return _address(_text_input(one.display_name, field_name, limits), one.addr_spec, field_name)
+    return one.display_name, one.addr_spec
 
 
 def _is_one_spec(addr: str) -> bool:

@@ -6,7 +6,13 @@ work), the body. The naive way, in the same run, is what an app does without
 mailqueue: an ``email.message.EmailMessage`` with the same fields, serialized
 with ``as_bytes()`` (no validation, no check).
 
-    .venv/bin/python ops/bench/compose.py [--n 3000] [--rounds 5]
+    .venv/bin/python ops/bench/compose.py [--n 3000] [--rounds 5] [--enqueue-many 20000]
+
+``--enqueue-many N`` also times ``enqueue_many`` of N ``plain`` messages
+into a fresh SQLite database (dispatch to an idle SQLite broker included),
+the figure composition weighs on. To compare two commits, run this script
+with each checkout's interpreter (or ``PYTHONPATH``), from outside both
+checkouts, alternating.
 
 Three kinds of message, all with a text and an HTML body: ``plain`` (plain
 addresses, ASCII subject), ``names`` (display names needing quotes, one with
@@ -83,7 +89,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=3000, help="messages per round and kind")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--enqueue-many", type=int, default=0, metavar="N")
     args = parser.parse_args()
+    if args.enqueue_many:
+        enqueue_many(args.enqueue_many)
+        return
     print(f"Python {sys.version.split()[0]}; {args.n} messages a round, {args.rounds} rounds")
     for kind in KINDS:
         messages = mq_messages(kind, args.n)
@@ -100,6 +110,32 @@ def main() -> None:
             f"(median {statistics.median(ours):,.0f}); email package as_bytes: best "
             f"{max(theirs):8,.0f} msg/s (median {statistics.median(theirs):,.0f})"
         )
+
+
+def enqueue_many(n: int) -> None:
+    import os
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="mq-compose-bench-")
+    os.environ["MAILQUEUE_DATABASE_URL"] = f"sqlite:///{folder}/mq.db"
+    os.environ["MAILQUEUE_BROKER_URL"] = f"sqla+sqlite:///{folder}/broker.db"
+    os.environ["MAILQUEUE_QUEUE"] = "idle"
+    import mailqueue
+    from mailqueue import api
+    from mailqueue.migrate import upgrade
+    from mailqueue.worker.app import flush_dispatch
+
+    mailqueue.configure()
+    upgrade(os.environ["MAILQUEUE_DATABASE_URL"])
+    messages = mq_messages("plain", n)
+    start = time.perf_counter()
+    api.enqueue_many(messages, progress=lambda k: print(f"  {k}/{n}", file=sys.stderr))
+    flush_dispatch()
+    seconds = time.perf_counter() - start
+    print(
+        f"enqueue_many {n} plain messages into SQLite: {n / seconds:,.0f} msg/s "
+        f"({mailqueue.__file__})"
+    )
 
 
 if __name__ == "__main__":
