@@ -225,6 +225,13 @@ def _text_input(value: object, field_name: str, limits: Limits, *, what: str = "
     return value
 
 
+def too_many(count: int, limit: int, things: str, setting: str, field: str) -> InvalidMessageError:
+    """The refusal of ``count`` ``things`` where ``limit`` is allowed (one wording everywhere)."""
+    return InvalidMessageError(
+        f"{count} {things}, over the limit of {limit} (MAILQUEUE_{setting})", field=field
+    )
+
+
 def header_text(value: object, field_name: str, limits: Limits = DEFAULT_LIMITS) -> str:
     """``value`` checked as text bound for a header (type, length, control characters)."""
     return _text_input(value, field_name, limits)
@@ -383,10 +390,8 @@ def _addresses(value: Addresses, field_name: str, limits: Limits = DEFAULT_LIMIT
     """
     entries = _entries(value, field_name)
     if len(entries) > limits.max_recipients:
-        raise InvalidMessageError(
-            f"{len(entries)} addresses, over the {limits.max_recipients}-address limit "
-            "(MAILQUEUE_MAX_RECIPIENTS)",
-            field=field_name,
+        raise too_many(
+            len(entries), limits.max_recipients, "addresses", "MAX_RECIPIENTS", field_name
         )
     return [_one_entry(item, field_name, limits) for item in entries]
 
@@ -495,11 +500,7 @@ def _custom_headers(message: Message, limits: Limits) -> list[tuple[str, str]]:
     else:
         items = list(headers)
     if len(items) > limits.max_headers:
-        raise InvalidMessageError(
-            f"{len(items)} headers, over the {limits.max_headers}-header limit "
-            "(MAILQUEUE_MAX_HEADERS)",
-            field="headers",
-        )
+        raise too_many(len(items), limits.max_headers, "headers", "MAX_HEADERS", "headers")
     out: list[tuple[str, str]] = []
     for item in items:
         if not isinstance(item, (tuple, list)) or len(item) != 2:
@@ -764,11 +765,7 @@ def _check_recipient_count(message: Message, limits: Limits) -> None:
         len(g) if isinstance(g, Sequence) and not isinstance(g, str) else 1 for g in groups if g
     )
     if total > limits.max_recipients:
-        raise InvalidMessageError(
-            f"{total} recipients, over the {limits.max_recipients}-recipient limit "
-            "(MAILQUEUE_MAX_RECIPIENTS)",
-            field="to",
-        )
+        raise too_many(total, limits.max_recipients, "recipients", "MAX_RECIPIENTS", "to")
 
 
 def _body_bytes(message: Message) -> bytes:
@@ -921,11 +918,7 @@ def _from_eml(
     else:
         recipients = _dedupe(groups)
     if len(recipients) > limits.max_recipients:
-        raise InvalidMessageError(
-            f"{len(recipients)} recipients, over the {limits.max_recipients}-recipient limit "
-            "(MAILQUEUE_MAX_RECIPIENTS)",
-            field="to",
-        )
+        raise too_many(len(recipients), limits.max_recipients, "recipients", "MAX_RECIPIENTS", "to")
     utf8 |= u
     if message.envelope_from is not None:
         mail_from = _envelope_from(message, default="")

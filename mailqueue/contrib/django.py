@@ -76,7 +76,15 @@ from ..api import _prepare, _store, _write_and_dispatch
 from ..config import get_settings
 from ..errors import HeaderInjectionError, InvalidMessageError
 from ..headers import HEADER_NAME
-from ..message import Limits, Message, header_text, mime_token, mime_type, one_address
+from ..message import (
+    Limits,
+    Message,
+    header_text,
+    mime_token,
+    mime_type,
+    one_address,
+    too_many,
+)
 from ..store.models import utcnow
 from ..store.queue import NewMessage
 from ..worker.app import dispatch_committed
@@ -181,22 +189,14 @@ def _check_django_input(message: EmailMessage, headers: dict[str, Any], limits: 
     """
     header_text(message.subject, "subject", limits)
     if len(headers) > limits.max_headers:
-        raise InvalidMessageError(
-            f"{len(headers)} headers, over the {limits.max_headers}-header limit "
-            "(MAILQUEUE_MAX_HEADERS)",
-            field="headers",
-        )
+        raise too_many(len(headers), limits.max_headers, "headers", "MAX_HEADERS", "headers")
     for name, value in headers.items():
         if not isinstance(name, str) or not HEADER_NAME.fullmatch(name):
             raise InvalidMessageError(f"{name!r} is not a valid header name", field="headers")
         header_text(str(value), "headers", limits)
     entries = [*message.to, *message.cc, *message.bcc]
     if len(entries) > limits.max_recipients:
-        raise InvalidMessageError(
-            f"{len(entries)} recipients, over the {limits.max_recipients}-recipient limit "
-            "(MAILQUEUE_MAX_RECIPIENTS)",
-            field="to",
-        )
+        raise too_many(len(entries), limits.max_recipients, "recipients", "MAX_RECIPIENTS", "to")
     for entry in message.reply_to:
         one_address(entry, field_name="reply_to")
     mime_token(message.content_subtype, "content_subtype")
