@@ -15,22 +15,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import (
-    ARRAY,
-    Engine,
-    Uuid,
-    and_,
-    any_,
-    bindparam,
-    case,
-    func,
-    null,
-    or_,
-    select,
-    update,
-)
+from sqlalchemy import ARRAY, Engine, Uuid, and_, any_, bindparam, case, func, null, select, update
 
 from .models import MESSAGES, RECIPIENTS, MessageStatus, RecipientStatus, utcnow
+from .schedule import due
 
 __all__ = ["ClaimedMessage", "ClaimedRecipient", "ClaimStatements"]
 
@@ -99,8 +87,8 @@ class ClaimStatements:
     ) -> list[ClaimedMessage]:
         """Take the due ones among ``ids`` for ``owner``; others are left alone.
 
-        A message is due when it is queued or deferred and its time has come,
-        or when another worker's lease on it has expired. Messages already
+        A message is due (``schedule.due``) when it is queued or deferred and its
+        time has come, or when another worker's lease on it has expired. Messages already
         sent, or held by a live lease, are skipped: this is what makes a task
         delivered twice by the broker send once.
         """
@@ -108,14 +96,7 @@ class ClaimStatements:
             return []
         now = utcnow()
         inline_max = min(INLINE_CONTENT_MAX, CLAIM_CONTENT_BUDGET // len(ids))
-        due = or_(
-            and_(
-                M.c.status.in_((MessageStatus.QUEUED, MessageStatus.DEFERRED)),
-                M.c.next_attempt_at <= now,
-            ),
-            and_(M.c.status == MessageStatus.SENDING, M.c.lease_until < now),
-        )
-        pick = select(M.c.id).where(self._among(M.c.id, ids), due)
+        pick = select(M.c.id).where(self._among(M.c.id, ids), due(now))
         if self.is_postgres:
             pick = pick.with_for_update(skip_locked=True)
         stmt = (
