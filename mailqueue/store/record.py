@@ -4,7 +4,8 @@ The same rules on both backends, in the same four statements whatever the
 batch: the recipients' UPDATE, the history's INSERT, the statuses read back,
 the messages' UPDATE. PostgreSQL reads each statement's rows from ``unnest`` of
 parameter arrays, SQLite from one JSON text (``json_each``); the statements
-share their rules (``_record_recipients``, ``_record_messages``). SQLite
+are built from one text each (``_record_recipients``, ``_record_history``,
+``_record_messages``), so the rules live once. SQLite
 older than 3.38 records row by row (``_SQLITE_BULK_RECORD``).
 """
 
@@ -118,6 +119,20 @@ def _record_messages(source: str) -> Any:
     ).bindparams(bindparam("now", type_=UTCDateTime()))
 
 
+def _record_history(source: str) -> Any:
+    """The history's INSERT for ``record``: one ``mq_attempt`` row per result, rows
+    ``v(mid, id, status, code, enhanced, reply, error)`` from ``source``, whatever the
+    status rules decided."""
+    return text(
+        f"""
+    INSERT INTO {ATTEMPTS.name}
+        (message_id, recipient_id, status, smtp_code, enhanced_code, reply, error, worker, at)
+    SELECT v.mid, v.id, v.status, v.code, v.enhanced, v.reply, v.error, :worker, :now
+    FROM {source}
+    """
+    ).bindparams(bindparam("now", type_=UTCDateTime()))
+
+
 # -- PostgreSQL: rows from ``unnest`` of parameter arrays ---------------------------------
 
 _PG_RECORD_RECIPIENTS = _record_recipients(
@@ -126,19 +141,13 @@ _PG_RECORD_RECIPIENTS = _record_recipients(
         CAST(:enhanced AS text[]), CAST(:replies AS text[]), CAST(:errors AS text[])
     ) AS v(id, status, code, enhanced, reply, error)"""
 )
-_PG_RECORD_HISTORY = text(
-    f"""
-    INSERT INTO {ATTEMPTS.name}
-        (message_id, recipient_id, status, smtp_code, enhanced_code, reply, error, worker, at)
-    SELECT v.mid, v.rid, v.status, v.code, v.enhanced, v.reply, v.error, :worker, :now
-    FROM unnest(
+_PG_RECORD_HISTORY = _record_history(
+    """unnest(
         CAST(:mids AS uuid[]), CAST(:ids AS bigint[]), CAST(:statuses AS text[]),
         CAST(:codes AS int[]), CAST(:enhanced AS text[]), CAST(:replies AS text[]),
         CAST(:errors AS text[])
-    ) AS v(mid, rid, status, code, enhanced, reply, error)
-    """
-).bindparams(bindparam("now", type_=UTCDateTime()))
-
+    ) AS v(mid, id, status, code, enhanced, reply, error)"""
+)
 _PG_RECORD_MESSAGES = _record_messages(
     """unnest(
         CAST(:mids AS uuid[]), CAST(:statuses AS text[]), CAST(:nexts AS timestamptz[]),
@@ -177,14 +186,7 @@ _SQLITE_RESULTS = (
     " FROM json_each(:rows)) AS v"
 )
 _SQLITE_RECORD_RECIPIENTS = _record_recipients(_SQLITE_RESULTS)
-_SQLITE_RECORD_HISTORY = text(
-    f"""
-    INSERT INTO {ATTEMPTS.name}
-        (message_id, recipient_id, status, smtp_code, enhanced_code, reply, error, worker, at)
-    SELECT v.mid, v.id, v.status, v.code, v.enhanced, v.reply, v.error, :worker, :now
-    FROM {_SQLITE_RESULTS}
-    """
-).bindparams(bindparam("now", type_=UTCDateTime()))
+_SQLITE_RECORD_HISTORY = _record_history(_SQLITE_RESULTS)
 # One row back, whatever the batch: each row a step of its own would let the
 # process's busy event-loop thread take the GIL back between steps.
 _SQLITE_RECIPIENT_STATUSES = text(
