@@ -5,21 +5,23 @@ batch: the recipients' UPDATE, the history's INSERT, the statuses read back,
 the messages' UPDATE. PostgreSQL reads each statement's rows from ``unnest`` of
 parameter arrays, SQLite from one JSON text (``json_each``); the statements
 are built from one text each (``_record_recipients``, ``_record_history``,
-``_record_messages``), so the rules live once. SQLite
-older than 3.38 records row by row (``_SQLITE_BULK_RECORD``).
+``_record_messages``), so the rules live once.
+
+SQLite: ``UPDATE … FROM`` needs 3.33 and the JSON functions; every SQLite
+mailqueue runs on has both, since ``claim``'s ``UPDATE … RETURNING`` needs 3.35
+and the schema's tag index (migration 0003) is on ``json_extract``.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
-import sqlite3
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, Engine, bindparam, insert, or_, select, text, update
+from sqlalchemy import Engine, bindparam, text
 
 from .models import (
     ATTEMPTS,
@@ -170,11 +172,6 @@ _PG_RECIPIENT_STATUSES = text(
 
 # -- SQLite: each table's rows as one JSON array, read with ``json_each`` -----------------
 
-# ``record`` on SQLite (see ``_record_sqlite``): the same rules as on
-# PostgreSQL, each table's rows passed as one JSON array and read with
-# ``json_each``. (UPDATE … FROM needs SQLite 3.33; JSON is built in from 3.38.)
-_SQLITE_BULK_RECORD = sqlite3.sqlite_version_info >= (3, 38, 0)
-
 
 def _json_columns(*names: str) -> str:
     return ", ".join(f"json_extract(value, '$[{i}]') AS {n}" for i, n in enumerate(names))
@@ -203,29 +200,6 @@ _SQLITE_RECORD_MESSAGES = _record_messages(
 )
 
 
-def _insert_history(
-    conn: Connection, outcomes: Sequence[MessageOutcome], *, owner: str, now: dt.datetime
-) -> None:
-    """One ``mq_attempt`` row per recipient per attempt, whatever the status rules decided."""
-    history = [
-        {
-            "message_id": o.message_id,
-            "recipient_id": r.recipient_id,
-            "status": r.status,
-            "smtp_code": r.code,
-            "enhanced_code": r.enhanced_code,
-            "reply": r.reply,
-            "error": r.error,
-            "worker": owner.rsplit(":", 1)[0],
-            "at": now,
-        }
-        for o in outcomes
-        for r in o.recipients
-    ]
-    if history:
-        conn.execute(insert(ATTEMPTS), history)
-
-
 class RecordStatements:
     """``Store.record`` (see ``queue.Store``)."""
 
@@ -244,85 +218,8 @@ class RecordStatements:
         now = utcnow()
         if self.is_postgres:
             self._record_pg(outcomes, owner=owner, now=now)
-            return
-        if _SQLITE_BULK_RECORD:
+        else:
             self._record_sqlite(outcomes, owner=owner, now=now)
-            return
-        sent: list[dict[str, Any]] = []
-        other: list[dict[str, Any]] = []
-        for outcome in outcomes:
-            for r in outcome.recipients:
-                params = {
-                    "b_id": r.recipient_id,
-                    "b_status": r.status,
-                    "b_code": r.code,
-                    "b_enhanced": r.enhanced_code,
-                    "b_reply": r.reply,
-                    "b_error": r.error,
-                }
-                (sent if r.status == RecipientStatus.SENT else other).append(params)
-        values = {
-            "status": bindparam("b_status"),
-            "smtp_code": bindparam("b_code"),
-            "enhanced_code": bindparam("b_enhanced"),
-            "reply": bindparam("b_reply"),
-            "error": bindparam("b_error"),
-            "attempts": R.c.attempts + 1,
-            "updated_at": now,
-        }
-        with self.engine.begin() as conn:
-            if sent:
-                conn.execute(
-                    update(R)
-                    .where(R.c.id == bindparam("b_id"), R.c.status != RecipientStatus.SENT)
-                    .values(**values, sent_at=now),
-                    sent,
-                )
-            if other:
-                conn.execute(
-                    update(R)
-                    .where(
-                        R.c.id == bindparam("b_id"),
-                        # executemany cannot expand IN lists: spell it out
-                        or_(*(R.c.status == s for s in RecipientStatus.OPEN)),
-                    )
-                    .values(**values),
-                    other,
-                )
-            _insert_history(conn, outcomes, owner=owner, now=now)
-            # The message's status is derived from what the rows say now, so a
-            # recipient cancelled during the attempt is counted as cancelled.
-            ids = [o.message_id for o in outcomes]
-            statuses: dict[uuid.UUID, list[str]] = {mid: [] for mid in ids}
-            for mid, status in conn.execute(
-                select(R.c.message_id, R.c.status).where(R.c.message_id.in_(ids))
-            ):
-                statuses[mid].append(status)
-            conn.execute(
-                update(M)
-                .where(M.c.id == bindparam("b_mid"), M.c.lease_owner == owner)
-                .values(
-                    status=bindparam("b_mstatus"),
-                    next_attempt_at=bindparam("b_next"),
-                    last_error=bindparam("b_lerr"),
-                    last_reply=bindparam("b_lreply"),
-                    lease_owner=None,
-                    lease_until=None,
-                    dispatched_at=None,
-                    worker=owner.rsplit(":", 1)[0],
-                    updated_at=now,
-                ),
-                [
-                    {
-                        "b_mid": o.message_id,
-                        "b_mstatus": derive_status(statuses[o.message_id]),
-                        "b_next": o.next_attempt_at or now,
-                        "b_lerr": o.last_error,
-                        "b_lreply": o.last_reply,
-                    }
-                    for o in outcomes
-                ],
-            )
 
     def _record_pg(
         self, outcomes: Sequence[MessageOutcome], *, owner: str, now: dt.datetime
