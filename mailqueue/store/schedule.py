@@ -11,7 +11,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Engine, and_, func, or_, select, update
+from sqlalchemy import Engine, and_, or_, select, update
 
 from .models import MESSAGES, MessageStatus, utcnow
 
@@ -33,7 +33,7 @@ def due(now: dt.datetime) -> Any:
 
 
 class ScheduleStatements:
-    """``Store.take_due``, ``mark_undispatched`` and ``next_due_in`` (see ``queue.Store``)."""
+    """``Store.take_due`` and ``Store.mark_undispatched`` (see ``queue.Store``)."""
 
     engine: Engine
     is_postgres: bool
@@ -64,15 +64,3 @@ class ScheduleStatements:
             conn.execute(
                 update(M).where(M.c.id.in_(ids), M.c.status.in_(WAITING)).values(dispatched_at=None)
             )
-
-    def next_due_in(self) -> float | None:
-        """Seconds until the earliest deferred message is due (None: nothing waits)."""
-        with self.engine.connect() as conn:
-            when = conn.execute(
-                select(func.min(M.c.next_attempt_at)).where(M.c.status.in_(WAITING))
-            ).scalar()
-        if when is None:
-            return None
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=dt.UTC)
-        return max(0.0, (when - utcnow()).total_seconds())
