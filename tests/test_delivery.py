@@ -275,14 +275,6 @@ def test_recording_keeps_a_cancel_made_during_the_attempt_except_for_accepted_on
     check_recording_rules(stack)
 
 
-def test_recording_row_by_row_on_an_old_sqlite_follows_the_same_rules(sqlite_stack, monkeypatch):
-    """SQLite older than 3.38 (no built-in JSON) records row by row."""
-    from mailqueue.store import queue
-
-    monkeypatch.setattr(queue, "_SQLITE_BULK_RECORD", False)
-    check_recording_rules(sqlite_stack)
-
-
 def check_recording_rules(stack) -> None:
     from mailqueue.store.queue import MessageOutcome, RecipientOutcome
 

@@ -264,7 +264,7 @@ def test_big_message_is_read_in_slices_and_arrives_whole(stack, smtp_server, mon
     import sqlalchemy as sa
 
     from mailqueue import Attachment
-    from mailqueue.store import queue as queue_mod
+    from mailqueue.store import claim as queue_mod
 
     monkeypatch.setattr(queue_mod, "CONTENT_SLICE", 256 * 1024)  # several slices, on both stacks
     payload = os.urandom(1536 * 1024)
@@ -338,7 +338,7 @@ def test_a_batch_of_big_messages_holds_a_bounded_amount_of_content(stack, smtp_s
     import email
 
     from mailqueue import Attachment
-    from mailqueue.store import queue as queue_mod
+    from mailqueue.store import claim as queue_mod
     from mailqueue.worker import service as service_mod
 
     monkeypatch.setattr(queue_mod, "CLAIM_CONTENT_BUDGET", 60 * 1024)  # 10 KB each for 6

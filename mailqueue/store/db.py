@@ -140,8 +140,8 @@ def get_engine(url: str, *, ping: bool = True) -> Engine:
     Its pool pings a connection before handing it out, so that a restarted
     database goes unnoticed. ``ping=False`` gives a second pool without that
     round trip, for a caller that recovers from a dead connection itself
-    (``enqueue()`` on PostgreSQL: see ``Store._insert_one_pg``). SQLite has no
-    connection to lose: one engine either way.
+    (``enqueue()`` on PostgreSQL: see ``InsertStatements._insert_one_pg`` in
+    ``insert.py``). SQLite has no connection to lose: one engine either way.
     """
     url = normalize_url(url)
     ping = ping or url.startswith("sqlite")
