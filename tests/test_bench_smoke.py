@@ -62,9 +62,13 @@ def test_bench_runs_on_each_stack(tmp_path, stack):
     assert result["sink"] == "postfix smtp-sink"
     [figures] = result["stacks"]
     assert figures["stack"] == stack
-    for phase in ("bare", "bare_pipelined", "naive", "mailqueue", "mailqueue_5_recipients"):
+    phases = ("bare", "bare_pipelined", "naive", "mailqueue", "mailqueue_5_recipients")
+    for phase in phases:
         assert figures[phase]["msg_per_s"] > 0, phase
-        assert figures[phase]["cpu"]["client"]["cpu_s"] > 0, phase
+        assert figures[phase]["cpu"]["client"]["processes"] >= 1, phase
+    # CPU time is counted in 10 ms ticks: one tiny phase can read 0.0 (seen on a
+    # busy machine), the whole run cannot.
+    assert sum(figures[p]["cpu"]["client"]["cpu_s"] for p in phases) > 0
     assert figures["naive"]["sent"] == 10
     assert figures["mailqueue_5_recipients"]["recipients_per_s"] > 0
     assert figures["enqueue_many"]["msg_per_s"] > 0
