@@ -129,7 +129,6 @@ class _Recorder:
         self._owner = owner
         self._pending: list[tuple[MessageOutcome, asyncio.Future[None]]] = []
         self._writer: asyncio.Task[None] | None = None
-        self.write_failures = 0
 
     async def record(self, outcome: MessageOutcome) -> None:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -157,7 +156,6 @@ class _Recorder:
                             self._store.record, [o for o, _ in batch], owner=self._owner
                         )
                     except Exception:
-                        self.write_failures += 1
                         self._pending = batch + self._pending
                         raise
             for _, future in batch:
@@ -223,10 +221,6 @@ class Deliverer:
         if pool is None:
             pool = self._pools[relay.name] = pool_for_relay(relay, self.settings)
         return pool
-
-    @property
-    def pools(self) -> dict[str, Pool]:
-        return dict(self._pools)
 
     async def deliver_batch(self, ids: Sequence[uuid.UUID]) -> BatchReport:
         """Claim what is due among ``ids`` and deliver it; record every outcome."""
