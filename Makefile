@@ -14,7 +14,12 @@ PYTHON312 ?= $(shell for p in python3.12 $(HOME)/.pyenv/versions/3.12*/bin/pytho
 VENV61    := .venv-django61
 STAMP61   := $(VENV61)/.installed
 
-.PHONY: demo test test-django61 lint typecheck clean
+# The floors of pyproject.toml, tested: see test-lowest.
+VENVLOW   := .venv-lowest
+STAMPLOW  := $(VENVLOW)/.installed
+LOWEST_PYTEST_ARGS ?= -m "not slow"
+
+.PHONY: demo test test-django61 test-lowest lint typecheck clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -56,10 +61,28 @@ test-django61:
 	$(VENV61)/bin/python -m pytest tests/test_django.py tests/test_hostile_django.py tests/test_hostile.py \
 	    $(DJANGO61_PYTEST_ARGS)
 
+# Every direct dependency at the lowest version pyproject.toml allows (uv's
+# lowest-direct resolution; what they pull in resolves as usual), then the fast
+# part of the suite (everything but the tests that start worker processes,
+# about 2 minutes): a floor that is declared is a floor that was tested. The
+# venv is built afresh whenever pyproject.toml changes, so nothing newer stays.
+$(STAMPLOW): pyproject.toml
+	rm -rf $(VENVLOW)
+	$(PYTHON) -m venv $(VENVLOW)
+	$(VENVLOW)/bin/python -m pip install --quiet --upgrade pip uv
+	$(VENVLOW)/bin/uv pip install --quiet --python $(VENVLOW)/bin/python \
+	    --resolution lowest-direct -e '.[dev]'
+	touch $(STAMPLOW)
+
+test-lowest: $(STAMPLOW)
+	$(VENVLOW)/bin/uv pip list --python $(VENVLOW)/bin/python 2>/dev/null \
+	    | grep -iE '^(celery|kombu|redis|sqlalchemy|alembic|tenacity|aiosmtplib|aiosmtpd|email-validator|starlette|hypothesis) ' || true
+	$(VENVLOW)/bin/python -m pytest $(LOWEST_PYTEST_ARGS)
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
 clean:
-	rm -rf $(VENV) $(VENV61) mailqueue-demo *.db
+	rm -rf $(VENV) $(VENV61) $(VENVLOW) mailqueue-demo *.db

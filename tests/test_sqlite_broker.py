@@ -66,3 +66,35 @@ def test_processes_opening_a_fresh_broker_together_all_publish(tmp_path):
             [(queues,)] = db.execute("SELECT count(*) FROM kombu_queue WHERE name = 'race'")
             [(published,)] = db.execute("SELECT count(*) FROM kombu_message")
         assert (queues, published) == (1, per_round)
+
+
+def test_the_app_polls_its_broker_table_every_0_2_s_and_leaves_kombu_alone(tmp_path):
+    """The interval lives on mailqueue's own transport class, not on kombu's.
+
+    With kombu's default (1 s) and one task reserved per child, single
+    enqueue()s drained at ~10 a second (test_worker_e2e.py measures the drain,
+    ops/bench/README.md the figure); these are the two settings that avoid it.
+    """
+    from kombu import Connection
+    from kombu.transport.sqlalchemy import Transport as KombuTransport
+
+    from mailqueue.config import Settings
+    from mailqueue.worker.app import SQLITE_BROKER_PREFETCH, _make_app
+    from mailqueue.worker.sqla_transport import POLLING_INTERVAL_S, SqlaTransport
+
+    url = f"sqla+sqlite:///{tmp_path / 'broker.db'}"
+    app = _make_app(Settings(broker_url=url, database_url=f"sqlite:///{tmp_path / 'mq.db'}"))
+    assert app.conf.worker_prefetch_multiplier == SQLITE_BROKER_PREFETCH > 1
+    with app.connection_for_write() as conn:
+        assert type(conn.transport) is SqlaTransport
+        assert conn.transport.polling_interval == POLLING_INTERVAL_S == 0.2
+        with conn.SimpleQueue("poll-check") as queue:
+            queue.put({"n": 1})
+    assert KombuTransport.polling_interval == 1.0  # kombu's own class, untouched
+    with Connection(url) as plain:  # kombu's own URL form reads the same file and tables
+        assert type(plain.transport) is KombuTransport
+        assert plain.transport.polling_interval == 1.0
+        with plain.SimpleQueue("poll-check") as queue:
+            message = queue.get(timeout=30)
+            assert message.payload == {"n": 1}
+            message.ack()

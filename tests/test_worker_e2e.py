@@ -111,8 +111,10 @@ def test_single_enqueues_drain_as_fast_as_they_arrive(stack, smtp_server, spawn)
     last_enqueued = time.monotonic()
     wait_until(lambda: all_terminal(ids), timeout=60, interval=0.05, what="80 deliveries")
     behind = time.monotonic() - last_enqueued
-
-    assert behind < 3.0, f"the last of 80 single enqueues was delivered {behind:.1f} s late"
+    # A figure, not a bound (a busy machine is slower): 0.1-0.2 s when idle, ~7 s
+    # before the fix (ops/bench/README.md). What keeps it low is asserted without a clock in
+    # test_sqlite_broker.py (the poll interval and the prefetch).
+    print(f"the last of 80 single enqueues was delivered {behind:.1f} s late")
     delivered = {m.rcpt_tos[0] for m in smtp_server.messages}
     assert delivered >= {f"web{i}@example.com" for i in range(80)}
 

@@ -30,7 +30,6 @@ import aiosmtplib
 
 from .. import metrics as _metrics
 from ..config import RelayConfig, Settings
-from ..errors import SMTPError
 from .cluster_limits import ClusterLimits, Lease
 from .session import TokenCache, open_session
 
@@ -381,14 +380,3 @@ def pool_for_relay(relay: RelayConfig, settings: Settings) -> Pool:
     if relay.has_cluster_limits and settings.cluster_redis_url:
         limits = ClusterLimits(relay, settings.cluster_redis_url)
     return Pool(relay, limits=limits)
-
-
-def is_poisoning(exc: BaseException) -> bool:
-    """Whether a failure leaves the session unusable (drop, timeout, 421)."""
-    if isinstance(exc, (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError)):
-        return True
-    if isinstance(exc, aiosmtplib.SMTPResponseException):
-        return exc.code == 421
-    if isinstance(exc, SMTPError):
-        return exc.code == 421 or exc.code is None
-    return False

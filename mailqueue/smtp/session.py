@@ -73,13 +73,11 @@ class TokenCache:
 
     def __init__(self) -> None:
         self._tokens: dict[str, str] = {}
-        self.calls = 0
 
     async def get(self, relay: RelayConfig, *, refresh: bool = False) -> str:
         if not refresh and relay.name in self._tokens:
             return self._tokens[relay.name]
         provider = _load_provider(relay)
-        self.calls += 1
         token = provider(relay.username, refresh)
         if inspect.isawaitable(token):
             token = await token

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import datetime as dt
-import random
 from dataclasses import dataclass
 
 from sqlalchemy import Engine, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
+from ..backoff import backoff_s
 from .models import RELAYS, utcnow
 
-__all__ = ["RelayState", "pause_relay", "resume_relay", "relay_states", "pause_backoff_s"]
+__all__ = ["RelayState", "pause_relay", "resume_relay", "relay_states"]
 
 T = RELAYS
 
@@ -40,10 +40,10 @@ class RelayState:
         }
 
 
-def pause_backoff_s(failures: int, *, base_s: float = 30.0, max_s: float = 1800.0) -> float:
-    """30 s, 60 s, 120 s … up to 30 min, with ±20 % jitter so workers do not stampede."""
-    delay = min(max_s, base_s * 2 ** max(0, failures - 1))
-    return delay * random.uniform(0.8, 1.2)
+# A relay's pause after its n-th auth/TLS failure in a row: 30 s, 60 s, 120 s …
+# up to 30 min, with the jitter of every backoff so workers do not stampede.
+PAUSE_BASE_S = 30.0
+PAUSE_MAX_S = 1800.0
 
 
 def pause_relay(engine: Engine, name: str, *, error: str, reply: str) -> dt.datetime:
@@ -52,7 +52,9 @@ def pause_relay(engine: Engine, name: str, *, error: str, reply: str) -> dt.date
     with engine.begin() as conn:
         failures = conn.execute(select(T.c.failures).where(T.c.name == name)).scalar()
         failures = (failures or 0) + 1
-        until = now + dt.timedelta(seconds=pause_backoff_s(failures))
+        until = now + dt.timedelta(
+            seconds=backoff_s(failures, base_s=PAUSE_BASE_S, max_s=PAUSE_MAX_S)
+        )
         values = dict(
             paused_until=until,
             failures=failures,

@@ -25,6 +25,9 @@ from .loop import get_loop_thread
 from .service import Deliverer
 from .sqlite_broker import prepare_sqlite_broker
 
+# A string: kombu imports the transport (and SQLAlchemy's ORM) only when it is used.
+SQLA_TRANSPORT_PATH = "mailqueue.worker.sqla_transport:SqlaTransport"
+
 __all__ = [
     "get_app",
     "dispatch",
@@ -47,15 +50,17 @@ _deliverer: Deliverer | None = None
 
 
 def _make_app(settings: Settings) -> Celery:
-    app = Celery("mailqueue", broker=settings.broker_url, set_as_current=False)
+    broker_url = settings.broker_url
     transport_options: dict[str, Any] = {}
+    broker: dict[str, Any] = {}
     prefetch = 1
-    if settings.broker_url.startswith("sqla+"):
-        # The serverless broker polls its table; kombu hands every transport
-        # option to create_engine(), so the interval is set on the class.
-        from kombu.transport.sqlalchemy import Transport
-
-        Transport.polling_interval = 0.2
+    if broker_url.startswith("sqla+"):
+        # The serverless broker polls its table: every 0.2 s through this app's
+        # own subclass of kombu's transport (sqla_transport.py says why not an
+        # option or kombu's class). A transport named explicitly takes the URL
+        # without the "sqla+" prefix; the engine and the tables are the same.
+        broker = {"broker_transport": SQLA_TRANSPORT_PATH}
+        broker_url = broker_url.removeprefix("sqla+")
         # A polling consumer whose prefetch is full sleeps a whole interval
         # before it looks again, even when its children finished long ago:
         # with prefetch 1, single enqueue()s drained at 2 tasks per 0.2 s
@@ -67,7 +72,9 @@ def _make_app(settings: Settings) -> Celery:
         # A task is redelivered if not acknowledged within this time; it must
         # outlast the longest batch (the claim makes a redelivery harmless).
         transport_options["visibility_timeout"] = 3600
+    app = Celery("mailqueue", broker=broker_url, set_as_current=False)
     app.conf.update(
+        **broker,
         task_serializer="json",
         accept_content=["json"],
         task_ignore_result=True,

@@ -4,7 +4,7 @@ Celery has no native async tasks, and an aiosmtplib connection belongs to the
 event loop that opened it. ``asyncio.run()`` per task would close the loop
 and with it every pooled connection. So each worker process keeps one event
 loop running in a daemon thread for its whole life; tasks hand coroutines to
-it with ``run()`` and block until they finish. This works the same under the
+it with ``get_loop_thread().run()`` and block until they finish. This works the same under the
 prefork pool (one loop per child, created lazily after the fork), the solo
 pool, and the threads pool (several tasks share the loop and its pools, which
 bound connections for the whole process).
@@ -19,7 +19,7 @@ import threading
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
-__all__ = ["LoopThread", "run", "get_loop_thread"]
+__all__ = ["LoopThread", "get_loop_thread"]
 
 T = TypeVar("T")
 
@@ -112,8 +112,3 @@ _bridge = LoopThread()
 
 def get_loop_thread() -> LoopThread:
     return _bridge
-
-
-def run(coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
-    """Run ``coro`` on this process's delivery loop."""
-    return _bridge.run(coro, timeout)

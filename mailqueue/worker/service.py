@@ -20,14 +20,16 @@ import asyncio
 import datetime as dt
 import logging
 import os
-import random
 import socket
 import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential
+
 from .. import metrics as _metrics
+from ..backoff import backoff_s
 from ..config import RelayConfig, Settings
 from ..errors import AuthError, ConnectError, SMTPError, TLSError
 from ..logging_setup import log_attempt
@@ -38,19 +40,11 @@ from ..store.queue import ClaimedMessage, MessageOutcome, RecipientOutcome, Stor
 from ..store.relays import pause_relay, relay_states, resume_relay
 from .hooks import notify_if_terminal
 
-__all__ = ["Deliverer", "BatchReport", "plan_outcome", "backoff_s"]
+__all__ = ["Deliverer", "BatchReport", "plan_outcome"]
 
 log = logging.getLogger("mailqueue.worker")
 
 _PAUSE_RECHECK_S = 5.0
-
-
-def backoff_s(
-    attempt: int, *, base_s: float, max_s: float, rng: random.Random | None = None
-) -> float:
-    """Seconds to wait after the ``attempt``-th failed try: doubling, capped, ±20 % jitter."""
-    delay = min(max_s, base_s * (2 ** max(0, attempt - 1)))
-    return delay * (rng or random).uniform(0.8, 1.2)
 
 
 def plan_outcome(
@@ -135,7 +129,6 @@ class _Recorder:
         self._owner = owner
         self._pending: list[tuple[MessageOutcome, asyncio.Future[None]]] = []
         self._writer: asyncio.Task[None] | None = None
-        self.write_failures = 0
 
     async def record(self, outcome: MessageOutcome) -> None:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -145,30 +138,39 @@ class _Recorder:
         await future
 
     async def _write(self) -> None:
-        delay = self.retry_initial_s
         while self._pending:
-            batch, self._pending = self._pending, []
-            try:
-                await asyncio.to_thread(
-                    self._store.record, [o for o, _ in batch], owner=self._owner
-                )
-            except Exception as exc:  # noqa: BLE001 - keep the outcomes and try again
-                self.write_failures += 1
-                log.warning(
-                    "could not record %d outcome(s) (%s: %s); keeping them, retry in %.1fs",
-                    len(batch),
-                    type(exc).__name__,
-                    str(exc).splitlines()[0] if str(exc) else "",
-                    delay,
-                )
-                self._pending = batch + self._pending
-                await asyncio.sleep(delay)
-                delay = min(self.retry_max_s, delay * 2)
-                continue
-            delay = self.retry_initial_s
+            batch: list[tuple[MessageOutcome, asyncio.Future[None]]] = []
+
+            # Never gives up (stop_never): the outcomes are kept until SQL takes them.
+            async for attempt in AsyncRetrying(
+                wait=wait_exponential(multiplier=self.retry_initial_s, max=self.retry_max_s),
+                retry=retry_if_exception_type(Exception),
+                before_sleep=self._log_retry,
+                reraise=True,
+            ):
+                with attempt:
+                    # Each try writes everything pending, outcomes that came meanwhile too.
+                    batch, self._pending = self._pending, []
+                    try:
+                        await asyncio.to_thread(
+                            self._store.record, [o for o, _ in batch], owner=self._owner
+                        )
+                    except Exception:
+                        self._pending = batch + self._pending
+                        raise
             for _, future in batch:
                 if not future.done():
                     future.set_result(None)
+
+    def _log_retry(self, state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        log.warning(
+            "could not record %d outcome(s) (%s: %s); keeping them, retry in %.1fs",
+            len(self._pending),
+            type(exc).__name__,
+            str(exc).splitlines()[0] if str(exc) else "",
+            state.next_action.sleep if state.next_action else 0.0,
+        )
 
 
 class _ContentBudget:
@@ -219,10 +221,6 @@ class Deliverer:
         if pool is None:
             pool = self._pools[relay.name] = pool_for_relay(relay, self.settings)
         return pool
-
-    @property
-    def pools(self) -> dict[str, Pool]:
-        return dict(self._pools)
 
     async def deliver_batch(self, ids: Sequence[uuid.UUID]) -> BatchReport:
         """Claim what is due among ``ids`` and deliver it; record every outcome."""
