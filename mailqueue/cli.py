@@ -24,51 +24,16 @@ import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any
 
 import click
 
 from . import api
 from .config import get_settings
 from .errors import InvalidMessageError, NotFoundError, SMTPError
-
-if TYPE_CHECKING:
-    from rich.text import Text
+from .present import cell, cluster_limits, fmt_time, shown, stats_table
 
 __all__ = ["main", "shown"]
-
-# C0 controls (ESC, CR, LF, BEL, BS…), DEL, C1 controls (CSI, OSC as one byte),
-# the Unicode line and paragraph separators and the bidi overrides that reorder
-# what a terminal displays.
-_TERMINAL_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
-_NAMED_CONTROLS = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
-
-
-def _escape_control(match: re.Match[str]) -> str:
-    char = match.group()
-    code = ord(char)
-    return _NAMED_CONTROLS.get(char) or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
-
-
-def shown(value: object, *, newlines: bool = False) -> str:
-    """``value`` as text that cannot steer the terminal it is printed on.
-
-    Control characters are written as escapes (``\\x1b``, ``\\r``, ``\\u202e``),
-    line feeds too unless ``newlines`` (a table cell may hold several lines; a
-    line of plain output may not). Rich markup is not touched: print the result
-    as ``Text`` or with ``click.echo``, never through markup.
-    """
-    text = "" if value is None else str(value)
-    if newlines:
-        return "\n".join(_TERMINAL_CONTROLS.sub(_escape_control, line) for line in text.split("\n"))
-    return _TERMINAL_CONTROLS.sub(_escape_control, text)
-
-
-def _text(value: object, style: str = "", *, newlines: bool = False) -> Text:
-    """A table cell or line from outside data: no markup, no emoji codes, no controls."""
-    from rich.text import Text
-
-    return Text(shown(value, newlines=newlines), style=style)
 
 
 class _Failed(click.ClickException):
@@ -459,10 +424,6 @@ def _serve_metrics(*, multiprocess: bool) -> None:
     metrics.serve(port)
 
 
-def _fmt_time(value: Any) -> str:
-    return value.strftime("%Y-%m-%d %H:%M:%S") if value else "-"
-
-
 @cli.command()
 @click.argument("message_id")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
@@ -481,36 +442,36 @@ def status(message_id: str, as_json: bool, history: bool) -> None:
         _echo_json(data)
         return
     console = Console()
-    line = _text(info.id, "bold")
+    line = cell(info.id, "bold")
     line.append(f"  {shown(info.status)}  attempts={info.attempts}  relay={shown(info.relay)}")
     console.print(line)
-    console.print(_text(f"from {info.mail_from}  subject {info.subject!r}  {info.size} bytes"))
+    console.print(cell(f"from {info.mail_from}  subject {info.subject!r}  {info.size} bytes"))
     console.print(
-        f"created {_fmt_time(info.created_at)}  next attempt {_fmt_time(info.next_attempt_at)}"
-        f"  expires {_fmt_time(info.expires_at)}",
+        f"created {fmt_time(info.created_at)}  next attempt {fmt_time(info.next_attempt_at)}"
+        f"  expires {fmt_time(info.expires_at)}",
         markup=False,
     )
     table = Table("recipient", "kind", "status", "attempts", "code", "reply")
     for r in info.recipients:
         table.add_row(
-            _text(r.address),
-            _text(r.kind),
-            _text(r.status),
+            cell(r.address),
+            cell(r.kind),
+            cell(r.status),
             str(r.attempts),
-            _text(" ".join(x for x in (str(r.smtp_code or ""), r.enhanced_code or "") if x)),
-            _text(r.reply, newlines=True),
+            cell(" ".join(x for x in (str(r.smtp_code or ""), r.enhanced_code or "") if x)),
+            cell(r.reply, newlines=True),
         )
     console.print(table)
     if history:
         log = Table("when", "recipient", "result", "code", "reply", "worker", title="every attempt")
         for a in attempts:
             log.add_row(
-                _fmt_time(a.at),
-                _text(a.address),
-                _text(a.status),
-                _text(" ".join(x for x in (str(a.smtp_code or ""), a.enhanced_code or "") if x)),
-                _text(a.reply, newlines=True),
-                _text(a.worker),
+                fmt_time(a.at),
+                cell(a.address),
+                cell(a.status),
+                cell(" ".join(x for x in (str(a.smtp_code or ""), a.enhanced_code or "") if x)),
+                cell(a.reply, newlines=True),
+                cell(a.worker),
             )
         console.print(log)
 
@@ -553,13 +514,13 @@ def list_(
     table = Table("id", "status", "created", "from", "subject", "attempts", "last error")
     for r in rows:
         table.add_row(
-            _text(r.id),
-            _text(r.status),
-            _fmt_time(r.created_at),
-            _text(r.mail_from),
-            _text(r.subject[:40]),
+            cell(r.id),
+            cell(r.status),
+            fmt_time(r.created_at),
+            cell(r.mail_from),
+            cell(r.subject[:40]),
             str(r.attempts),
-            _text(r.last_error),
+            cell(r.last_error),
         )
     Console().print(table)
 
@@ -584,7 +545,7 @@ def stats(as_json: bool, watch: bool, interval: float, count: int | None) -> Non
             return
         from rich.console import Console
 
-        Console().print(_stats_table(data))
+        Console().print(stats_table(data))
         for r in paused:
             click.secho(
                 shown(
@@ -619,7 +580,7 @@ def _watch_stats(as_json: bool, interval: float, count: int | None) -> None:
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
         return data, Group(
             Text(f"{stamp}  (every {interval:g}s, Ctrl-C to stop)"),
-            _stats_table(data),
+            stats_table(data),
             Text("\n".join(lines) or "queue empty"),
         )
 
@@ -663,45 +624,23 @@ def relays(as_json: bool, resume: str | None) -> None:
 
     table = Table("relay", "url", "starttls", "verify", "auth", "pool", "cluster limits", "state")
     for r in rows:
-        state = _text("ok")
+        state = cell("ok")
         if r["paused"]:
-            state = _text(f"PAUSED until {r['paused_until']}", "red")
+            state = cell(f"PAUSED until {r['paused_until']}", "red")
             state.append("\n" + shown(f"{r['last_error']}: {r['last_reply']}", newlines=True))
         table.add_row(
-            _text(r["name"]),
-            _text(r["url"]),
-            _text(r["starttls"]),
-            _text("yes")
+            cell(r["name"]),
+            cell(r["url"]),
+            cell(r["starttls"]),
+            cell("yes")
             if r["tls_verify"] and r["tls_check_hostname"]
-            else _text("relaxed", "yellow"),
-            _text(r["auth"] or "-"),
+            else cell("relaxed", "yellow"),
+            cell(r["auth"] or "-"),
             str(r["pool_size"]),
-            _cluster_limits(r),
+            cluster_limits(r),
             state,
         )
     Console().print(table)
-
-
-def _cluster_limits(relay: dict[str, Any]) -> str:
-    """``3 connections, 200 msg/s`` (shared by all workers through Redis), or ``-``."""
-    parts = []
-    if relay.get("cluster_max_connections"):
-        parts.append(f"{relay['cluster_max_connections']} connections")
-    if relay.get("rate_limit"):
-        parts.append(f"{relay['rate_limit']:g} msg/s")
-    return ", ".join(parts) or "-"
-
-
-def _stats_table(data: dict[str, Any]) -> Any:
-    from rich.table import Table
-
-    table = Table("messages", "count", "recipients", "count")
-    m, r = list(data["messages"].items()), list(data["recipients"].items())
-    for i in range(max(len(m), len(r))):
-        left = m[i] if i < len(m) else ("", "")
-        right = r[i] if i < len(r) else ("", "")
-        table.add_row(_text(left[0]), str(left[1]), _text(right[0]), str(right[1]))
-    return table
 
 
 def _engine() -> Any:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 from urllib.parse import parse_qsl, unquote, unquote_plus, urlsplit
@@ -630,6 +630,18 @@ def _read_secret(path: str) -> str:
 
 
 _current: Settings | None = None
+_on_configure: list[Callable[[], None]] = []
+
+
+def on_configure(hook: Callable[[], None]) -> Callable[[], None]:
+    """Call ``hook`` after each :func:`configure` (a layer above drops what it built).
+
+    The package registers the reset of its engines and Celery app here, so that
+    settings never import the layers built from them.
+    """
+    if hook not in _on_configure:
+        _on_configure.append(hook)
+    return hook
 
 
 def get_settings() -> Settings:
@@ -654,7 +666,6 @@ def configure(settings: Settings | None = None, **overrides: Any) -> Settings:
     if unknown:
         raise TypeError(f"unknown settings: {', '.join(sorted(unknown))}")
     _current = replace(base, **overrides) if overrides else base
-    from . import _reset_caches
-
-    _reset_caches()
+    for hook in _on_configure:
+        hook()
     return _current

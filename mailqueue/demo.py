@@ -55,6 +55,7 @@ def run_demo(*, messages: int, workdir: Path, concurrency: int, timeout: float) 
     from .config import configure, hide_password
     from .devserver import DevServer
     from .migrate import upgrade
+    from .present import stats_table
 
     console = Console()
     if workdir.exists():
@@ -148,9 +149,7 @@ def run_demo(*, messages: int, workdir: Path, concurrency: int, timeout: float) 
                         return 1
                 time.sleep(0.3)
         elapsed = time.monotonic() - started
-        from .cli import _stats_table
-
-        console.print(_stats_table(api.stats()))
+        console.print(stats_table(api.stats()))
         received = len(server.messages)
         console.print(
             f"delivered {received} messages to the dev server in {elapsed:.1f}s "
