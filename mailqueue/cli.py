@@ -500,12 +500,10 @@ def list_(
     from rich.table import Table
 
     if relay or sender or recipient or tag:
-        from .store import ops
-
-        filters = ops.Filters(
+        filters = api.Filters(
             status=status_, relay=relay, sender=sender, recipient=recipient, tag=tag
         )
-        rows = ops.search(_engine(), filters, limit=limit, before=before)
+        rows = api.search(filters, limit=limit, before=before)
     else:
         rows = api.list_messages(status=status_, limit=limit, before=before)
     if as_json:
@@ -566,12 +564,9 @@ def _watch_stats(as_json: bool, interval: float, count: int | None) -> None:
     from rich.live import Live
     from rich.text import Text
 
-    from .store import get_engine
-    from .store.ops import queue_depth
-
     def view() -> Any:
         data = api.stats()
-        depth = queue_depth(get_engine(get_settings().database_url))
+        depth = api.queue_depth()
         lines = [
             f"relay {shown(d.relay)}: {d.waiting} waiting, {d.due} due, oldest due "
             f"{d.oldest_due_age_s:.0f}s"
@@ -643,34 +638,11 @@ def relays(as_json: bool, resume: str | None) -> None:
     Console().print(table)
 
 
-def _engine() -> Any:
-    from .store import get_engine
-
-    return get_engine(get_settings().database_url)
-
-
-def _retry_since(since: Any) -> int:
-    """Requeue messages whose failed or deferred recipients changed since ``since``."""
-    from .store import admin
-    from .store.ops import failed_since
-    from .worker.app import dispatch
-
-    engine = _engine()
-    candidates = failed_since(engine, since)
-    if not candidates:
-        return 0
-    ids = admin.retry(engine, candidates, lifetime_s=get_settings().message_lifetime_s)
-    dispatch(ids)
-    return len(ids)
-
-
 def _duration(value: str | None, option: str) -> Any:
     if value is None:
         return None
-    from .store.ops import parse_duration
-
     try:
-        return parse_duration(value)
+        return api.parse_duration(value)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint=option) from None
 
@@ -689,9 +661,7 @@ def retry(message_id: str | None, all_failed: bool, since: str | None) -> None:
         raise click.UsageError("--since goes with --failed")
     window = _duration(since, "--since")
     if window is not None:
-        from .store.models import utcnow
-
-        count = _retry_since(utcnow() - window)
+        count = api.retry_failed_since(window)
     else:
         count = api.retry_failed() if all_failed else api.retry(message_id or "")
     click.echo(f"requeued {count} message(s)")
@@ -707,9 +677,7 @@ def cancel(message_id: str | None, relay: str | None) -> None:
     if bool(message_id) == bool(relay):
         raise click.UsageError("give a message id or --relay")
     if relay:
-        from .store import ops
-
-        count = ops.cancel_relay(_engine(), relay)
+        count = api.cancel_relay(relay)
         click.echo(f"cancelled {count} message(s) on relay {relay}")
         return
     info = api.cancel(message_id or "")
@@ -726,10 +694,7 @@ def cancel(message_id: str | None, relay: str | None) -> None:
 def purge(older_than: str) -> None:
     """Delete finished messages (sent, partial, failed, cancelled) and their recipients."""
     window = _duration(older_than, "--older-than")
-    from .store import ops
-    from .store.models import utcnow
-
-    count = ops.purge(_engine(), utcnow() - window)
+    count = api.purge(window)
     click.echo(f"purged {count} message(s)")
 
 

@@ -22,11 +22,8 @@ mailqueue recipient    condition                                Anymail
 
 from __future__ import annotations
 
-from sqlalchemy import select
-
-from ..api import _store, get_status, get_status_by_key
-from ..store.admin import MessageInfo, RecipientInfo
-from ..store.models import MessageRow, RecipientStatus
+from .. import api
+from ..api import MessageInfo, RecipientInfo, RecipientStatus, get_status, get_status_by_key
 
 __all__ = [
     "ANYMAIL_WORDS",
@@ -70,12 +67,4 @@ def find_by_metadata(limit: int = 100, **match: str) -> list[MessageInfo]:
     ``find_by_metadata(order="42")`` finds what ``enqueue(..., metadata={"order": "42"})``
     (or ``X-Mailqueue-Metadata`` from Django) queued.
     """
-    if not match:
-        raise TypeError("give at least one metadata key=value to match")
-    table = MessageRow.__table__
-    query = select(table.c.id).order_by(table.c.id.desc()).limit(limit)
-    for key, value in match.items():
-        query = query.where(table.c.meta[key].as_string() == str(value))
-    with _store().engine.connect() as conn:
-        ids = list(conn.execute(query).scalars())
-    return [get_status(str(i)) for i in ids]
+    return api.find_by_metadata(limit, **match)

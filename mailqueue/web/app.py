@@ -47,10 +47,9 @@ from starlette.responses import JSONResponse as _StarletteJSON
 from starlette.routing import Route
 
 from .. import api
+from ..api import MessageStatus, RecipientStatus
 from ..config import get_settings
 from ..errors import InvalidMessageError, NotFoundError
-from ..store import get_engine, ops
-from ..store.models import MessageStatus, RecipientStatus
 from . import payload
 from .chart import render_chart
 from .payload import BodyTooLarge, parse_time, read_body, read_form, refuse_nul
@@ -128,21 +127,17 @@ class _Cache:
         self._values.clear()
 
 
-def _engine() -> Any:
-    return get_engine(get_settings().database_url)
-
-
 def _param(params: Any, name: str) -> str | None:
     value = (params.get(name) or "").strip() or None
     refuse_nul(value, name)
     return value
 
 
-def _filters(params: Any) -> ops.Filters:
+def _filters(params: Any) -> api.Filters:
     status = _param(params, "status")
     if status and status not in MessageStatus.ALL:
         raise InvalidMessageError(f"unknown status {status!r}", field="status")
-    return ops.Filters(
+    return api.Filters(
         status=status,
         relay=_param(params, "relay"),
         sender=_param(params, "sender"),
@@ -364,19 +359,19 @@ def create_app(
         window_s, bucket_s = _WINDOWS.get(window, _WINDOWS["24h"])
         return await cache.get(
             f"series:{window}",
-            lambda: ops.series(_engine(), window_s=window_s, bucket_s=bucket_s),
+            lambda: api.series(window_s=window_s, bucket_s=bucket_s),
         )
 
-    async def list_data(params: Any) -> tuple[ops.Filters, list[Any], int]:
+    async def list_data(params: Any) -> tuple[api.Filters, list[Any], int]:
         filters = _filters(params)
         limit = _limit(params)
         before = _param(params, "before")
-        rows = await run_in_threadpool(ops.search, _engine(), filters, limit=limit, before=before)
+        rows = await run_in_threadpool(api.search, filters, limit=limit, before=before)
         return filters, rows, limit
 
     async def detail_data(message_id: str) -> dict[str, Any]:
         info = await run_in_threadpool(api.get_status, message_id)
-        meta, headers = await run_in_threadpool(ops.message_meta, _engine(), message_id)
+        meta, headers = await run_in_threadpool(api.message_meta, message_id)
         data = info.to_dict()
         data["metadata"] = meta or {}
         data["headers"] = headers.decode("utf-8", errors="replace")
@@ -552,14 +547,8 @@ def create_app(
         return JSONResponse({"id": message_id}, status_code=201)
 
     async def healthz(request: Request) -> Response:
-        from sqlalchemy import text
-
-        def ping() -> None:
-            with _engine().connect() as conn:
-                conn.execute(text("select 1"))
-
         try:
-            await run_in_threadpool(ping)
+            await run_in_threadpool(api.ping)
         except Exception as exc:  # noqa: BLE001 - report, never raise
             return JSONResponse({"ok": False, "error": type(exc).__name__}, status_code=503)
         return JSONResponse({"ok": True})
