@@ -19,16 +19,17 @@ from sqlalchemy import event
 from sqlalchemy.exc import IntegrityError
 
 from .config import Settings, get_settings
-from .errors import InvalidMessageError, NotFoundError
+from .errors import AuthError, InvalidMessageError, NotFoundError, TLSError, UnknownAuthError
 from .headers import CONTROL
 from .message import Envelope, Message, build_envelope
 from .smtp.delivery import TransactionResult, deliver
 from .smtp.pool import Pool, pool_for_relay
+from .statuses import ErrorWord
 from .store import Store, get_engine
 from .store import admin as _admin
 from .store import ops as _ops
 from .store.admin import AttemptInfo, MessageInfo, RecipientInfo
-from .store.models import MessageStatus, RecipientStatus, utcnow
+from .store.models import utcnow
 from .store.ops import TAG_KEY, Filters, RelayDepth, parse_duration
 from .store.queue import NewMessage, NewRecipient
 from .worker.app import dispatch, dispatch_committed
@@ -52,10 +53,8 @@ __all__ = [
     "AttemptInfo",
     "Filters",
     "MessageInfo",
-    "MessageStatus",
     "PreparedMessage",
     "RecipientInfo",
-    "RecipientStatus",
     "RelayDepth",
     "TAG_KEY",
     "cancel_relay",
@@ -601,7 +600,12 @@ def relays() -> list[dict[str, Any]]:
     return out
 
 
-_PAUSE_ERRORS = ("AuthError", "UnknownAuthError", "TLSError", "RelayPaused")
+_PAUSE_ERRORS = (
+    AuthError.__name__,
+    UnknownAuthError.__name__,
+    TLSError.__name__,
+    ErrorWord.RELAY_PAUSED,
+)
 """The ``last_error`` of messages deferred because their relay was paused."""
 
 

@@ -58,6 +58,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from .statuses import RecipientStatus
+
 __all__ = [
     "StoreReads",
     "read_store_with",
@@ -355,9 +357,9 @@ def _observe_attempt(message: Any, result: Any, outcome: Any) -> None:
     for r in outcome.recipients:
         final[r.recipient_id] = r.status
         m.child(m.recipients, relay, r.status).inc()
-        if r.status in ("sent", "failed"):
+        if r.status in (RecipientStatus.SENT, RecipientStatus.FAILED):
             m.child(m.attempt_number, relay, r.status).observe(attempt)
-        if r.status == "sent" and enqueued is not None:
+        if r.status == RecipientStatus.SENT and enqueued is not None:
             m.child(m.latency, relay).observe(max(0.0, now - enqueued))
     for r in result.recipients:
         m.child(m.replies, relay, reply_class(r.code)).inc()

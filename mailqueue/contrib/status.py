@@ -23,7 +23,8 @@ mailqueue recipient    condition                                Anymail
 from __future__ import annotations
 
 from .. import api
-from ..api import MessageInfo, RecipientInfo, RecipientStatus, get_status, get_status_by_key
+from ..api import MessageInfo, RecipientInfo, get_status, get_status_by_key
+from ..statuses import ErrorWord, RecipientStatus
 
 __all__ = [
     "ANYMAIL_WORDS",
@@ -36,7 +37,7 @@ __all__ = [
 
 ANYMAIL_WORDS = ("queued", "sent", "rejected", "failed", "deferred", "bounced")
 
-_SIMPLE = {
+_SIMPLE: dict[str, str] = {
     RecipientStatus.PENDING: "queued",
     RecipientStatus.DEFERRED: "deferred",
     RecipientStatus.SENT: "sent",
@@ -49,7 +50,7 @@ def anymail_status(recipient: RecipientInfo) -> str:
     word = _SIMPLE.get(recipient.status)
     if word is not None:
         return word
-    if recipient.error == "Expired":
+    if recipient.error == ErrorWord.EXPIRED:
         return "bounced"
     if recipient.smtp_code is not None and 500 <= recipient.smtp_code < 600:
         return "rejected"

@@ -47,9 +47,9 @@ from starlette.responses import JSONResponse as _StarletteJSON
 from starlette.routing import Route
 
 from .. import api
-from ..api import MessageStatus, RecipientStatus
 from ..config import get_settings
 from ..errors import InvalidMessageError, NotFoundError
+from ..statuses import MessageStatus, RecipientStatus
 from . import payload
 from .chart import render_chart
 from .payload import BodyTooLarge, parse_time, read_body, read_form, refuse_nul
@@ -421,7 +421,10 @@ def create_app(
             "message.html",
             m=data,
             notice=NOTICES.get(request.query_params.get("notice", "")),
-            can_retry=any(r["status"] in ("failed", "deferred") for r in data["recipients"]),
+            can_retry=any(
+                r["status"] in (RecipientStatus.FAILED, RecipientStatus.DEFERRED)
+                for r in data["recipients"]
+            ),
             can_cancel=any(r["status"] in RecipientStatus.OPEN for r in data["recipients"]),
         )
 
