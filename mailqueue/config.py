@@ -323,9 +323,9 @@ class Settings:
     """A claimed message is released for another worker after this long."""
     batch_size: int = 200
     """Message ids per Celery task. Each task pays a claim, smaller group commits
-    and the drain at its end: 10,000 messages on PostgreSQL, pool 5, ran at
-    ~1,230 msg/s with 50, ~1,670–1,890 with 200, ~2,000–2,260 with 500
-    (ops/bench). Smaller spreads a burst over more worker processes."""
+    and the drain at its end, so bigger batches cost less per message; smaller
+    ones spread a burst over more worker processes. The measured trade:
+    ops/bench/README.md, "Batch size"."""
     redispatch_after_s: float = 300.0
     """The scheduler re-sends a queued message's id after this long unclaimed."""
     scheduler_interval_s: float = 5.0
