@@ -31,7 +31,14 @@ import click
 from . import api
 from .config import get_settings
 from .errors import InvalidMessageError, NotFoundError, SMTPError
-from .present import cell, cluster_limits, fmt_time, shown, stats_table
+from .present import (
+    messages_table,
+    print_status,
+    relays_table,
+    shown,
+    stats_table,
+    stats_watch_view,
+)
 
 __all__ = ["main", "shown"]
 
@@ -431,7 +438,6 @@ def _serve_metrics(*, multiprocess: bool) -> None:
 def status(message_id: str, as_json: bool, history: bool) -> None:
     """Show one message and each recipient's outcome."""
     from rich.console import Console
-    from rich.table import Table
 
     info = api.get_status(message_id)
     attempts = api.get_attempts(message_id) if history else []
@@ -441,39 +447,7 @@ def status(message_id: str, as_json: bool, history: bool) -> None:
             data["history"] = [a.to_dict() for a in attempts]
         _echo_json(data)
         return
-    console = Console()
-    line = cell(info.id, "bold")
-    line.append(f"  {shown(info.status)}  attempts={info.attempts}  relay={shown(info.relay)}")
-    console.print(line)
-    console.print(cell(f"from {info.mail_from}  subject {info.subject!r}  {info.size} bytes"))
-    console.print(
-        f"created {fmt_time(info.created_at)}  next attempt {fmt_time(info.next_attempt_at)}"
-        f"  expires {fmt_time(info.expires_at)}",
-        markup=False,
-    )
-    table = Table("recipient", "kind", "status", "attempts", "code", "reply")
-    for r in info.recipients:
-        table.add_row(
-            cell(r.address),
-            cell(r.kind),
-            cell(r.status),
-            str(r.attempts),
-            cell(" ".join(x for x in (str(r.smtp_code or ""), r.enhanced_code or "") if x)),
-            cell(r.reply, newlines=True),
-        )
-    console.print(table)
-    if history:
-        log = Table("when", "recipient", "result", "code", "reply", "worker", title="every attempt")
-        for a in attempts:
-            log.add_row(
-                fmt_time(a.at),
-                cell(a.address),
-                cell(a.status),
-                cell(" ".join(x for x in (str(a.smtp_code or ""), a.enhanced_code or "") if x)),
-                cell(a.reply, newlines=True),
-                cell(a.worker),
-            )
-        console.print(log)
+    print_status(Console(), info, attempts if history else None)
 
 
 @cli.command("list")
@@ -497,7 +471,6 @@ def list_(
 ) -> None:
     """List messages, newest first."""
     from rich.console import Console
-    from rich.table import Table
 
     if relay or sender or recipient or tag:
         filters = api.Filters(
@@ -509,18 +482,7 @@ def list_(
     if as_json:
         _echo_json([r.to_dict() for r in rows])
         return
-    table = Table("id", "status", "created", "from", "subject", "attempts", "last error")
-    for r in rows:
-        table.add_row(
-            cell(r.id),
-            cell(r.status),
-            fmt_time(r.created_at),
-            cell(r.mail_from),
-            cell(r.subject[:40]),
-            str(r.attempts),
-            cell(r.last_error),
-        )
-    Console().print(table)
+    Console().print(messages_table(rows))
 
 
 @cli.command()
@@ -560,24 +522,12 @@ def stats(as_json: bool, watch: bool, interval: float, count: int | None) -> Non
 def _watch_stats(as_json: bool, interval: float, count: int | None) -> None:
     import time
 
-    from rich.console import Console, Group
+    from rich.console import Console
     from rich.live import Live
-    from rich.text import Text
 
     def view() -> Any:
         data = api.stats()
-        depth = api.queue_depth()
-        lines = [
-            f"relay {shown(d.relay)}: {d.waiting} waiting, {d.due} due, oldest due "
-            f"{d.oldest_due_age_s:.0f}s"
-            for d in depth
-        ]
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-        return data, Group(
-            Text(f"{stamp}  (every {interval:g}s, Ctrl-C to stop)"),
-            stats_table(data),
-            Text("\n".join(lines) or "queue empty"),
-        )
+        return data, stats_watch_view(data, api.queue_depth(), interval)
 
     n = 0
     if as_json:  # one JSON object per line, for scripts that follow along
@@ -615,27 +565,8 @@ def relays(as_json: bool, resume: str | None) -> None:
         _echo_json(rows)
         return
     from rich.console import Console
-    from rich.table import Table
 
-    table = Table("relay", "url", "starttls", "verify", "auth", "pool", "cluster limits", "state")
-    for r in rows:
-        state = cell("ok")
-        if r["paused"]:
-            state = cell(f"PAUSED until {r['paused_until']}", "red")
-            state.append("\n" + shown(f"{r['last_error']}: {r['last_reply']}", newlines=True))
-        table.add_row(
-            cell(r["name"]),
-            cell(r["url"]),
-            cell(r["starttls"]),
-            cell("yes")
-            if r["tls_verify"] and r["tls_check_hostname"]
-            else cell("relaxed", "yellow"),
-            cell(r["auth"] or "-"),
-            str(r["pool_size"]),
-            cluster_limits(r),
-            state,
-        )
-    Console().print(table)
+    Console().print(relays_table(rows))
 
 
 def _duration(value: str | None, option: str) -> Any:

@@ -8,12 +8,23 @@ terminal, and nothing is read as Rich markup.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from rich.text import Text
 
-__all__ = ["cell", "cluster_limits", "fmt_time", "shown", "stats_table"]
+__all__ = [
+    "cell",
+    "cluster_limits",
+    "fmt_time",
+    "messages_table",
+    "print_status",
+    "relays_table",
+    "shown",
+    "stats_table",
+    "stats_watch_view",
+]
 
 # C0 controls (ESC, CR, LF, BEL, BS…), DEL, C1 controls (CSI, OSC as one byte),
 # the Unicode line and paragraph separators and the bidi overrides that reorder
@@ -74,4 +85,105 @@ def stats_table(data: dict[str, Any]) -> Any:
         left = m[i] if i < len(m) else ("", "")
         right = r[i] if i < len(r) else ("", "")
         table.add_row(cell(left[0]), str(left[1]), cell(right[0]), str(right[1]))
+    return table
+
+
+def stats_watch_view(data: dict[str, Any], depth: Iterable[Any], interval: float) -> Any:
+    """One frame of ``mailqueue stats --watch``: the time, the counts, each relay's queue."""
+    import time
+
+    from rich.console import Group
+    from rich.text import Text
+
+    lines = [
+        f"relay {shown(d.relay)}: {d.waiting} waiting, {d.due} due, oldest due "
+        f"{d.oldest_due_age_s:.0f}s"
+        for d in depth
+    ]
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    return Group(
+        Text(f"{stamp}  (every {interval:g}s, Ctrl-C to stop)"),
+        stats_table(data),
+        Text("\n".join(lines) or "queue empty"),
+    )
+
+
+def print_status(console: Any, info: Any, attempts: Sequence[Any] | None) -> None:
+    """``mailqueue status``: the message, its recipients, and every attempt if given."""
+    from rich.table import Table
+
+    line = cell(info.id, "bold")
+    line.append(f"  {shown(info.status)}  attempts={info.attempts}  relay={shown(info.relay)}")
+    console.print(line)
+    console.print(cell(f"from {info.mail_from}  subject {info.subject!r}  {info.size} bytes"))
+    console.print(
+        f"created {fmt_time(info.created_at)}  next attempt {fmt_time(info.next_attempt_at)}"
+        f"  expires {fmt_time(info.expires_at)}",
+        markup=False,
+    )
+    table = Table("recipient", "kind", "status", "attempts", "code", "reply")
+    for r in info.recipients:
+        table.add_row(
+            cell(r.address),
+            cell(r.kind),
+            cell(r.status),
+            str(r.attempts),
+            cell(" ".join(x for x in (str(r.smtp_code or ""), r.enhanced_code or "") if x)),
+            cell(r.reply, newlines=True),
+        )
+    console.print(table)
+    if attempts is not None:
+        log = Table("when", "recipient", "result", "code", "reply", "worker", title="every attempt")
+        for a in attempts:
+            log.add_row(
+                fmt_time(a.at),
+                cell(a.address),
+                cell(a.status),
+                cell(" ".join(x for x in (str(a.smtp_code or ""), a.enhanced_code or "") if x)),
+                cell(a.reply, newlines=True),
+                cell(a.worker),
+            )
+        console.print(log)
+
+
+def messages_table(rows: Iterable[Any]) -> Any:
+    """``mailqueue list``: one row per message."""
+    from rich.table import Table
+
+    table = Table("id", "status", "created", "from", "subject", "attempts", "last error")
+    for r in rows:
+        table.add_row(
+            cell(r.id),
+            cell(r.status),
+            fmt_time(r.created_at),
+            cell(r.mail_from),
+            cell(r.subject[:40]),
+            str(r.attempts),
+            cell(r.last_error),
+        )
+    return table
+
+
+def relays_table(rows: Iterable[dict[str, Any]]) -> Any:
+    """``mailqueue relays``: each relay (never its secrets) and its pause."""
+    from rich.table import Table
+
+    table = Table("relay", "url", "starttls", "verify", "auth", "pool", "cluster limits", "state")
+    for r in rows:
+        state = cell("ok")
+        if r["paused"]:
+            state = cell(f"PAUSED until {r['paused_until']}", "red")
+            state.append("\n" + shown(f"{r['last_error']}: {r['last_reply']}", newlines=True))
+        table.add_row(
+            cell(r["name"]),
+            cell(r["url"]),
+            cell(r["starttls"]),
+            cell("yes")
+            if r["tls_verify"] and r["tls_check_hostname"]
+            else cell("relaxed", "yellow"),
+            cell(r["auth"] or "-"),
+            str(r["pool_size"]),
+            cluster_limits(r),
+            state,
+        )
     return table
