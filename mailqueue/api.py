@@ -71,6 +71,7 @@ __all__ = [
     "search",
     "series",
     "utcnow",
+    "wake",
     "write_and_dispatch",
 ]
 
@@ -371,13 +372,22 @@ def find_by_idempotency_key(key: str) -> uuid.UUID | None:
     return _store().find_by_idempotency_key(key)
 
 
+def wake(ids: Sequence[uuid.UUID]) -> None:
+    """Tell the workers about messages whose rows are committed (after the caller's commit).
+
+    Hands the ids to the broker (in the background unless ``MAILQUEUE_DISPATCH=inline``);
+    if the broker cannot take them, the scheduler sends them at its next tick.
+    """
+    dispatch_committed(ids)
+
+
 def insert_prepared(prepared: Sequence[PreparedMessage], *, conn: Any) -> None:
     """Write prepared messages through ``conn``, the caller's executor; no dispatch.
 
     ``conn`` runs the INSERTs in the caller's transaction: a SQLAlchemy
     ``Connection`` or ``Session``, or an object with ``execute(statement,
     rows)`` (the Django backend's). The caller wakes the broker after its
-    commit (``worker.app.dispatch_committed``), or leaves it to the scheduler.
+    commit (:func:`wake`), or leaves it to the scheduler.
     """
     _store().insert(prepared, conn=conn)
 

@@ -78,13 +78,13 @@ from ..api import (
     insert_prepared,
     prepare,
     utcnow,
+    wake,
     write_and_dispatch,
 )
 from ..config import get_settings
 from ..errors import HeaderInjectionError, InvalidMessageError
 from ..headers import HEADER_NAME
 from ..message import Limits, Message, header_text, mime_token, mime_type, one_address
-from ..worker.app import dispatch_committed
 from . import CONFIG_NAMES, apply_config
 
 __all__ = [
@@ -344,7 +344,7 @@ def _write_in_django_transaction(alias: str, prepared: list[PreparedMessage]) ->
             if message.dispatched:
                 due.append(message.id)
         if due:
-            transaction.on_commit(lambda: dispatch_committed(due), using=alias)
+            transaction.on_commit(lambda: wake(due), using=alias)
     return ids
 
 
