@@ -23,7 +23,7 @@ from .api import (
     send_now,
     stats,
 )
-from .config import RelayConfig, Settings, configure, get_settings
+from .config import RelayConfig, Settings, configure, get_settings, on_configure
 from .errors import (
     AuthError,
     ConnectError,
@@ -86,3 +86,21 @@ def _reset_caches() -> None:
 
     worker_app.reset()
     dispose_engines()
+
+
+def _wire() -> None:
+    """Hand the lower layers what they may not import: the one place that knows both."""
+    from . import metrics
+    from .store.ops import queue_depth
+    from .store.queue import derive_status
+    from .store.relays import relay_states
+
+    on_configure(_reset_caches)
+    metrics.read_store_with(
+        metrics.StoreReads(
+            derive_status=derive_status, queue_depth=queue_depth, relay_states=relay_states
+        )
+    )
+
+
+_wire()

@@ -19,15 +19,18 @@ from sqlalchemy import event
 from sqlalchemy.exc import IntegrityError
 
 from .config import Settings, get_settings
-from .errors import InvalidMessageError, NotFoundError
+from .errors import AuthError, InvalidMessageError, NotFoundError, TLSError, UnknownAuthError
 from .headers import CONTROL
 from .message import Envelope, Message, build_envelope
 from .smtp.delivery import TransactionResult, deliver
 from .smtp.pool import Pool, pool_for_relay
+from .statuses import ErrorWord
 from .store import Store, get_engine
 from .store import admin as _admin
-from .store.admin import MessageInfo
+from .store import ops as _ops
+from .store.admin import AttemptInfo, MessageInfo, RecipientInfo
 from .store.models import utcnow
+from .store.ops import TAG_KEY, Filters, RelayDepth, parse_duration
 from .store.queue import NewMessage, NewRecipient
 from .worker.app import dispatch, dispatch_committed
 
@@ -46,7 +49,34 @@ __all__ = [
     "relays",
     "resume_relay",
     "get_attempts",
+    # for the faces (CLI, status page, Django, Flask): what they use beyond the above
+    "AttemptInfo",
+    "Filters",
+    "MessageInfo",
+    "PreparedMessage",
+    "RecipientInfo",
+    "RelayDepth",
+    "TAG_KEY",
+    "cancel_relay",
+    "find_by_idempotency_key",
+    "find_by_metadata",
+    "insert_prepared",
+    "message_meta",
+    "parse_duration",
+    "ping",
+    "prepare",
+    "purge",
+    "queue_depth",
+    "retry_failed_since",
+    "search",
+    "series",
+    "utcnow",
+    "wake",
+    "write_and_dispatch",
 ]
+
+PreparedMessage: TypeAlias = NewMessage
+"""A validated message with its rows' values, not written yet (see :func:`prepare`)."""
 
 
 def _store() -> Store:
@@ -243,7 +273,7 @@ def _check_json_string(value: str, path: _Path) -> None:
         ) from None
 
 
-def _prepare(
+def prepare(
     message: Message,
     *,
     relay: str | None,
@@ -251,7 +281,13 @@ def _prepare(
     idempotency_key: str | None,
     metadata: dict[str, Any] | None,
     now: dt.datetime,
-) -> NewMessage:
+) -> PreparedMessage:
+    """Check and compose one message for writing; nothing is written.
+
+    Raises ``InvalidMessageError`` as :func:`enqueue` does. ``now`` is the
+    enqueue time (one value for a batch): the message is due at ``send_at``
+    or ``now``, and expires a message lifetime after that.
+    """
     settings = get_settings()
     _check_relay(relay)
     _check_send_at(send_at)
@@ -280,7 +316,16 @@ def _prepare(
     )
 
 
-def _write_and_dispatch(prepared: Sequence[NewMessage], session: Any | None) -> list[uuid.UUID]:
+def write_and_dispatch(
+    prepared: Sequence[PreparedMessage], session: Any | None = None
+) -> list[uuid.UUID]:
+    """Write prepared messages in one transaction, then wake the broker for those due.
+
+    Without ``session`` mailqueue commits and dispatches at once; with a
+    SQLAlchemy ``Session`` or ``Connection`` the rows join the caller's
+    transaction and the broker hears of them after it commits. Raises
+    SQLAlchemy's ``IntegrityError`` when an idempotency key is taken.
+    """
     store = _store()
     due_now = [m.id for m in prepared if m.dispatched]
     if session is None:
@@ -307,11 +352,7 @@ def _dispatch_after_commit(session: Any, ids: list[uuid.UUID]) -> None:
         event.listen(session, "after_commit", lambda _s: dispatch_committed(ids), once=True)
         return
     # A Core connection: flip the rows to "needs dispatch" inside its transaction.
-    from sqlalchemy import update
-
-    from .store.models import MESSAGES
-
-    session.execute(update(MESSAGES).where(MESSAGES.c.id.in_(ids)).values(dispatched_at=None))
+    _ops.mark_undispatched(session, ids)
 
 
 def _find_key(key: str, session: Any | None) -> uuid.UUID | None:
@@ -322,13 +363,33 @@ def _find_key(key: str, session: Any | None) -> uuid.UUID | None:
     with ``BEGIN IMMEDIATE``.)
     """
     if session is None:
-        return _store().find_by_idempotency_key(key)
-    from sqlalchemy import select
+        return find_by_idempotency_key(key)
+    return _ops.id_by_key(session, key)
 
-    from .store.models import MESSAGES
 
-    table = MESSAGES
-    return session.execute(select(table.c.id).where(table.c.idempotency_key == key)).scalar()
+def find_by_idempotency_key(key: str) -> uuid.UUID | None:
+    """The id of the message queued with idempotency ``key``, or None."""
+    return _store().find_by_idempotency_key(key)
+
+
+def wake(ids: Sequence[uuid.UUID]) -> None:
+    """Tell the workers about messages whose rows are committed (after the caller's commit).
+
+    Hands the ids to the broker (in the background unless ``MAILQUEUE_DISPATCH=inline``);
+    if the broker cannot take them, the scheduler sends them at its next tick.
+    """
+    dispatch_committed(ids)
+
+
+def insert_prepared(prepared: Sequence[PreparedMessage], *, conn: Any) -> None:
+    """Write prepared messages through ``conn``, the caller's executor; no dispatch.
+
+    ``conn`` runs the INSERTs in the caller's transaction: a SQLAlchemy
+    ``Connection`` or ``Session``, or an object with ``execute(statement,
+    rows)`` (the Django backend's). The caller wakes the broker after its
+    commit (:func:`wake`), or leaves it to the scheduler.
+    """
+    _store().insert(prepared, conn=conn)
 
 
 def enqueue(
@@ -360,7 +421,7 @@ def enqueue(
         existing = _find_key(idempotency_key, session)
         if existing is not None:
             return str(existing)
-    prepared = _prepare(
+    prepared = prepare(
         message,
         relay=relay,
         send_at=send_at,
@@ -369,11 +430,11 @@ def enqueue(
         now=utcnow(),
     )
     try:
-        return str(_write_and_dispatch([prepared], session)[0])
+        return str(write_and_dispatch([prepared], session)[0])
     except IntegrityError:
         if idempotency_key is None or session is not None:
             raise
-        existing = _store().find_by_idempotency_key(idempotency_key)
+        existing = find_by_idempotency_key(idempotency_key)
         if existing is None:
             raise
         return str(existing)
@@ -411,7 +472,7 @@ def enqueue_many(
     for index, message in enumerate(messages):
         try:
             prepared.append(
-                _prepare(
+                prepare(
                     message,
                     relay=relay,
                     send_at=send_at,
@@ -423,13 +484,13 @@ def enqueue_many(
         except InvalidMessageError as exc:
             raise InvalidMessageError(f"message #{index}: {exc.reason}", field=exc.field) from None
     if session is not None:
-        ids = _write_and_dispatch(prepared, session)
+        ids = write_and_dispatch(prepared, session)
         if progress:
             progress(len(ids))
         return [str(i) for i in ids]
     ids = []
     for start in range(0, len(prepared), chunk_size):
-        ids.extend(_write_and_dispatch(prepared[start : start + chunk_size], None))
+        ids.extend(write_and_dispatch(prepared[start : start + chunk_size], None))
         if progress:
             progress(len(ids))
     return [str(i) for i in ids]
@@ -442,7 +503,7 @@ def get_status(message_id: str) -> MessageInfo:
 
 def get_status_by_key(idempotency_key: str) -> MessageInfo:
     """The message queued with ``idempotency_key``; ``NotFoundError`` if none."""
-    mid = _store().find_by_idempotency_key(idempotency_key)
+    mid = find_by_idempotency_key(idempotency_key)
     if mid is None:
         raise NotFoundError(idempotency_key)
     return get_status(str(mid))
@@ -549,7 +610,13 @@ def relays() -> list[dict[str, Any]]:
     return out
 
 
-_RELAY_ERRORS = ("AuthError", "UnknownAuthError", "TLSError", "RelayPaused")
+_PAUSE_ERRORS = (
+    AuthError.__name__,
+    UnknownAuthError.__name__,
+    TLSError.__name__,
+    ErrorWord.RELAY_PAUSED,
+)
+"""The ``last_error`` of messages deferred because their relay was paused."""
 
 
 def resume_relay(name: str) -> bool:
@@ -557,31 +624,78 @@ def resume_relay(name: str) -> bool:
 
     Its waiting messages are made due at once. Returns False if it was not paused.
     """
-    from sqlalchemy import update
-
-    from .store.models import MESSAGES, MessageStatus
     from .store.relays import resume_relay as _resume
 
     relay = get_settings().relay_named(name)
     engine = _store().engine
     resumed = _resume(engine, relay.name)
     if resumed:
-        table = MESSAGES
-        with engine.begin() as conn:
-            conn.execute(
-                update(table)
-                .where(
-                    table.c.relay == relay.name,
-                    table.c.status == MessageStatus.DEFERRED,
-                    table.c.last_error.in_(
-                        ("AuthError", "UnknownAuthError", "TLSError", "RelayPaused")
-                    ),
-                )
-                .values(next_attempt_at=utcnow(), dispatched_at=None)
-            )
+        _ops.make_paused_due(engine, relay.name, _PAUSE_ERRORS)
     return resumed
 
 
-def get_attempts(message_id: str) -> list[_admin.AttemptInfo]:
+def get_attempts(message_id: str) -> list[AttemptInfo]:
     """Every attempt's result for each recipient of a message, oldest first."""
     return _admin.get_attempts(_store().engine, message_id)
+
+
+# -- what operators look at and steer in bulk (the CLI and the status page) -----------
+
+
+def search(filters: Filters, *, limit: int = 50, before: str | None = None) -> list[MessageInfo]:
+    """Messages narrowed by ``filters``, newest first; ``before`` (an id) pages."""
+    return _ops.search(_store().engine, filters, limit=limit, before=before)
+
+
+def series(*, window_s: int = 86400, bucket_s: int = 3600) -> dict[str, Any]:
+    """Recipients accepted and failed per time bucket over the last ``window_s``."""
+    return _ops.series(_store().engine, window_s=window_s, bucket_s=bucket_s)
+
+
+def message_meta(message_id: str) -> tuple[dict[str, Any] | None, bytes]:
+    """A message's metadata and the header block of its stored content."""
+    return _ops.message_meta(_store().engine, message_id)
+
+
+def find_by_metadata(limit: int = 100, **match: str) -> list[MessageInfo]:
+    """Messages whose ``metadata`` has all of ``match`` (string values), newest first."""
+    if not match:
+        raise TypeError("give at least one metadata key=value to match")
+    ids = _ops.ids_by_metadata(_store().engine, match, limit=limit)
+    return [get_status(str(i)) for i in ids]
+
+
+def queue_depth() -> list[RelayDepth]:
+    """Per relay: messages waiting, those due, and the age of the oldest due one."""
+    return _ops.queue_depth(_store().engine)
+
+
+def retry_failed_since(window: dt.timedelta) -> int:
+    """Requeue messages whose failed or deferred recipients changed within ``window``."""
+    engine = _store().engine
+    candidates = _ops.failed_since(engine, utcnow() - window)
+    if not candidates:
+        return 0
+    ids = _admin.retry(engine, candidates, lifetime_s=get_settings().message_lifetime_s)
+    dispatch(ids)
+    return len(ids)
+
+
+def cancel_relay(relay: str) -> int:
+    """Cancel the unsent recipients of every waiting message on ``relay``; returns messages."""
+    return _ops.cancel_relay(_store().engine, relay)
+
+
+def purge(older_than: dt.timedelta) -> int:
+    """Delete terminal messages (and their recipients) not updated within ``older_than``."""
+    return _ops.purge(_store().engine, utcnow() - older_than)
+
+
+def ping() -> None:
+    """One round trip to the database; raises what the driver raises."""
+    _ops.ping(_store().engine)
+
+
+# The names the Django backend and older tests used before these were public.
+_prepare = prepare
+_write_and_dispatch = write_and_dispatch

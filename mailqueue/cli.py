@@ -24,51 +24,23 @@ import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any
 
 import click
 
 from . import api
 from .config import get_settings
 from .errors import InvalidMessageError, NotFoundError, SMTPError
-
-if TYPE_CHECKING:
-    from rich.text import Text
+from .present import (
+    messages_table,
+    print_status,
+    relays_table,
+    shown,
+    stats_table,
+    stats_watch_view,
+)
 
 __all__ = ["main", "shown"]
-
-# C0 controls (ESC, CR, LF, BEL, BS…), DEL, C1 controls (CSI, OSC as one byte),
-# the Unicode line and paragraph separators and the bidi overrides that reorder
-# what a terminal displays.
-_TERMINAL_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
-_NAMED_CONTROLS = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
-
-
-def _escape_control(match: re.Match[str]) -> str:
-    char = match.group()
-    code = ord(char)
-    return _NAMED_CONTROLS.get(char) or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
-
-
-def shown(value: object, *, newlines: bool = False) -> str:
-    """``value`` as text that cannot steer the terminal it is printed on.
-
-    Control characters are written as escapes (``\\x1b``, ``\\r``, ``\\u202e``),
-    line feeds too unless ``newlines`` (a table cell may hold several lines; a
-    line of plain output may not). Rich markup is not touched: print the result
-    as ``Text`` or with ``click.echo``, never through markup.
-    """
-    text = "" if value is None else str(value)
-    if newlines:
-        return "\n".join(_TERMINAL_CONTROLS.sub(_escape_control, line) for line in text.split("\n"))
-    return _TERMINAL_CONTROLS.sub(_escape_control, text)
-
-
-def _text(value: object, style: str = "", *, newlines: bool = False) -> Text:
-    """A table cell or line from outside data: no markup, no emoji codes, no controls."""
-    from rich.text import Text
-
-    return Text(shown(value, newlines=newlines), style=style)
 
 
 class _Failed(click.ClickException):
@@ -459,10 +431,6 @@ def _serve_metrics(*, multiprocess: bool) -> None:
     metrics.serve(port)
 
 
-def _fmt_time(value: Any) -> str:
-    return value.strftime("%Y-%m-%d %H:%M:%S") if value else "-"
-
-
 @cli.command()
 @click.argument("message_id")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
@@ -470,7 +438,6 @@ def _fmt_time(value: Any) -> str:
 def status(message_id: str, as_json: bool, history: bool) -> None:
     """Show one message and each recipient's outcome."""
     from rich.console import Console
-    from rich.table import Table
 
     info = api.get_status(message_id)
     attempts = api.get_attempts(message_id) if history else []
@@ -480,39 +447,7 @@ def status(message_id: str, as_json: bool, history: bool) -> None:
             data["history"] = [a.to_dict() for a in attempts]
         _echo_json(data)
         return
-    console = Console()
-    line = _text(info.id, "bold")
-    line.append(f"  {shown(info.status)}  attempts={info.attempts}  relay={shown(info.relay)}")
-    console.print(line)
-    console.print(_text(f"from {info.mail_from}  subject {info.subject!r}  {info.size} bytes"))
-    console.print(
-        f"created {_fmt_time(info.created_at)}  next attempt {_fmt_time(info.next_attempt_at)}"
-        f"  expires {_fmt_time(info.expires_at)}",
-        markup=False,
-    )
-    table = Table("recipient", "kind", "status", "attempts", "code", "reply")
-    for r in info.recipients:
-        table.add_row(
-            _text(r.address),
-            _text(r.kind),
-            _text(r.status),
-            str(r.attempts),
-            _text(" ".join(x for x in (str(r.smtp_code or ""), r.enhanced_code or "") if x)),
-            _text(r.reply, newlines=True),
-        )
-    console.print(table)
-    if history:
-        log = Table("when", "recipient", "result", "code", "reply", "worker", title="every attempt")
-        for a in attempts:
-            log.add_row(
-                _fmt_time(a.at),
-                _text(a.address),
-                _text(a.status),
-                _text(" ".join(x for x in (str(a.smtp_code or ""), a.enhanced_code or "") if x)),
-                _text(a.reply, newlines=True),
-                _text(a.worker),
-            )
-        console.print(log)
+    print_status(Console(), info, attempts if history else None)
 
 
 @cli.command("list")
@@ -536,32 +471,18 @@ def list_(
 ) -> None:
     """List messages, newest first."""
     from rich.console import Console
-    from rich.table import Table
 
     if relay or sender or recipient or tag:
-        from .store import ops
-
-        filters = ops.Filters(
+        filters = api.Filters(
             status=status_, relay=relay, sender=sender, recipient=recipient, tag=tag
         )
-        rows = ops.search(_engine(), filters, limit=limit, before=before)
+        rows = api.search(filters, limit=limit, before=before)
     else:
         rows = api.list_messages(status=status_, limit=limit, before=before)
     if as_json:
         _echo_json([r.to_dict() for r in rows])
         return
-    table = Table("id", "status", "created", "from", "subject", "attempts", "last error")
-    for r in rows:
-        table.add_row(
-            _text(r.id),
-            _text(r.status),
-            _fmt_time(r.created_at),
-            _text(r.mail_from),
-            _text(r.subject[:40]),
-            str(r.attempts),
-            _text(r.last_error),
-        )
-    Console().print(table)
+    Console().print(messages_table(rows))
 
 
 @cli.command()
@@ -584,7 +505,7 @@ def stats(as_json: bool, watch: bool, interval: float, count: int | None) -> Non
             return
         from rich.console import Console
 
-        Console().print(_stats_table(data))
+        Console().print(stats_table(data))
         for r in paused:
             click.secho(
                 shown(
@@ -601,27 +522,12 @@ def stats(as_json: bool, watch: bool, interval: float, count: int | None) -> Non
 def _watch_stats(as_json: bool, interval: float, count: int | None) -> None:
     import time
 
-    from rich.console import Console, Group
+    from rich.console import Console
     from rich.live import Live
-    from rich.text import Text
-
-    from .store import get_engine
-    from .store.ops import queue_depth
 
     def view() -> Any:
         data = api.stats()
-        depth = queue_depth(get_engine(get_settings().database_url))
-        lines = [
-            f"relay {shown(d.relay)}: {d.waiting} waiting, {d.due} due, oldest due "
-            f"{d.oldest_due_age_s:.0f}s"
-            for d in depth
-        ]
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-        return data, Group(
-            Text(f"{stamp}  (every {interval:g}s, Ctrl-C to stop)"),
-            _stats_table(data),
-            Text("\n".join(lines) or "queue empty"),
-        )
+        return data, stats_watch_view(data, api.queue_depth(), interval)
 
     n = 0
     if as_json:  # one JSON object per line, for scripts that follow along
@@ -659,79 +565,15 @@ def relays(as_json: bool, resume: str | None) -> None:
         _echo_json(rows)
         return
     from rich.console import Console
-    from rich.table import Table
 
-    table = Table("relay", "url", "starttls", "verify", "auth", "pool", "cluster limits", "state")
-    for r in rows:
-        state = _text("ok")
-        if r["paused"]:
-            state = _text(f"PAUSED until {r['paused_until']}", "red")
-            state.append("\n" + shown(f"{r['last_error']}: {r['last_reply']}", newlines=True))
-        table.add_row(
-            _text(r["name"]),
-            _text(r["url"]),
-            _text(r["starttls"]),
-            _text("yes")
-            if r["tls_verify"] and r["tls_check_hostname"]
-            else _text("relaxed", "yellow"),
-            _text(r["auth"] or "-"),
-            str(r["pool_size"]),
-            _cluster_limits(r),
-            state,
-        )
-    Console().print(table)
-
-
-def _cluster_limits(relay: dict[str, Any]) -> str:
-    """``3 connections, 200 msg/s`` (shared by all workers through Redis), or ``-``."""
-    parts = []
-    if relay.get("cluster_max_connections"):
-        parts.append(f"{relay['cluster_max_connections']} connections")
-    if relay.get("rate_limit"):
-        parts.append(f"{relay['rate_limit']:g} msg/s")
-    return ", ".join(parts) or "-"
-
-
-def _stats_table(data: dict[str, Any]) -> Any:
-    from rich.table import Table
-
-    table = Table("messages", "count", "recipients", "count")
-    m, r = list(data["messages"].items()), list(data["recipients"].items())
-    for i in range(max(len(m), len(r))):
-        left = m[i] if i < len(m) else ("", "")
-        right = r[i] if i < len(r) else ("", "")
-        table.add_row(_text(left[0]), str(left[1]), _text(right[0]), str(right[1]))
-    return table
-
-
-def _engine() -> Any:
-    from .store import get_engine
-
-    return get_engine(get_settings().database_url)
-
-
-def _retry_since(since: Any) -> int:
-    """Requeue messages whose failed or deferred recipients changed since ``since``."""
-    from .store import admin
-    from .store.ops import failed_since
-    from .worker.app import dispatch
-
-    engine = _engine()
-    candidates = failed_since(engine, since)
-    if not candidates:
-        return 0
-    ids = admin.retry(engine, candidates, lifetime_s=get_settings().message_lifetime_s)
-    dispatch(ids)
-    return len(ids)
+    Console().print(relays_table(rows))
 
 
 def _duration(value: str | None, option: str) -> Any:
     if value is None:
         return None
-    from .store.ops import parse_duration
-
     try:
-        return parse_duration(value)
+        return api.parse_duration(value)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint=option) from None
 
@@ -750,9 +592,7 @@ def retry(message_id: str | None, all_failed: bool, since: str | None) -> None:
         raise click.UsageError("--since goes with --failed")
     window = _duration(since, "--since")
     if window is not None:
-        from .store.models import utcnow
-
-        count = _retry_since(utcnow() - window)
+        count = api.retry_failed_since(window)
     else:
         count = api.retry_failed() if all_failed else api.retry(message_id or "")
     click.echo(f"requeued {count} message(s)")
@@ -768,9 +608,7 @@ def cancel(message_id: str | None, relay: str | None) -> None:
     if bool(message_id) == bool(relay):
         raise click.UsageError("give a message id or --relay")
     if relay:
-        from .store import ops
-
-        count = ops.cancel_relay(_engine(), relay)
+        count = api.cancel_relay(relay)
         click.echo(f"cancelled {count} message(s) on relay {relay}")
         return
     info = api.cancel(message_id or "")
@@ -787,10 +625,7 @@ def cancel(message_id: str | None, relay: str | None) -> None:
 def purge(older_than: str) -> None:
     """Delete finished messages (sent, partial, failed, cancelled) and their recipients."""
     window = _duration(older_than, "--older-than")
-    from .store import ops
-    from .store.models import utcnow
-
-    count = ops.purge(_engine(), utcnow() - window)
+    count = api.purge(window)
     click.echo(f"purged {count} message(s)")
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 from urllib.parse import parse_qsl, unquote, unquote_plus, urlsplit
@@ -323,9 +323,9 @@ class Settings:
     """A claimed message is released for another worker after this long."""
     batch_size: int = 200
     """Message ids per Celery task. Each task pays a claim, smaller group commits
-    and the drain at its end: 10,000 messages on PostgreSQL, pool 5, ran at
-    ~1,230 msg/s with 50, ~1,670–1,890 with 200, ~2,000–2,260 with 500
-    (ops/bench). Smaller spreads a burst over more worker processes."""
+    and the drain at its end, so bigger batches cost less per message; smaller
+    ones spread a burst over more worker processes. The measured trade:
+    ops/bench/README.md, "Batch size"."""
     redispatch_after_s: float = 300.0
     """The scheduler re-sends a queued message's id after this long unclaimed."""
     scheduler_interval_s: float = 5.0
@@ -630,6 +630,18 @@ def _read_secret(path: str) -> str:
 
 
 _current: Settings | None = None
+_on_configure: list[Callable[[], None]] = []
+
+
+def on_configure(hook: Callable[[], None]) -> Callable[[], None]:
+    """Call ``hook`` after each :func:`configure` (a layer above drops what it built).
+
+    The package registers the reset of its engines and Celery app here, so that
+    settings never import the layers built from them.
+    """
+    if hook not in _on_configure:
+        _on_configure.append(hook)
+    return hook
 
 
 def get_settings() -> Settings:
@@ -654,7 +666,6 @@ def configure(settings: Settings | None = None, **overrides: Any) -> Settings:
     if unknown:
         raise TypeError(f"unknown settings: {', '.join(sorted(unknown))}")
     _current = replace(base, **overrides) if overrides else base
-    from . import _reset_caches
-
-    _reset_caches()
+    for hook in _on_configure:
+        hook()
     return _current

@@ -22,9 +22,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-__all__ = ["run_demo"]
+from .statuses import TERMINAL_MESSAGE, MessageStatus
 
-TERMINAL = ("sent", "partial", "failed", "cancelled")
+__all__ = ["run_demo"]
 
 
 def _demo_messages(count: int) -> list:
@@ -55,6 +55,7 @@ def run_demo(*, messages: int, workdir: Path, concurrency: int, timeout: float) 
     from .config import configure, hide_password
     from .devserver import DevServer
     from .migrate import upgrade
+    from .present import stats_table
 
     console = Console()
     if workdir.exists():
@@ -128,13 +129,16 @@ def run_demo(*, messages: int, workdir: Path, concurrency: int, timeout: float) 
             recovered = False
             while True:
                 counts = api.stats()["messages"]
-                done = sum(counts[s] for s in TERMINAL)
-                progress.update(
-                    drain, completed=done, description=f"deliver (deferred {counts['deferred']})"
-                )
+                done = sum(counts[s] for s in TERMINAL_MESSAGE)
+                deferred = counts[MessageStatus.DEFERRED]
+                progress.update(drain, completed=done, description=f"deliver (deferred {deferred})")
                 if done >= len(batch):
                     break
-                if not recovered and counts["queued"] == 0 and counts["sending"] == 0:
+                if (
+                    not recovered
+                    and counts[MessageStatus.QUEUED] == 0
+                    and counts[MessageStatus.SENDING] == 0
+                ):
                     server.defer = []  # the relay recovers; deferred mail goes through on retry
                     recovered = True
                 if time.monotonic() - started > timeout:
@@ -148,9 +152,7 @@ def run_demo(*, messages: int, workdir: Path, concurrency: int, timeout: float) 
                         return 1
                 time.sleep(0.3)
         elapsed = time.monotonic() - started
-        from .cli import _stats_table
-
-        console.print(_stats_table(api.stats()))
+        console.print(stats_table(api.stats()))
         received = len(server.messages)
         console.print(
             f"delivered {received} messages to the dev server in {elapsed:.1f}s "

@@ -54,9 +54,15 @@ import os
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
+from .statuses import RecipientStatus
+
 __all__ = [
+    "StoreReads",
+    "read_store_with",
     "get",
     "enable_multiprocess",
     "serve",
@@ -74,6 +80,38 @@ LATENCY_BUCKETS = (
     0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600, 86400, 5 * 86400,
 )  # fmt: skip
 ATTEMPT_BUCKETS = (1, 2, 3, 4, 5, 7, 10, 15, 20, 30)
+
+
+@dataclass(frozen=True)
+class StoreReads:
+    """What the metrics read from ``store/``, handed in from above.
+
+    The pool and the worker import this module, and ``smtp/`` must never reach
+    ``store/``: so metrics never import the store, and the package gives them
+    these functions once (:func:`read_store_with`).
+    """
+
+    derive_status: Callable[[Iterable[str]], str]
+    """A message's status from its recipients' statuses."""
+    queue_depth: Callable[[Any], Iterable[Any]]
+    """Per relay: ``relay``, ``waiting``, ``due``, ``oldest_due_age_s`` (from an engine)."""
+    relay_states: Callable[[Any], Iterable[Any]]
+    """Per relay: ``name`` and ``paused`` (from an engine)."""
+
+
+_reads: StoreReads | None = None
+
+
+def read_store_with(reads: StoreReads) -> None:
+    """Install how the metrics read the queue (done by ``mailqueue/__init__.py``)."""
+    global _reads
+    _reads = reads
+
+
+def _store_reads() -> StoreReads:
+    if _reads is None:
+        raise RuntimeError("metrics: read_store_with() was not called")
+    return _reads
 
 
 class _Metrics:
@@ -305,8 +343,7 @@ def observe_attempt(message: Any, result: Any, outcome: Any) -> None:
 
 
 def _observe_attempt(message: Any, result: Any, outcome: Any) -> None:
-    from .store.queue import derive_status
-
+    derive_status = _store_reads().derive_status
     m = get()
     relay = message.relay
     if not m._worker_marked:
@@ -320,9 +357,9 @@ def _observe_attempt(message: Any, result: Any, outcome: Any) -> None:
     for r in outcome.recipients:
         final[r.recipient_id] = r.status
         m.child(m.recipients, relay, r.status).inc()
-        if r.status in ("sent", "failed"):
+        if r.status in (RecipientStatus.SENT, RecipientStatus.FAILED):
             m.child(m.attempt_number, relay, r.status).observe(attempt)
-        if r.status == "sent" and enqueued is not None:
+        if r.status == RecipientStatus.SENT and enqueued is not None:
             m.child(m.latency, relay).observe(max(0.0, now - enqueued))
     for r in result.recipients:
         m.child(m.replies, relay, reply_class(r.code)).inc()
@@ -390,10 +427,9 @@ def scheduler_tick(report: Any, engine: Any, *, every_s: float = 15.0) -> None:
 
 def observe_queue(engine: Any) -> None:
     """Set queue depth and oldest-due-age gauges per relay from SQL."""
-    from .store.ops import queue_depth
-
+    reads = _store_reads()
     m = get()
-    depths = queue_depth(engine)
+    depths = reads.queue_depth(engine)
     seen = set()
     for d in depths:
         seen.add(d.relay)
@@ -405,7 +441,5 @@ def observe_queue(engine: Any) -> None:
         m.queue_depth.labels(relay, "due").set(0)
         m.oldest_due.labels(relay).set(0)
     m._relays_seen |= seen
-    from .store.relays import relay_states
-
-    for state in relay_states(engine):
+    for state in reads.relay_states(engine):
         m.relay_paused.labels(state.name).set(1 if state.paused else 0)

@@ -72,7 +72,15 @@ from django.db import IntegrityError as DjangoIntegrityError
 from django.db import connections, transaction
 from sqlalchemy.exc import IntegrityError
 
-from ..api import _prepare, _store, _write_and_dispatch
+from ..api import (
+    PreparedMessage,
+    find_by_idempotency_key,
+    insert_prepared,
+    prepare,
+    utcnow,
+    wake,
+    write_and_dispatch,
+)
 from ..config import get_settings
 from ..errors import HeaderInjectionError, InvalidMessageError
 from ..headers import HEADER_NAME
@@ -85,9 +93,6 @@ from ..message import (
     one_address,
     too_many,
 )
-from ..store.models import utcnow
-from ..store.queue import NewMessage
-from ..worker.app import dispatch_committed
 from . import CONFIG_NAMES, apply_config
 
 __all__ = [
@@ -315,10 +320,9 @@ class _DjangoExecutor:
         return None if row is None else str(uuid.UUID(str(row[0])))
 
 
-def _write_in_django_transaction(alias: str, prepared: list[NewMessage]) -> list[str]:
+def _write_in_django_transaction(alias: str, prepared: list[PreparedMessage]) -> list[str]:
     """Rows through Django's connection, in its transaction; the broker after the commit."""
     executor = _DjangoExecutor(alias)
-    store = _store()
     ids: list[str] = []
     due: list[uuid.UUID] = []
     with transaction.atomic(using=alias):
@@ -329,7 +333,7 @@ def _write_in_django_transaction(alias: str, prepared: list[NewMessage]) -> list
                 continue
             try:
                 with transaction.atomic(using=alias):  # a savepoint: a lost race is not fatal
-                    store.insert([message], conn=executor)
+                    insert_prepared([message], conn=executor)
             except DjangoIntegrityError:
                 existing = message.idempotency_key and executor.find_by_key(message.idempotency_key)
                 if not existing:
@@ -340,24 +344,23 @@ def _write_in_django_transaction(alias: str, prepared: list[NewMessage]) -> list
             if message.dispatched:
                 due.append(message.id)
         if due:
-            transaction.on_commit(lambda: dispatch_committed(due), using=alias)
+            transaction.on_commit(lambda: wake(due), using=alias)
     return ids
 
 
-def _write_own_database(prepared: list[NewMessage]) -> list[str]:
+def _write_own_database(prepared: list[PreparedMessage]) -> list[str]:
     """Rows in mailqueue's database (its own transaction), then the broker."""
-    store = _store()
     ids: list[str] = []
     for message in prepared:
         key = message.idempotency_key
-        existing = store.find_by_idempotency_key(key) if key else None
+        existing = find_by_idempotency_key(key) if key else None
         if existing is not None:
             ids.append(str(existing))
             continue
         try:
-            ids.extend(str(i) for i in _write_and_dispatch([message], None))
+            ids.extend(str(i) for i in write_and_dispatch([message], None))
         except IntegrityError:
-            existing = store.find_by_idempotency_key(key) if key else None
+            existing = find_by_idempotency_key(key) if key else None
             if existing is None:
                 raise
             ids.append(str(existing))
@@ -407,7 +410,7 @@ class EmailBackend(BaseEmailBackend):
         """Validate and enqueue; the number of messages accepted (Django's contract)."""
         if not email_messages:
             return 0
-        prepared: list[NewMessage] = []
+        prepared: list[PreparedMessage] = []
         sent: list[EmailMessage] = []
         now = utcnow()
         for message in email_messages:
@@ -417,7 +420,7 @@ class EmailBackend(BaseEmailBackend):
                 try:
                     mq_message, options = to_mailqueue(message)
                     options.setdefault("relay", self.relay)
-                    new = _prepare(
+                    new = prepare(
                         mq_message,
                         relay=options.get("relay"),
                         send_at=options.get("send_at"),
@@ -450,7 +453,7 @@ class EmailBackend(BaseEmailBackend):
             raise
         return len(prepared)
 
-    def _on_commit(self, prepared: list[NewMessage], sent: list[EmailMessage]) -> None:
+    def _on_commit(self, prepared: list[PreparedMessage], sent: list[EmailMessage]) -> None:
         def write() -> None:
             ids = _write_own_database(prepared)
             for message, mid in zip(sent, ids, strict=True):

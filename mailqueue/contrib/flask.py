@@ -48,10 +48,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..api import enqueue, get_status, get_status_by_key
+from ..api import MessageInfo, enqueue, get_status, get_status_by_key
 from ..message import Attachment as _Attachment
 from ..message import Message as _Message
-from ..store.admin import MessageInfo
 from . import apply_config
 
 __all__ = ["Attachment", "MailQueue", "Message"]

@@ -22,11 +22,9 @@ mailqueue recipient    condition                                Anymail
 
 from __future__ import annotations
 
-from sqlalchemy import select
-
-from ..api import _store, get_status, get_status_by_key
-from ..store.admin import MessageInfo, RecipientInfo
-from ..store.models import MessageRow, RecipientStatus
+from .. import api
+from ..api import MessageInfo, RecipientInfo, get_status, get_status_by_key
+from ..statuses import ErrorWord, RecipientStatus
 
 __all__ = [
     "ANYMAIL_WORDS",
@@ -39,7 +37,7 @@ __all__ = [
 
 ANYMAIL_WORDS = ("queued", "sent", "rejected", "failed", "deferred", "bounced")
 
-_SIMPLE = {
+_SIMPLE: dict[str, str] = {
     RecipientStatus.PENDING: "queued",
     RecipientStatus.DEFERRED: "deferred",
     RecipientStatus.SENT: "sent",
@@ -52,7 +50,7 @@ def anymail_status(recipient: RecipientInfo) -> str:
     word = _SIMPLE.get(recipient.status)
     if word is not None:
         return word
-    if recipient.error == "Expired":
+    if recipient.error == ErrorWord.EXPIRED:
         return "bounced"
     if recipient.smtp_code is not None and 500 <= recipient.smtp_code < 600:
         return "rejected"
@@ -70,12 +68,4 @@ def find_by_metadata(limit: int = 100, **match: str) -> list[MessageInfo]:
     ``find_by_metadata(order="42")`` finds what ``enqueue(..., metadata={"order": "42"})``
     (or ``X-Mailqueue-Metadata`` from Django) queued.
     """
-    if not match:
-        raise TypeError("give at least one metadata key=value to match")
-    table = MessageRow.__table__
-    query = select(table.c.id).order_by(table.c.id.desc()).limit(limit)
-    for key, value in match.items():
-        query = query.where(table.c.meta[key].as_string() == str(value))
-    with _store().engine.connect() as conn:
-        ids = list(conn.execute(query).scalars())
-    return [get_status(str(i)) for i in ids]
+    return api.find_by_metadata(limit, **match)

@@ -1,17 +1,7 @@
 """The two tables that are the queue's truth: messages and their recipients.
 
-Status words live here and only here (the README's table is built from
-them):
-
-Recipient: ``pending`` (not tried yet), ``sent`` (the relay accepted it),
-``deferred`` (a temporary failure; tried again at the message's
-``next_attempt_at``), ``failed`` (refused for good, or expired),
-``cancelled``.
-
-Message, derived from its recipients: ``queued``, ``sending`` (a worker holds
-its lease), ``deferred``, ``sent`` (all accepted), ``partial`` (terminal:
-some accepted, the rest failed or cancelled), ``failed`` (none accepted),
-``cancelled``.
+Their status words are the enums of ``mailqueue.statuses``, imported here for
+the store's modules.
 """
 
 from __future__ import annotations
@@ -40,6 +30,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from ..statuses import TERMINAL_MESSAGE, MessageStatus, RecipientStatus
+
 __all__ = [
     "Base",
     "MessageRow",
@@ -49,36 +41,6 @@ __all__ = [
     "TERMINAL_MESSAGE",
     "utcnow",
 ]
-
-
-class MessageStatus:
-    QUEUED = "queued"
-    SENDING = "sending"
-    DEFERRED = "deferred"
-    SENT = "sent"
-    PARTIAL = "partial"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-    ALL = (QUEUED, SENDING, DEFERRED, SENT, PARTIAL, FAILED, CANCELLED)
-
-
-class RecipientStatus:
-    PENDING = "pending"
-    SENT = "sent"
-    DEFERRED = "deferred"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-    ALL = (PENDING, SENT, DEFERRED, FAILED, CANCELLED)
-    OPEN = (PENDING, DEFERRED)
-    """Recipients that a delivery attempt still carries."""
-
-
-TERMINAL_MESSAGE = (
-    MessageStatus.SENT,
-    MessageStatus.PARTIAL,
-    MessageStatus.FAILED,
-    MessageStatus.CANCELLED,
-)
 
 
 def utcnow() -> dt.datetime:

@@ -43,6 +43,12 @@ __all__ = [
     "cancel_relay",
     "purge",
     "parse_duration",
+    "message_meta",
+    "make_paused_due",
+    "ids_by_metadata",
+    "mark_undispatched",
+    "id_by_key",
+    "ping",
 ]
 
 M = _typing_cast(Table, MessageRow.__table__)
@@ -320,3 +326,44 @@ def message_meta(engine: Engine, message_id: str) -> tuple[dict[str, Any] | None
     if end < 0:
         end = content.find(b"\n\n")
     return row.meta, content[: end if end >= 0 else len(content)]
+
+
+def make_paused_due(engine: Engine, relay: str, errors: Sequence[str]) -> None:
+    """Make ``relay``'s messages deferred by one of ``errors`` due now (its pause was lifted)."""
+    with engine.begin() as conn:
+        conn.execute(
+            update(M)
+            .where(
+                M.c.relay == relay,
+                M.c.status == MessageStatus.DEFERRED,
+                M.c.last_error.in_(tuple(errors)),
+            )
+            .values(next_attempt_at=_utcnow(), dispatched_at=None)
+        )
+
+
+def ids_by_metadata(engine: Engine, match: dict[str, str], *, limit: int) -> list[uuid.UUID]:
+    """Ids of messages whose ``metadata`` has every ``match`` key with that string, newest first."""
+    query = select(M.c.id).order_by(M.c.id.desc()).limit(limit)
+    for key, value in match.items():
+        query = query.where(M.c.meta[key].as_string() == str(value))
+    with engine.connect() as conn:
+        return list(conn.execute(query).scalars())
+
+
+def mark_undispatched(conn: Any, ids: Sequence[uuid.UUID]) -> None:
+    """In the caller's transaction: these rows still need the broker (the scheduler sends them)."""
+    conn.execute(update(M).where(M.c.id.in_(ids)).values(dispatched_at=None))
+
+
+def id_by_key(conn: Any, key: str) -> uuid.UUID | None:
+    """The id of the message queued with idempotency ``key``, read in the caller's transaction."""
+    return conn.execute(select(M.c.id).where(M.c.idempotency_key == key)).scalar()
+
+
+def ping(engine: Engine) -> None:
+    """One round trip to the database; raises what the driver raises."""
+    from sqlalchemy import text
+
+    with engine.connect() as conn:
+        conn.execute(text("select 1"))

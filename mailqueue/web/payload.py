@@ -26,8 +26,8 @@ from urllib.parse import parse_qsl
 
 from starlette.requests import Request
 
+from ..api import TAG_KEY
 from ..errors import InvalidMessageError
-from ..store.ops import TAG_KEY
 
 __all__ = [
     "ENQUEUE_FIELDS",

@@ -1,0 +1,68 @@
+"""Status and error words: the one place they are spelled.
+
+They are stored in rows and shown to users (CLI, status page, JSON API), so
+their values never change. Each is a ``StrEnum``: a member is the string
+itself (``RecipientStatus.SENT == "sent"``), in SQL, JSON and templates.
+
+Recipient: ``pending`` (not tried yet), ``sent`` (the relay accepted it),
+``deferred`` (a temporary failure; tried again at the message's
+``next_attempt_at``), ``failed`` (refused for good, or expired),
+``cancelled``.
+
+Message, derived from its recipients: ``queued``, ``sending`` (a worker holds
+its lease), ``deferred``, ``sent`` (all accepted), ``partial`` (terminal:
+some accepted, the rest failed or cancelled), ``failed`` (none accepted),
+``cancelled``.
+
+Errors: a recipient's ``error`` and a message's ``last_error`` hold the class
+name of the exception that ended the attempt (``AuthError``, ``TLSError``,
+...; see ``errors``), or one of :class:`ErrorWord` when no exception did.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum, nonmember
+
+__all__ = ["ErrorWord", "MessageStatus", "RecipientStatus", "TERMINAL_MESSAGE"]
+
+
+class MessageStatus(StrEnum):
+    QUEUED = "queued"
+    SENDING = "sending"
+    DEFERRED = "deferred"
+    SENT = "sent"
+    PARTIAL = "partial"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    ALL = nonmember((QUEUED, SENDING, DEFERRED, SENT, PARTIAL, FAILED, CANCELLED))
+    """Every message status, in the order the CLI and the status page list them."""
+
+
+class RecipientStatus(StrEnum):
+    PENDING = "pending"
+    SENT = "sent"
+    DEFERRED = "deferred"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    ALL = nonmember((PENDING, SENT, DEFERRED, FAILED, CANCELLED))
+    """Every recipient status, in the order the CLI and the status page list them."""
+    OPEN = nonmember((PENDING, DEFERRED))
+    """Recipients that a delivery attempt still carries."""
+
+
+TERMINAL_MESSAGE = (
+    MessageStatus.SENT,
+    MessageStatus.PARTIAL,
+    MessageStatus.FAILED,
+    MessageStatus.CANCELLED,
+)
+"""Message statuses that no attempt changes any more."""
+
+
+class ErrorWord(StrEnum):
+    """``error``/``last_error`` words written when no exception ended the attempt."""
+
+    EXPIRED = "Expired"
+    """The message outlived its lifetime: its open recipients failed."""
+    RELAY_PAUSED = "RelayPaused"
+    """Its relay is paused after an auth or TLS failure: deferred, not tried."""

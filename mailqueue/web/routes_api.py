@@ -1,0 +1,94 @@
+"""The JSON API (``/api/v1``) and the health check."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from .. import api
+from ..config import get_settings
+from ..errors import InvalidMessageError
+from . import payload
+from .base import WINDOWS, JSONResponse, endpoint, web_of
+from .payload import read_body
+
+__all__ = ["routes"]
+
+
+@endpoint
+async def api_stats(request: Request) -> Any:
+    return await run_in_threadpool(api.stats)
+
+
+@endpoint
+async def api_series(request: Request) -> Any:
+    window = request.query_params.get("window", "24h")
+    if window not in WINDOWS:
+        raise InvalidMessageError(f"window must be one of {', '.join(WINDOWS)}", field="window")
+    return await web_of(request).series_data(window)
+
+
+@endpoint
+async def api_list(request: Request) -> Any:
+    _filters_, rows, limit = await web_of(request).list_data(request.query_params)
+    return {
+        "messages": [r.to_dict() for r in rows],
+        "next_before": rows[-1].id if len(rows) == limit else None,
+    }
+
+
+@endpoint
+async def api_status(request: Request) -> Any:
+    return await web_of(request).detail_data(request.path_params["message_id"])
+
+
+@endpoint
+async def api_retry(request: Request) -> Any:
+    mid = request.path_params["message_id"]
+    count = await run_in_threadpool(api.retry, mid)
+    web_of(request).cache.clear()
+    info = await run_in_threadpool(api.get_status, mid)
+    return {"requeued": count, "status": info.status}
+
+
+@endpoint
+async def api_cancel(request: Request) -> Any:
+    info = await run_in_threadpool(api.cancel, request.path_params["message_id"])
+    web_of(request).cache.clear()
+    return info.to_dict()
+
+
+@endpoint
+async def api_enqueue(request: Request) -> Any:
+    current = get_settings()
+    raw = await read_body(request, current.api_body_limit)
+    body = payload.load_json(raw, max_depth=current.api_max_depth)
+    kwargs = payload.enqueue_args(body, lifetime_s=current.message_lifetime_s)
+    message_id = await run_in_threadpool(lambda: api.enqueue(kwargs.pop("message"), **kwargs))
+    web_of(request).cache.clear()
+    return JSONResponse({"id": message_id}, status_code=201)
+
+
+async def healthz(request: Request) -> Response:
+    try:
+        await run_in_threadpool(api.ping)
+    except Exception as exc:  # noqa: BLE001 - report, never raise
+        return JSONResponse({"ok": False, "error": type(exc).__name__}, status_code=503)
+    return JSONResponse({"ok": True})
+
+
+def routes() -> list[Route]:
+    return [
+        Route("/healthz", healthz),
+        Route("/api/v1/stats", api_stats),
+        Route("/api/v1/series", api_series),
+        Route("/api/v1/messages", api_list),
+        Route("/api/v1/messages", api_enqueue, methods=["POST"]),
+        Route("/api/v1/messages/{message_id}", api_status),
+        Route("/api/v1/messages/{message_id}/retry", api_retry, methods=["POST"]),
+        Route("/api/v1/messages/{message_id}/cancel", api_cancel, methods=["POST"]),
+    ]
