@@ -65,6 +65,9 @@ def test_a_real_delivery_moves_outcome_reply_latency_and_pool_metrics(stack, smt
     deliver(stack, [a, b])
 
     delta = {k: sample(n, **labels) - before[k] for k, (n, labels) in names.items()}
+    # Side by side the two messages take two connections; on a busy machine the
+    # first can be done before the second starts and lend it its connection.
+    assert 1 <= delta.pop("opened") <= 2
     assert delta == {
         "sent": 1,
         "failed": 1,
@@ -76,7 +79,6 @@ def test_a_real_delivery_moves_outcome_reply_latency_and_pool_metrics(stack, smt
         "msg_deferred": 1,
         "latency": 1,
         "attempts": 2,
-        "opened": 2,  # the two messages went out side by side
     }
     # enqueue -> accepted took well under a minute here
     le_60 = sample("mailqueue_delivery_latency_seconds_bucket", relay="default", le="60.0")
