@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import aiosmtplib
 from tenacity import (
@@ -133,8 +133,7 @@ async def send_transaction(
     return verdict.result
 
 
-@dataclass(frozen=True)
-class _Envelope:
+class _Envelope(NamedTuple):
     """One transaction's envelope, content and limits, as both send paths take it."""
 
     mail_from: str
@@ -179,7 +178,7 @@ async def _one_by_one(smtp: aiosmtplib.SMTP, said: Transcript, env: _Envelope) -
         except aiosmtplib.SMTPSenderRefused as exc:
             said.mail = Reply(exc.code, exc.message)
             return
-        said.mail = Reply(reply.code, reply.message)
+        said.mail = reply
         stage = "RCPT"
         for address in env.recipients:
             try:
@@ -191,7 +190,7 @@ async def _one_by_one(smtp: aiosmtplib.SMTP, said: Transcript, env: _Envelope) -
                 if exc.code == 421:
                     return  # the session is closing
             else:
-                said.rcpt.append(Reply(reply.code, reply.message))
+                said.rcpt.append(reply)
         if not any(r.code in ACCEPTED_RCPT for r in said.rcpt):
             return
         stage, said.content_sent = "DATA", True
@@ -204,7 +203,7 @@ async def _one_by_one(smtp: aiosmtplib.SMTP, said: Transcript, env: _Envelope) -
         except aiosmtplib.SMTPDataError as exc:
             said.data = Reply(exc.code, exc.message)
         else:
-            said.data = Reply(response.code, response.message)
+            said.data = response
     except _BROKEN as exc:
         said.failure = _failure(stage, exc)
 
@@ -225,7 +224,7 @@ async def _pipelined(smtp: aiosmtplib.SMTP, said: Transcript, env: _Envelope) ->
         )
     except _BROKEN as exc:
         failure = exc
-    got = [Reply(r.code, r.message) for r in pipe.received]
+    got = pipe.received
     said.content_sent = pipe.phase == "DATA"
     n = len(env.recipients)
     said.mail = got[0] if got else None

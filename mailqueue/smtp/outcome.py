@@ -24,7 +24,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
+
+from aiosmtplib.response import SMTPResponse as Reply  # (code, message), as the relay said it
 
 from ..errors import (
     ConnectError,
@@ -94,12 +96,6 @@ class TransactionResult:
 
 
 @dataclass(frozen=True)
-class Reply:
-    code: int
-    message: str
-
-
-@dataclass(frozen=True)
 class Failure:
     """The session broke instead of answering."""
 
@@ -111,7 +107,7 @@ class Failure:
     reply: Reply | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class Transcript:
     """What the relay said during one transaction, as the send paths collect it."""
 
@@ -127,8 +123,7 @@ class Transcript:
     """A refusal predicted from the EHLO reply: nothing was sent."""
 
 
-@dataclass(frozen=True)
-class Verdict:
+class Verdict(NamedTuple):
     result: TransactionResult
     connection: Literal["keep", "reset", "poison"]
     """What the session needs before its next message: nothing, RSET, or closing."""
@@ -218,16 +213,18 @@ def judge(mail_from: str, recipients: Sequence[str], said: Transcript) -> Verdic
         )
         return Verdict(failed_everyone(recipients, _outcome(mail.code), error), "reset")
 
-    closing = next((r for r in said.rcpt if r.code == 421), None)
-    if closing is not None and not said.content_sent:  # closing before DATA: nothing was sent
-        return _broken(recipients, said, Failure("RCPT", "ended", reply=closing))
     results: dict[str, RecipientResult] = {}
     accepted: list[str] = []
     last_refusal: SMTPError | None = None
+    closing = False
     for address, reply in zip(recipients, said.rcpt, strict=True):
         if reply.code in ACCEPTED_RCPT:
             accepted.append(address)
             continue
+        if reply.code == 421:
+            if not said.content_sent:  # the session is closing before DATA: nothing was sent
+                return _broken(recipients, said, Failure("RCPT", "ended", reply=reply))
+            closing = True
         last_refusal = RecipientError(
             f"the relay refused the recipient <{address}>", code=reply.code, reply=reply.message
         )
