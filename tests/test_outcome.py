@@ -48,7 +48,7 @@ def broken(stage: Stage, how: str, rcpt: list[Reply], content_sent=False) -> Tra
 
 
 SENT = "sent/250/-"
-MAIL_421 = "deferred/421/ConnectError"
+CLOSED = "deferred/421/ConnectError"
 DATA_GONE = "deferred/-/ConnectError"
 ROWS = [
     row("all accepted, DATA 2xx", sent_to_all(), f"{SENT} {SENT} {SENT} => -", "keep"),
@@ -70,13 +70,16 @@ ROWS = [
         "failed/553/SenderError " * 3 + "=> SenderError",
         "reset",
     ),
-    row(
-        "MAIL 421: closing before anything was sent",
-        said(mail=CLOSING),
-        f"{MAIL_421} {MAIL_421} {MAIL_421} => ConnectError",
-        "poison",
-        retry_now=True,
-    ),
+    *[
+        row(
+            f"{stage} 421: the session is closing before anything was sent",
+            transcript,
+            f"{CLOSED} {CLOSED} {CLOSED} => ConnectError",
+            "poison",
+            retry_now=True,
+        )
+        for stage, transcript in [("MAIL", said(mail=CLOSING)), ("RCPT", said(rcpt=[OK, CLOSING]))]
+    ],
     row(
         "RCPT mixed accept and refuse, DATA 2xx",
         said(rcpt=[OK, REFUSED, LATER], data=QUEUED, content_sent=True),
@@ -88,13 +91,6 @@ ROWS = [
         said(rcpt=[REFUSED, REFUSED, LATER]),
         "failed/550/RecipientError " * 2 + "deferred/450/RecipientError => RecipientError",
         "reset",
-    ),
-    row(
-        "RCPT 421 before DATA: closing, nothing sent",
-        said(rcpt=[OK, CLOSING]),
-        f"{MAIL_421} {MAIL_421} {MAIL_421} => ConnectError",
-        "poison",
-        retry_now=True,
     ),
     row(
         "RCPT 421 but the content went through (pipelined)",
