@@ -129,9 +129,29 @@ class Stack:
         return self.settings
 
 
+RELAY_PATHS = ("sequential", "pipelined")
+"""The two ways ``smtp.delivery`` sends: one command at a time, or PIPELINING (RFC 2920)."""
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "both_paths: run with the dev server without and with PIPELINING (both send paths)",
+    )
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A test (or module) marked ``both_paths`` that uses ``smtp_server`` runs once per path."""
+    if "smtp_server" in metafunc.fixturenames and metafunc.definition.get_closest_marker(
+        "both_paths"
+    ):
+        metafunc.parametrize("smtp_server", RELAY_PATHS, indirect=True)
+
+
 @pytest.fixture
-def smtp_server() -> Iterator[DevServer]:
-    server = DevServer().start()
+def smtp_server(request: pytest.FixtureRequest) -> Iterator[DevServer]:
+    """The dev server; it offers PIPELINING only when the test runs on the ``pipelined`` path."""
+    server = DevServer(pipelining=getattr(request, "param", "sequential") == "pipelined").start()
     try:
         yield server
     finally:

@@ -1,5 +1,8 @@
 """Per-recipient outcomes, retries and never-twice, on both stacks (in-process worker code).
 
+Every test with the dev server runs twice: without PIPELINING and with it
+(``both_paths``), so both ways ``smtp.delivery`` sends are held to the same outcomes.
+
 These drive the very code a Celery task runs (``Deliverer.deliver_batch``)
 against the real dev SMTP server and a real database, and assert on what the
 server received and what the status table says.
@@ -13,12 +16,15 @@ import threading
 import uuid
 from collections import Counter
 
+import pytest
 import sqlalchemy as sa
 
 import mailqueue
 from mailqueue import Message
 from mailqueue.store.models import MessageRow
 from mailqueue.worker.service import BatchReport, Deliverer
+
+pytestmark = pytest.mark.both_paths  # every test with the dev server runs on both send paths
 
 
 def deliver(stack, ids, *, owner=None) -> BatchReport:

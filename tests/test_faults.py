@@ -5,6 +5,7 @@ empty, the path to PostgreSQL is cut, and the dev SMTP server misbehaves.
 Every test ends by counting what the SMTP server received: each recipient
 at least once (nothing lost) and exactly once except in the one documented
 window (the relay accepted DATA, the worker died before writing it down).
+Each test with the dev server runs without and with PIPELINING (``both_paths``).
 """
 
 from __future__ import annotations
@@ -21,11 +22,11 @@ import mailqueue
 from mailqueue import Message
 from mailqueue.store.models import MessageRow, RecipientRow
 
-from .conftest import require, wait_until
+from .conftest import ON_CI, require, wait_until
 from .faultkit import PrivateRedis, TcpProxy
 from .test_delivery import deliver
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.both_paths]
 
 TERMINAL = {"sent", "partial", "failed", "cancelled"}
 M, R = MessageRow.__table__, RecipientRow.__table__
@@ -62,11 +63,18 @@ def received(server) -> Counter[str]:
     return Counter(r for m in list(server.messages) for r in m.rcpt_tos)
 
 
+def require_redis_server() -> None:
+    """A ``redis-server`` to start and kill: skip on a laptop without one, fail on CI."""
+    if PrivateRedis.available():
+        return
+    if ON_CI:
+        pytest.fail("CI=true and redis-server is not installed; CI must run the broker faults")
+    pytest.skip("redis-server is not installed")
+
+
 @pytest.fixture
 def private_redis():
-    if not PrivateRedis.available():
-        require("redis")  # same rule: skip on a laptop, fail on CI
-        pytest.skip("redis-server is not installed")
+    require_redis_server()
     redis = PrivateRedis()
     yield redis
     redis.stop()
@@ -252,12 +260,35 @@ def test_a_server_that_stops_answering_in_data_defers_and_the_connection_is_drop
 ):
     stack.reconfigure(relay_data_timeout_s=1.0)
     smtp_server.faults.hang_in_data = 1
-    first, second = (enqueue_n(1, prefix=p) for p in ("hang", "next"))
-    deliver(stack, [first["hang0@example.com"]])
-    info = mailqueue.get_status(first["hang0@example.com"])
+    smtp_server.reject = ["no@*"]
+    first = mailqueue.enqueue(
+        Message(sender="app@example.com", to=["hang@example.com", "no@example.com"], text="t")
+    )
+    second = enqueue_n(1, prefix="next")["next0@example.com"]
+    deliver(stack, [first])
+    info = mailqueue.get_status(first)
     assert info.status == "deferred" and "may have been delivered" in (info.last_reply or "")
-    deliver(stack, [second["next0@example.com"]])
-    assert mailqueue.get_status(second["next0@example.com"]).status == "sent"
+    by = {r.address: r for r in info.recipients}
+    assert (by["hang@example.com"].status, by["hang@example.com"].error) == (
+        "deferred",
+        "ConnectError",
+    )
+    # The refusal the relay gave before the content keeps its own reply.
+    assert (by["no@example.com"].status, by["no@example.com"].smtp_code) == ("failed", 550)
+    deliver(stack, [second])
+    assert mailqueue.get_status(second).status == "sent"
+
+
+def test_a_relay_closing_with_421_loses_nothing_and_sends_nothing_twice(stack, smtp_server):
+    """After two messages on a connection the relay answers MAIL with 421 and hangs
+    up (what busy relays do): the message goes out over a fresh connection, once."""
+    stack.reconfigure(relay_pool_size=1)
+    smtp_server.faults.close_421_after = 2
+    addresses = enqueue_n(5)
+    deliver(stack, list(addresses.values()))
+    assert {mailqueue.get_status(i).status for i in addresses.values()} == {"sent"}
+    assert received(smtp_server) == Counter({a: 1 for a in addresses})
+    assert smtp_server.connections_total >= 3
 
 
 def test_a_slow_server_within_the_timeouts_is_simply_slow(stack, smtp_server):
@@ -322,8 +353,7 @@ def _uuid(value: str) -> uuid.UUID:
 def test_chaos_run_smoke(tmp_path):
     """A short ops/chaos.py run, so the long one cannot rot: nothing lost, no stray duplicates."""
     require("postgres")
-    if not PrivateRedis.available():
-        pytest.skip("redis-server is not installed")
+    require_redis_server()
     import json
     import subprocess
     import sys

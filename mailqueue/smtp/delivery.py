@@ -8,16 +8,9 @@ safe to retry at once on a fresh connection) or after it (the relay may
 have accepted the message: the recipients are deferred, never retried
 in-line).
 
-How replies become outcomes (the queue's retry policy rests on this):
-
-==================  ======================================================
-reply               outcome for the recipients concerned
-==================  ======================================================
-RCPT 2xx + DATA 2xx ``sent``
-any 4xx             ``deferred`` (try again later)
-any 5xx             ``failed`` (the relay will never take it)
-drop/timeout/421    ``deferred``; the connection is poisoned
-==================  ======================================================
+Both ways of sending (one command at a time, or PIPELINING when the relay
+offers it) only collect the relay's replies; ``smtp.outcome.judge`` turns
+them into outcomes, with the table the queue's retry policy rests on.
 """
 
 from __future__ import annotations
@@ -25,8 +18,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Literal
+from typing import NamedTuple
 
 import aiosmtplib
 from tenacity import (
@@ -36,90 +28,30 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from ..errors import (
-    ClusterLimitError,
-    ConnectError,
-    DeliveryError,
-    RecipientError,
-    SenderError,
-    SMTPError,
-    parse_enhanced_code,
+from ..errors import ClusterLimitError, ConnectError, DeliveryError
+from .outcome import (
+    ACCEPTED_RCPT,
+    Failure,
+    RecipientResult,
+    Reply,
+    Stage,
+    TransactionResult,
+    Transcript,
+    failed_everyone,
+    judge,
 )
-from .pipelining import ACCEPTED_RCPT, Pipeline, supports_pipelining
+from .pipelining import Pipeline, supports_pipelining
 from .pool import Connection, Pool
 
 __all__ = ["RecipientResult", "TransactionResult", "deliver", "send_transaction"]
-
-Outcome = Literal["sent", "deferred", "failed"]
-
-
-@dataclass(frozen=True)
-class RecipientResult:
-    """What happened to one recipient in one attempt."""
-
-    address: str
-    status: Outcome
-    code: int | None = None
-    reply: str | None = None
-    error: str | None = None
-    """Class name of the typed error that explains a refusal, e.g. ``"RecipientError"``."""
-
-    @property
-    def enhanced_code(self) -> str | None:
-        return parse_enhanced_code(self.reply)
-
-
-@dataclass(frozen=True)
-class TransactionResult:
-    """Per-recipient results of one attempt, plus the error that sums it up."""
-
-    recipients: tuple[RecipientResult, ...]
-    data_code: int | None = None
-    data_reply: str | None = None
-    error: SMTPError | None = None
-    """Why not everyone was accepted (the last refusal that mattered), or None."""
-
-    @property
-    def accepted(self) -> list[str]:
-        return [r.address for r in self.recipients if r.status == "sent"]
-
-    @property
-    def rcpt_failed(self) -> list[RecipientResult]:
-        """Recipients not delivered in this attempt, with the server's words."""
-        return [r for r in self.recipients if r.status != "sent"]
-
-    def raise_for_error(self) -> None:
-        """Raise the typed error if any recipient was not accepted (classic-client style)."""
-        if self.error is not None and self.rcpt_failed:
-            raise self.error
-
-
-def _outcome(code: int) -> Outcome:
-    return "deferred" if 400 <= code < 500 else "failed"
 
 
 class _DroppedBeforeData(Exception):
     """The session failed before any DATA byte was sent: safe to retry now."""
 
-    def __init__(self, error: ConnectError) -> None:
-        super().__init__(str(error))
-        self.error = error
-
-
-def _all(
-    recipients: Sequence[str], status: Outcome, error: SMTPError
-) -> tuple[RecipientResult, ...]:
-    return tuple(
-        RecipientResult(a, status, error.code, error.reply, type(error).__name__)
-        for a in recipients
-    )
-
-
-def failed_everyone(
-    recipients: Sequence[str], status: Outcome, error: SMTPError
-) -> TransactionResult:
-    """One result for all ``recipients`` (``failed`` or ``deferred``) because of ``error``."""
-    return TransactionResult(_all(recipients, status, error), error=error)
+    def __init__(self, result: TransactionResult) -> None:
+        super().__init__(str(result.error))
+        self.result = result
 
 
 def _mail_options(smtp: aiosmtplib.SMTP, size: int, smtputf8: bool, eightbit: bool) -> list[str]:
@@ -180,239 +112,135 @@ async def send_transaction(
     is no longer trustworthy.
     """
     smtp = conn.smtp
-    encoding = "utf-8" if smtputf8 else "ascii"
-    refusal = _unsupported(smtp, len(data), smtputf8, eightbit)
-    if refusal is not None:
-        return TransactionResult(_all(recipients, "failed", refusal), error=refusal)
-
-    results: dict[str, RecipientResult] = {}
-    accepted: list[str] = []
-    phase = "MAIL"
-    # RFC 2920: when offered, MAIL, RCPT… and DATA go out in one write; the
-    # replies are still read and judged one per command, per recipient.
-    pipe = Pipeline(smtp) if supports_pipelining(smtp) else None
-    try:
-        if pipe is not None:
-            return await _pipelined(
-                conn,
-                pipe,
-                mail_from,
-                recipients,
-                data,
-                options=_mail_options(smtp, len(data), smtputf8, eightbit),
-                encoding=encoding,
-                command_timeout_s=command_timeout_s,
-                data_timeout_s=data_timeout_s,
-                results=results,
-                accepted=accepted,
-            )
-        try:
-            await smtp.mail(
-                mail_from,
-                options=_mail_options(smtp, len(data), smtputf8, eightbit),
-                encoding=encoding,
-                timeout=command_timeout_s,
-            )
-        except aiosmtplib.SMTPSenderRefused as exc:
-            if exc.code == 421:
-                raise  # the session is closing, nothing was sent: retry on a fresh one
-            error: SMTPError = SenderError(
-                f"the relay refused the sender <{mail_from}>", code=exc.code, reply=exc.message
-            )
-            await _reset(conn, exc.code, command_timeout_s)
-            return TransactionResult(_all(recipients, _outcome(exc.code), error), error=error)
-
-        phase = "RCPT"
-        last_refusal: SMTPError | None = None
-        for address in recipients:
-            try:
-                await smtp.rcpt(address, encoding=encoding, timeout=command_timeout_s)
-            except aiosmtplib.SMTPRecipientRefused as exc:
-                if exc.code == 421:
-                    raise  # the session is closing before DATA: retry on a fresh one
-                last_refusal = RecipientError(
-                    f"the relay refused the recipient <{address}>", code=exc.code, reply=exc.message
-                )
-                results[address] = RecipientResult(
-                    address, _outcome(exc.code), exc.code, exc.message, "RecipientError"
-                )
-            else:
-                accepted.append(address)
-
-        if not accepted:
-            await _reset(conn, None, command_timeout_s)
-            error = last_refusal or RecipientError("every recipient was refused")
-            if len(recipients) > 1:
-                error = type(error)(
-                    f"the relay refused all {len(recipients)} recipients",
-                    code=error.code,
-                    reply=error.reply,
-                )
-            return TransactionResult(tuple(results[a] for a in recipients), error=error)
-
-        phase = "DATA"
-        try:
-            # aiosmtplib types ``data`` as bytes (it copies it several times anyway)
-            payload = bytes(data) if isinstance(data, bytearray) else data
-            response = await smtp.data(payload, timeout=data_timeout_s)
-        except aiosmtplib.SMTPDataError as exc:
-            return await _data_refused(
-                conn, recipients, accepted, results, exc.code, exc.message, command_timeout_s
-            )
-        return _data_accepted(
-            recipients, accepted, results, response.code, response.message, last_refusal
+    said = Transcript(refused_before=_unsupported(smtp, len(data), smtputf8, eightbit))
+    if said.refused_before is None:
+        # RFC 2920: when offered, MAIL, RCPT… and DATA go out in one write; the
+        # replies are still read and judged one per command, per recipient.
+        collect = _pipelined if supports_pipelining(smtp) else _one_by_one
+        options = _mail_options(smtp, len(data), smtputf8, eightbit)
+        encoding = "utf-8" if smtputf8 else "ascii"
+        envelope = _Envelope(
+            mail_from, recipients, data, options, encoding, command_timeout_s, data_timeout_s
         )
-    except aiosmtplib.SMTPResponseException as exc:
+        await collect(smtp, said, envelope)
+    verdict = judge(mail_from, recipients, said)
+    if verdict.connection == "poison":
+        conn.poison()
+    elif verdict.connection == "reset":
+        await _reset(conn, command_timeout_s)
+    if verdict.retry_now:
+        raise _DroppedBeforeData(verdict.result)
+    return verdict.result
+
+
+class _Envelope(NamedTuple):
+    """One transaction's envelope, content and limits, as both send paths take it."""
+
+    mail_from: str
+    recipients: Sequence[str]
+    data: bytes | bytearray
+    options: list[str]
+    encoding: str
+    command_timeout_s: float
+    data_timeout_s: float
+
+
+_BROKEN = (
+    aiosmtplib.SMTPResponseException,
+    TimeoutError,
+    aiosmtplib.SMTPServerDisconnected,
+    aiosmtplib.SMTPTimeoutError,
+    OSError,
+)
+"""What a session that broke raises (an unexpected reply, a timeout, a drop)."""
+
+
+def _failure(stage: Stage, exc: BaseException) -> Failure:
+    if isinstance(exc, aiosmtplib.SMTPResponseException):
         # An unexpected reply (e.g. 421 on MAIL, which aiosmtplib reports as a
         # refusal too, or a reply to a command that should not fail).
-        phase = pipe.phase if pipe is not None else phase
-        conn.poison()
-        error = ConnectError(
-            f"the relay ended the session during {phase}", code=exc.code, reply=exc.message
-        )
-        if phase != "DATA":
-            raise _DroppedBeforeData(error) from None
-        return TransactionResult(_all(recipients, "deferred", error), error=error)
-    except (
-        TimeoutError,
-        aiosmtplib.SMTPServerDisconnected,
-        aiosmtplib.SMTPTimeoutError,
-        OSError,
-    ) as exc:
-        phase = pipe.phase if pipe is not None else phase
-        conn.poison()
-        what = (
-            "timed out"
-            if isinstance(exc, (TimeoutError, aiosmtplib.SMTPTimeoutError))
-            else "dropped"
-        )
-        if phase != "DATA":
-            raise _DroppedBeforeData(
-                ConnectError(f"the connection {what} during {phase}: {exc}")
-            ) from None
-        error = ConnectError(
-            f"the connection {what} after the message was sent, before the relay confirmed it; "
-            "it may have been delivered"
-        )
-        done = {a: r for a, r in results.items() if a not in accepted}
-        return TransactionResult(
-            tuple(
-                done.get(a) or RecipientResult(a, "deferred", None, str(error), "ConnectError")
-                for a in recipients
-            ),
-            error=error,
-        )
+        return Failure(stage, "ended", str(exc), Reply(exc.code, exc.message))
+    timed_out = isinstance(exc, (TimeoutError, aiosmtplib.SMTPTimeoutError))
+    return Failure(stage, "timed out" if timed_out else "dropped", str(exc))
 
 
-async def _pipelined(
-    conn: Connection,
-    pipe: Pipeline,
-    mail_from: str,
-    recipients: Sequence[str],
-    data: bytes | bytearray,
-    *,
-    options: list[str],
-    encoding: str,
-    command_timeout_s: float,
-    data_timeout_s: float,
-    results: dict[str, RecipientResult],
-    accepted: list[str],
-) -> TransactionResult:
-    """``send_transaction`` over PIPELINING: the same outcomes from the same replies.
-
-    Fills ``results`` (refused recipients) and ``accepted`` as it goes, so the
-    caller's handlers for a dropped session see what was already decided.
-    """
-    replies = await pipe.send(
-        mail_from,
-        recipients,
-        data,
-        mail_options=options,
-        encoding=encoding,
-        timeout=command_timeout_s,
-        data_timeout=data_timeout_s,
-    )
-    mail = replies.mail
-    if mail.code != 250:
-        if mail.code == 421:  # the session is closing, nothing was sent: retry on a fresh one
-            raise aiosmtplib.SMTPSenderRefused(mail.code, mail.message, mail_from)
-        error: SMTPError = SenderError(
-            f"the relay refused the sender <{mail_from}>", code=mail.code, reply=mail.message
-        )
-        await _reset(conn, mail.code, command_timeout_s)
-        return TransactionResult(_all(recipients, _outcome(mail.code), error), error=error)
-
-    last_refusal: SMTPError | None = None
-    for address, reply in zip(recipients, replies.rcpt, strict=True):
-        if reply.code in ACCEPTED_RCPT:
-            accepted.append(address)
-            continue
-        if reply.code == 421 and replies.data is None:
-            raise aiosmtplib.SMTPRecipientRefused(reply.code, reply.message, address)
-        last_refusal = RecipientError(
-            f"the relay refused the recipient <{address}>", code=reply.code, reply=reply.message
-        )
-        results[address] = RecipientResult(
-            address, _outcome(reply.code), reply.code, reply.message, "RecipientError"
-        )
-
-    if not accepted:
-        await _reset(conn, None, command_timeout_s)
-        error = last_refusal or RecipientError("every recipient was refused")
-        if len(recipients) > 1:
-            error = type(error)(
-                f"the relay refused all {len(recipients)} recipients",
-                code=error.code,
-                reply=error.reply,
+async def _one_by_one(smtp: aiosmtplib.SMTP, said: Transcript, env: _Envelope) -> None:
+    """Collect the replies one command at a time, stopping where the relay stopped us."""
+    stage: Stage = "MAIL"
+    try:
+        try:
+            reply = await smtp.mail(
+                env.mail_from,
+                options=env.options,
+                encoding=env.encoding,
+                timeout=env.command_timeout_s,
             )
-        return TransactionResult(tuple(results[a] for a in recipients), error=error)
+        except aiosmtplib.SMTPSenderRefused as exc:
+            said.mail = Reply(exc.code, exc.message)
+            return
+        said.mail = reply
+        stage = "RCPT"
+        for address in env.recipients:
+            try:
+                reply = await smtp.rcpt(
+                    address, encoding=env.encoding, timeout=env.command_timeout_s
+                )
+            except aiosmtplib.SMTPRecipientRefused as exc:
+                said.rcpt.append(Reply(exc.code, exc.message))
+                if exc.code == 421:
+                    return  # the session is closing
+            else:
+                said.rcpt.append(reply)
+        if not any(r.code in ACCEPTED_RCPT for r in said.rcpt):
+            return
+        stage, said.content_sent = "DATA", True
+        try:
+            # aiosmtplib types ``data`` as bytes (it copies it several times anyway)
+            data = env.data
+            response = await smtp.data(
+                bytes(data) if isinstance(data, bytearray) else data, timeout=env.data_timeout_s
+            )
+        except aiosmtplib.SMTPDataError as exc:
+            said.data = Reply(exc.code, exc.message)
+        else:
+            said.data = response
+    except _BROKEN as exc:
+        said.failure = _failure(stage, exc)
 
-    final = replies.data
-    if replies.data_start.code != 354 or final is None or final.code != 250:
-        refusal = replies.data_start if replies.data_start.code != 354 or final is None else final
-        return await _data_refused(
-            conn, recipients, accepted, results, refusal.code, refusal.message, command_timeout_s
+
+async def _pipelined(smtp: aiosmtplib.SMTP, said: Transcript, env: _Envelope) -> None:
+    """Collect the same replies over PIPELINING, as far as they were read."""
+    pipe = Pipeline(smtp)
+    failure: BaseException | None = None
+    try:
+        await pipe.send(
+            env.mail_from,
+            env.recipients,
+            env.data,
+            mail_options=env.options,
+            encoding=env.encoding,
+            timeout=env.command_timeout_s,
+            data_timeout=env.data_timeout_s,
         )
-    return _data_accepted(recipients, accepted, results, final.code, final.message, last_refusal)
+    except _BROKEN as exc:
+        failure = exc
+    got = pipe.received
+    said.content_sent = pipe.phase == "DATA"
+    n = len(env.recipients)
+    said.mail = got[0] if got else None
+    said.rcpt = got[1 : 1 + n]
+    if len(got) > 1 + n and got[1 + n].code != 354:
+        said.data = got[1 + n]  # DATA refused: the content was not sent
+    elif said.content_sent and len(got) > 2 + n:
+        said.data = got[2 + n]  # the reply after the final dot
+    if failure is not None:
+        stage: Stage = "MAIL" if not got else "RCPT" if len(got) <= n else "DATA"
+        said.failure = _failure(stage, failure)
 
 
-async def _data_refused(
-    conn: Connection,
-    recipients: Sequence[str],
-    accepted: Sequence[str],
-    results: dict[str, RecipientResult],
-    code: int,
-    reply: str,
-    command_timeout_s: float,
-) -> TransactionResult:
-    """DATA was refused: the accepted recipients share its reply; the session is reset."""
-    error = DeliveryError("the relay refused the message at DATA", code=code, reply=reply)
-    if code == 421:
-        conn.poison()
-    else:
-        await _reset(conn, code, command_timeout_s)
-    for address in accepted:
-        results[address] = RecipientResult(address, _outcome(code), code, reply, "DeliveryError")
-    return TransactionResult(tuple(results[a] for a in recipients), code, reply, error=error)
-
-
-def _data_accepted(
-    recipients: Sequence[str],
-    accepted: Sequence[str],
-    results: dict[str, RecipientResult],
-    code: int,
-    reply: str,
-    last_refusal: SMTPError | None,
-) -> TransactionResult:
-    """DATA was taken: every accepted recipient is sent; refusals keep their own replies."""
-    for address in accepted:
-        results[address] = RecipientResult(address, "sent", code, reply)
-    return TransactionResult(tuple(results[a] for a in recipients), code, reply, error=last_refusal)
-
-
-async def _reset(conn: Connection, code: int | None, timeout: float) -> None:
+async def _reset(conn: Connection, timeout: float) -> None:
     """Leave the session clean for the next message (RSET), or poison it."""
-    if code == 421 or not conn.smtp.is_connected:
+    if not conn.smtp.is_connected:
         conn.poison()
         return
     try:
@@ -456,20 +284,16 @@ async def deliver(
                 # The relay's cluster-wide rate. Reserved once a connection is in
                 # hand: a reservation made while waiting for a slot would be lost.
                 await pool.limits.pace()
-            try:
-                return await send_transaction(
-                    conn,
-                    mail_from,
-                    recipients,
-                    data,
-                    command_timeout_s=relay.command_timeout_s,
-                    data_timeout_s=relay.data_timeout_s,
-                    smtputf8=smtputf8,
-                    eightbit=eightbit,
-                )
-            except _DroppedBeforeData:
-                conn.poison()
-                raise
+            return await send_transaction(
+                conn,
+                mail_from,
+                recipients,
+                data,
+                command_timeout_s=relay.command_timeout_s,
+                data_timeout_s=relay.data_timeout_s,
+                smtputf8=smtputf8,
+                eightbit=eightbit,
+            )
 
     try:
         # The first try runs outside tenacity: its per-attempt bookkeeping was
@@ -491,7 +315,7 @@ async def deliver(
             with attempt:
                 return await attempt_once()
     except _DroppedBeforeData as exc:
-        return TransactionResult(_all(recipients, "deferred", exc.error), error=exc.error)
+        return exc.result
     except ConnectError as exc:
-        return TransactionResult(_all(recipients, "deferred", exc), error=exc)
+        return failed_everyone(recipients, "deferred", exc)
     raise AssertionError("unreachable")  # pragma: no cover

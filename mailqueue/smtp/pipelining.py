@@ -25,7 +25,8 @@ protocol's own parser. Then:
 Timeouts and disconnects close the session (a half-read pipeline cannot be
 trusted) and raise aiosmtplib's own exceptions, so callers handle them like
 any other. ``Pipeline.phase`` says whether any content byte had been written
-("DATA") when it failed — before that, nothing can have been delivered.
+("DATA") when it failed — before that, nothing can have been delivered —
+and ``Pipeline.received`` keeps the replies read until then.
 """
 
 from __future__ import annotations
@@ -48,12 +49,12 @@ from aiosmtplib.protocol import (
 )
 from aiosmtplib.response import SMTPResponse
 
+from .outcome import ACCEPTED_RCPT
+
 __all__ = ["Pipeline", "PipelinedReplies", "send_pipelined", "supports_pipelining"]
 
 CHUNK = 256 * 1024
 """Bytes of content dot-stuffed and written at a time (split at a line end)."""
-
-ACCEPTED_RCPT = (250, 251)
 
 
 def supports_pipelining(smtp: aiosmtplib.SMTP) -> bool:
@@ -70,13 +71,6 @@ class PipelinedReplies:
     """The reply to DATA itself: 354 to go on, anything else refuses the content."""
     data: SMTPResponse | None
     """The reply after the content's final dot; None when the content was not sent."""
-
-    @property
-    def accepted(self) -> list[int]:
-        """Indexes of the recipients the server accepted."""
-        if self.mail.code != 250:
-            return []
-        return [i for i, r in enumerate(self.rcpt) if r.code in ACCEPTED_RCPT]
 
 
 class _Reader:
@@ -154,6 +148,8 @@ class Pipeline:
         self.smtp = smtp
         self.phase = "MAIL"
         """``"MAIL"`` until the first content byte is written, then ``"DATA"``."""
+        self.received: list[SMTPResponse] = []
+        """Every reply read so far, in order: what the relay said even if ``send`` raised."""
 
     async def send(
         self,
@@ -193,9 +189,10 @@ class Pipeline:
             clean = False
             try:
                 protocol.write(b"\r\n".join(commands) + b"\r\n")
-                mail = await reader.next(timeout)
-                rcpt = tuple([await reader.next(timeout) for _ in recipients])
-                data_start = await reader.next(timeout)
+                got = self.received
+                for _ in range(len(commands)):
+                    got.append(await reader.next(timeout))
+                mail, rcpt, data_start = got[0], tuple(got[1:-1]), got[-1]
                 final = None
                 if data_start.code == 354:
                     anyone = mail.code == 250 and any(r.code in ACCEPTED_RCPT for r in rcpt)
@@ -203,6 +200,7 @@ class Pipeline:
                         self.phase = "DATA"
                         await self._write_content(protocol, data)
                         final = await reader.next(data_timeout)
+                        got.append(final)
                     else:
                         protocol.write(b".\r\n")  # end the empty transaction, keep in step
                         await reader.next(timeout)
