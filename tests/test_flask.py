@@ -54,7 +54,7 @@ def test_committed_order_queues_receipt_that_reaches_the_smtp_server(app, stack,
         response = app.test_client().post("/orders", data={"email": "ana@example.org"})
     assert response.status_code == 200, response.text
     order, mid = response.json["order"], response.json["mailqueue_id"]
-    assert [(m.subject, i) for m, i in outbox] == [(f"Order {order}", mid)]
+    assert [(m.subject, m.mailqueue_id) for m in outbox] == [(f"Order {order}", mid)]
     assert row_count(stack, "flask_order") == 1
     assert mail.get_status(mid).status == "queued"
     assert mailqueue.get_status_by_key(f"flask-order-{order}").id == mid
