@@ -334,3 +334,18 @@ def test_flask_mail_messages_reach_the_relay_as_as_bytes_shows(sqlite_stack, smt
     assert msg.get_content_type() == "multipart/alternative"
     assert msg.get_body(("html",)).get_content().strip() == "<p>Hi</p>"
     assert msg.get_body(("plain",)).get_content().strip() == ""
+
+
+def test_a_lazy_subject_is_sent_as_its_text(sqlite_stack, smtp_server):
+    """Flask-Babel's lazy_gettext() subjects work, as with Flask-Mail (force_text)."""
+    from mailqueue.contrib.flask import Message
+
+    class Lazy:
+        def __str__(self) -> str:
+            return "Willkommen"
+
+    app, mail_ = _plain_app(sqlite_stack)
+    with app.app_context():
+        mid = mail_.send(Message(Lazy(), recipients=["a@example.org"], body="x"))  # type: ignore[arg-type]
+    deliver(sqlite_stack, [mid])
+    assert parsed(smtp_server.messages[0])["Subject"] == "Willkommen"

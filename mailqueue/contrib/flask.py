@@ -135,6 +135,15 @@ def sanitize_addresses(addresses: Iterable[Address], encoding: str = "utf-8") ->
     return [sanitize_address(a, encoding) for a in addresses]
 
 
+def _force_text(value: Any) -> str:
+    """The subject as text, as Flask-Mail has it: lazy strings (Flask-Babel) resolved."""
+    if value is None:
+        return ""
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    return value if isinstance(value, str) else str(value)
+
+
 def _has_newline(value: str) -> bool:
     return "\n" in value or "\r" in value
 
@@ -324,7 +333,7 @@ class Message:
         return self.has_bad_headers()
 
     def _bad_header_field(self) -> str | None:
-        if _has_newline(self.subject or ""):
+        if _has_newline(_force_text(self.subject)):
             return "subject"
         groups: list[tuple[str, Iterable[Any]]] = [
             ("sender", [self.sender] if self.sender else []),
@@ -381,7 +390,7 @@ class Message:
             cc=[clean(a) for a in self.cc],
             bcc=[clean(a) for a in self.bcc],
             reply_to=[clean(self.reply_to)] if self.reply_to else (),
-            subject=self.subject,
+            subject=_force_text(self.subject),
             text=text,
             html=html,
             attachments=[
