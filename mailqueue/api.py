@@ -372,6 +372,14 @@ def find_by_idempotency_key(key: str) -> uuid.UUID | None:
     return _store().find_by_idempotency_key(key)
 
 
+def open_session() -> Any:
+    """A SQLAlchemy ``Session`` on mailqueue's own database: pass it as ``session=``
+    to ``enqueue`` to queue several messages in one transaction you commit."""
+    from sqlalchemy.orm import Session
+
+    return Session(_store().engine)
+
+
 def wake(ids: Sequence[uuid.UUID]) -> None:
     """Tell the workers about messages whose rows are committed (after the caller's commit).
 
