@@ -700,7 +700,8 @@ def _compose(message: Message, limits: Limits) -> tuple[str, tuple[Recipient, ..
         for name, group in (("To", to), ("Cc", cc), ("Reply-To", reply_to))
         if group
     ]
-    fields.append(Field("Subject", text=subject))
+    if subject:  # no subject, no Subject field (as Flask-Mail and most clients write it)
+        fields.append(Field("Subject", text=subject))
     if "date" not in names:
         fields.append(Field("Date", text=_date_now()))
     if "message-id" not in names:

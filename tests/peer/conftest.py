@@ -71,10 +71,6 @@ DIFFERENT: dict[str, str] = {
     _M + "test_html_message_with_attachments": (
         "mailqueue's composer ends a text part with a line break; Flask-Mail's MIMEText does not"
     ),
-    _M + "test_empty_subject_header": (
-        "mailqueue always writes a Subject field (empty when there is none); "
-        "Flask-Mail leaves it out"
-    ),
     _M + "test_json_message": (
         "alternatives other than text and html (alts={'json': ...}) are refused "
         "(InvalidMessageError, field 'alts'): mailqueue composes text and html only"
