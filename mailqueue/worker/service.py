@@ -35,6 +35,7 @@ from ..errors import AuthError, ConnectError, SMTPError, TLSError
 from ..logging_setup import log_attempt
 from ..smtp.delivery import TransactionResult, deliver, failed_everyone
 from ..smtp.pool import Pool, pool_for_relay
+from ..statuses import ErrorWord
 from ..store.models import RecipientStatus, utcnow
 from ..store.queue import ClaimedMessage, MessageOutcome, RecipientOutcome, Store
 from ..store.relays import pause_relay, relay_states, resume_relay
@@ -71,11 +72,11 @@ def plan_outcome(
         status: str = r.status
         error = r.error
         if status == RecipientStatus.DEFERRED and expired:
-            status, error = RecipientStatus.FAILED, "Expired"
+            status, error = RecipientStatus.FAILED, ErrorWord.EXPIRED
         outcomes.append(RecipientOutcome(rcpt.id, status, r.code, r.enhanced_code, r.reply, error))
     last_error = type(result.error).__name__ if result.error else None
     if expired:
-        last_error = "Expired"
+        last_error = ErrorWord.EXPIRED
     last_reply = None
     if result.error is not None:
         code = f"{result.error.code} " if result.error.code else ""
@@ -95,7 +96,7 @@ def _expired_result(message: ClaimedMessage) -> TransactionResult:
     reply = "message expired in the queue before it could be delivered"
     return TransactionResult(
         tuple(
-            RecipientResult(r.address, "failed", None, reply, "Expired")
+            RecipientResult(r.address, "failed", None, reply, ErrorWord.EXPIRED)
             for r in message.open_recipients
         ),
         error=SMTPError(reply, retryable=False),
@@ -339,7 +340,7 @@ class Deliverer:
             [message.id],
             owner=self.owner,
             due_at=until,
-            error=type(exc).__name__ if exc else "RelayPaused",
+            error=type(exc).__name__ if exc else ErrorWord.RELAY_PAUSED,
             reply=str(exc) if exc else f"relay {message.relay!r} is paused after auth/TLS errors",
         )
 
