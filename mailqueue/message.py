@@ -33,7 +33,7 @@ from email.parser import BytesHeaderParser
 from pathlib import Path
 from typing import cast
 
-from email_validator import EmailNotValidError, validate_email
+from email_validator import SPECIAL_USE_DOMAIN_NAMES, EmailNotValidError, validate_email
 from email_validator.rfc_constants import CASE_INSENSITIVE_MAILBOX_NAMES, DOT_ATOM_TEXT
 
 from .errors import HeaderInjectionError, InvalidMessageError
@@ -297,8 +297,9 @@ def validate_address(address: str, *, field_name: str = "address") -> tuple[str,
 
     Domains are IDNA-encoded when the local part is ASCII, so only genuinely
     internationalised mailboxes need the server's SMTPUTF8 extension. Special-use
-    domains (``example.com``, ``.test``, ``localhost``) are allowed: they are
-    what development and tests send to.
+    domains (``example.com``, ``.test``, ``localhost``, ``.local``…) and address
+    literals (``a@[127.0.0.1]``) are allowed: they are what development, tests
+    and Django's default senders use, and the relay decides whether it takes them.
     """
     if not isinstance(address, str):
         raise InvalidMessageError(
@@ -350,12 +351,38 @@ def _plain_domain(domain: str) -> str | None:
     return ascii_domain
 
 
+# Special-use names (RFC 6761) email-validator refuses outright; a relay can take them
+# (Django's defaults are webmaster@localhost and root@localhost), so mailqueue does.
+_SPECIAL_USE = frozenset(SPECIAL_USE_DOMAIN_NAMES) - {"test"}  # .test: test_environment
+
+
 def _validator_verdict(address: str) -> tuple[str, bool, str | None]:
+    """email-validator's verdict, special-use domains and address literals accepted.
+
+    A domain under a special-use name (``localhost``, ``x.local``…) is checked
+    as the same labels under ``.test``, then given back its own last label.
+    """
+    local, at, domain = address.rpartition("@")
+    labels = domain.split(".")
+    special = labels[-1].lower()
+    if not at or special not in _SPECIAL_USE:
+        return _validator_verdict_as_is(address)
+    stand_in = ".".join([*labels[:-1], "test"]) if len(labels) > 1 else "localhost.test"
+    normalised, needs_utf8, error = _validator_verdict_as_is(f"{local}@{stand_in}")
+    if error is not None:
+        return address, False, error
+    checked_local, _, checked_domain = normalised.rpartition("@")
+    own = checked_domain.removesuffix(".test") + "." + special if len(labels) > 1 else special
+    return f"{checked_local}@{own}", needs_utf8, None
+
+
+def _validator_verdict_as_is(address: str) -> tuple[str, bool, str | None]:
     try:
         checked = validate_email(
             address,
             check_deliverability=False,
             allow_smtputf8=True,
+            allow_domain_literal=True,
             globally_deliverable=False,
             test_environment=True,
         )

@@ -92,6 +92,32 @@ def test_null_reverse_path_for_bounces(smtp_server):
     assert received.mail_from == ""
 
 
+def test_special_use_domains_and_address_literals_reach_the_relay(smtp_server):
+    """Django's default senders (webmaster@localhost, root@localhost), .local hosts and
+    address literals: the relay decides, as Django's own SMTP backend lets it (#16)."""
+    parsed, received = roundtrip(
+        smtp_server,
+        Message(
+            sender="webmaster@localhost",
+            to=["root@localhost", "Printer <a@printer.LOCAL>", "ops@[127.0.0.1]"],
+            text="t",
+        ),
+    )
+    assert received.mail_from == "webmaster@localhost"
+    assert sorted(received.rcpt_tos) == ["a@printer.local", "ops@[127.0.0.1]", "root@localhost"]
+    assert [a.addr_spec for a in parsed["To"].addresses] == [
+        "root@localhost",
+        "a@printer.local",
+        "ops@[127.0.0.1]",
+    ]
+
+
+@pytest.mark.parametrize("address", ["a@localhost.", "a@.local", "a@x..local", "a b@localhost"])
+def test_special_use_domains_still_need_valid_syntax(address):
+    with pytest.raises(InvalidMessageError):
+        build_envelope(Message(sender="a@example.com", to=[address], text="t"))
+
+
 def test_bcc_is_delivered_and_appears_nowhere_in_the_bytes(smtp_server):
     _, received = roundtrip(
         smtp_server,
