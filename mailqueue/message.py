@@ -360,19 +360,20 @@ def _validator_verdict(address: str) -> tuple[str, bool, str | None]:
     """email-validator's verdict, special-use domains and address literals accepted.
 
     A domain under a special-use name (``localhost``, ``x.local``…) is checked
-    as the same labels under ``.test``, then given back its own last label.
+    with that last label replaced by an ordinary one of the same length (so
+    every length rule holds as for the real name), then given it back.
     """
     local, at, domain = address.rpartition("@")
     labels = domain.split(".")
     special = labels[-1].lower()
     if not at or special not in _SPECIAL_USE:
         return _validator_verdict_as_is(address)
-    stand_in = ".".join([*labels[:-1], "test"]) if len(labels) > 1 else "localhost.test"
+    stand_in = ".".join([*labels[:-1], "x" * len(special)])
     normalised, needs_utf8, error = _validator_verdict_as_is(f"{local}@{stand_in}")
     if error is not None:
         return address, False, error
     checked_local, _, checked_domain = normalised.rpartition("@")
-    own = checked_domain.removesuffix(".test") + "." + special if len(labels) > 1 else special
+    own = ".".join([*checked_domain.split(".")[:-1], special])
     return f"{checked_local}@{own}", needs_utf8, None
 
 
