@@ -60,7 +60,6 @@ _SPEC = r"[^\s<>(),;:\"\\\[\]@]+@[^\s<>(),;:\"\\\[\]@]+"
 _PLAIN_MAILBOX = rf"(?:({_ATEXT}(?: {_ATEXT})*) <({_SPEC})>|({_SPEC}))"
 _PLAIN_LIST = re.compile(rf" ?{_PLAIN_MAILBOX}(?:, {_PLAIN_MAILBOX})*")
 _PLAIN_ONE = re.compile(_PLAIN_MAILBOX)
-_PLAIN_MAILBOXES = re.compile(_PLAIN_MAILBOX)
 
 _FOLD_AT = 78  # RFC 5322's recommended line length
 _MAX_WORD = 900  # a longer word would risk the hard 998-character line limit
@@ -248,7 +247,7 @@ def _read_addresses(name: str, value: str) -> list[tuple[str, str]]:
     """(display name, addr-spec) pairs of an address field, as a receiver reads them."""
     if "=?" not in value and _PLAIN_LIST.fullmatch(value):
         out = []
-        for match in _PLAIN_MAILBOXES.finditer(value):
+        for match in _PLAIN_ONE.finditer(value):
             display, named, bare = match.groups()
             out.append((display or "", named or bare))
         return out

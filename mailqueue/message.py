@@ -206,12 +206,9 @@ class Envelope:
 # --------------------------------------------------------------------------- addresses
 
 
-def _no_newlines(value: str, field_name: str) -> None:
-    """Refuse control characters, also those an encoded word decodes to (``headers.py``)."""
-    refuse_controls(value, field_name)
-
-
-def _text_input(value: object, field_name: str, limits: Limits, *, what: str = "a string") -> str:
+def header_text(
+    value: object, field_name: str, limits: Limits = DEFAULT_LIMITS, *, what: str = "a string"
+) -> str:
     """A string bound for a header: typed, bounded, and free of control characters."""
     if not isinstance(value, str):
         raise InvalidMessageError(f"expected {what}, got {type(value).__name__}", field=field_name)
@@ -232,11 +229,6 @@ def too_many(count: int, limit: int, things: str, setting: str, field: str) -> I
     )
 
 
-def header_text(value: object, field_name: str, limits: Limits = DEFAULT_LIMITS) -> str:
-    """``value`` checked as text bound for a header (type, length, control characters)."""
-    return _text_input(value, field_name, limits)
-
-
 def mime_type(value: object, field_name: str) -> str:
     """``value`` checked as a MIME type ``type/subtype`` (RFC 2045 tokens, no parameters)."""
     if not isinstance(value, str) or not _MIME_TYPE.fullmatch(value):
@@ -255,7 +247,7 @@ def mime_token(value: object, field_name: str) -> str:
 
 def _parse_header_addresses(value: str, field_name: str) -> list[Address]:
     """Parse an address-list header value: display names, quoted commas, groups, comments."""
-    _no_newlines(value, field_name)
+    refuse_controls(value, field_name)
     try:
         header = email.policy.default.header_factory("To", value)
         defects = [d for d in header.defects if not _is_harmless(d)]
@@ -305,7 +297,7 @@ def validate_address(address: str, *, field_name: str = "address") -> tuple[str,
         raise InvalidMessageError(
             f"expected an address string, got {type(address).__name__}", field=field_name
         )
-    _no_newlines(address, field_name)
+    refuse_controls(address, field_name)
     normalised, needs_utf8, error = _validated(address)
     if error is not None:
         raise InvalidMessageError(f"{address!r} is not a valid address: {error}", field=field_name)
@@ -432,17 +424,17 @@ def _one_entry(item: object, field_name: str, limits: Limits) -> Address:
             raise InvalidMessageError(
                 f"expected (display name, address), got a tuple of {len(item)}", field=field_name
             )
-        name = _text_input(item[0], field_name, limits, what="a display name string")
-        addr = _text_input(item[1], field_name, limits, what="an address string").strip()
+        name = header_text(item[0], field_name, limits, what="a display name string")
+        addr = header_text(item[1], field_name, limits, what="an address string").strip()
         if not _is_one_spec(addr):
             raise InvalidMessageError(
                 f"{addr!r} is not one bare address (name@domain)", field=field_name
             )
         return _address(name, addr, field_name)
-    item = _text_input(item, field_name, limits, what="an address string or (name, address)")
+    item = header_text(item, field_name, limits, what="an address string or (name, address)")
     name, spec = _entry_parts(item, field_name)
     if name:
-        _text_input(name, field_name, limits)  # what an encoded word decoded to
+        header_text(name, field_name, limits)  # what an encoded word decoded to
     return _address(name, spec, field_name)
 
 
@@ -527,6 +519,20 @@ def _custom_headers(message: Message, limits: Limits) -> list[tuple[str, str]]:
         )
     else:
         items = list(headers)
+    out = header_fields(items, limits)
+    for name, _ in out:
+        owner = _OWNED_HEADERS.get(name.lower())
+        if owner is not None:
+            raise InvalidMessageError(
+                f"{name} is set by the message itself; use {owner} instead", field="headers"
+            )
+    return out
+
+
+def header_fields(
+    items: Sequence[object], limits: Limits = DEFAULT_LIMITS
+) -> list[tuple[str, str]]:
+    """Custom header fields checked: how many, each name whole, each value as header text."""
     if len(items) > limits.max_headers:
         raise too_many(len(items), limits.max_headers, "headers", "MAX_HEADERS", "headers")
     out: list[tuple[str, str]] = []
@@ -536,13 +542,8 @@ def _custom_headers(message: Message, limits: Limits) -> list[tuple[str, str]]:
         name, value = item
         if not isinstance(name, str) or not HEADER_NAME.fullmatch(name):
             raise InvalidMessageError(f"{name!r} is not a valid header name", field="headers")
-        owner = _OWNED_HEADERS.get(name.lower())
-        if owner is not None:
-            raise InvalidMessageError(
-                f"{name} is set by the message itself; use {owner} instead", field="headers"
-            )
         try:
-            _text_input(value, "headers", limits)
+            header_text(value, "headers", limits)
         except InvalidMessageError as exc:
             raise type(exc)(f"{name}: {exc.reason}", field="headers") from None
         out.append((name, value))
@@ -576,14 +577,14 @@ def _checked_body_fields(message: Message, limits: Limits) -> None:
             raise InvalidMessageError(
                 f"expected Attachment, got {type(a).__name__}", field="attachments"
             )
-        _text_input(a.filename, "attachments", limits, what="a file name string")
+        header_text(a.filename, "attachments", limits, what="a file name string")
         if not isinstance(a.content, (bytes, bytearray, memoryview)):
             raise InvalidMessageError(
                 f"{a.filename!r}: content must be bytes, got {type(a.content).__name__}",
                 field="attachments",
             )
         if a.content_type is not None:
-            ctype = _text_input(a.content_type, "attachments", limits)
+            ctype = header_text(a.content_type, "attachments", limits)
             if not _MIME_TYPE.fullmatch(ctype):
                 raise InvalidMessageError(
                     f"{ctype!r} is not a MIME type such as 'image/png' (no parameters)",
@@ -631,7 +632,6 @@ def _add_body(msg: EmailMessage, message: Message, later: dict[bytes, bytes]) ->
         assert html_part is not None
         for a in inline:
             cid = a.content_id or a.filename
-            _no_newlines(cid, "attachments")
             maintype, _, subtype = a.mime_type.partition("/")
             html_part.add_related(
                 b"",
@@ -643,7 +643,6 @@ def _add_body(msg: EmailMessage, message: Message, later: dict[bytes, bytes]) ->
             )
             _defer_payload(_last_part(html_part), a.content, later)
     for a in attached:
-        _no_newlines(a.filename, "attachments")
         maintype, _, subtype = a.mime_type.partition("/")
         msg.add_attachment(
             b"", maintype=maintype, subtype=subtype or "octet-stream", filename=a.filename
@@ -705,7 +704,7 @@ def _compose(message: Message, limits: Limits) -> tuple[str, tuple[Recipient, ..
     bcc, u3 = _checked(_addresses(message.bcc, "bcc", limits), "bcc")
     reply_to, u4 = _checked(_addresses(message.reply_to, "reply_to", limits), "reply_to")
     utf8 |= u1 or u2 or u3 or u4
-    subject = _text_input(message.subject, "subject", limits)
+    subject = header_text(message.subject, "subject", limits)
     custom = _custom_headers(message, limits)
     _checked_body_fields(message, limits)
 
@@ -744,7 +743,7 @@ def _compose(message: Message, limits: Limits) -> tuple[str, tuple[Recipient, ..
 
     body = _body_bytes(message)
     mime_head = body.partition(b"\r\n\r\n")[0].decode("ascii")
-    mime_names = [line.partition(":")[0] for line in mime_head.split("\r\n") if line[:1] != " "]
+    mime_names = [name for name, _ in _raw_fields(mime_head)]
     # The finished block, read back: exactly the fields composed, then MIME's own.
     check_block(
         head + "\r\n" + mime_head, fields, then=mime_names, max_bytes=limits.max_header_block
@@ -1013,7 +1012,7 @@ def _serialize_checked(obj: _StdMessage, limits: Limits) -> tuple[bytes, _StdMes
         found = _header_object_addresses(value, name) if name.lower() in _ADDRESS_FIELDS else []
         if found:  # (an empty group, "undisclosed-recipients:;", is kept as written)
             for a in found:
-                _text_input(a.display_name, name.lower(), limits)
+                header_text(a.display_name, name.lower(), limits)
             fields.append(Field(name, addresses=tuple(found)))
         else:
             fields.append(Field(name))

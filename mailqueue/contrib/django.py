@@ -83,10 +83,10 @@ from ..api import (
 )
 from ..config import get_settings
 from ..errors import HeaderInjectionError, InvalidMessageError
-from ..headers import HEADER_NAME
 from ..message import (
     Limits,
     Message,
+    header_fields,
     header_text,
     mime_token,
     mime_type,
@@ -193,12 +193,7 @@ def _check_django_input(message: EmailMessage, headers: dict[str, Any], limits: 
     (which also takes many seconds on a megabyte subject).
     """
     header_text(message.subject, "subject", limits)
-    if len(headers) > limits.max_headers:
-        raise too_many(len(headers), limits.max_headers, "headers", "MAX_HEADERS", "headers")
-    for name, value in headers.items():
-        if not isinstance(name, str) or not HEADER_NAME.fullmatch(name):
-            raise InvalidMessageError(f"{name!r} is not a valid header name", field="headers")
-        header_text(str(value), "headers", limits)
+    header_fields([(name, str(value)) for name, value in headers.items()], limits)
     entries = [*message.to, *message.cc, *message.bcc]
     if len(entries) > limits.max_recipients:
         raise too_many(len(entries), limits.max_recipients, "recipients", "MAX_RECIPIENTS", "to")
