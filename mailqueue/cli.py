@@ -2,8 +2,12 @@
 
 Commands parse input, call one service, and turn domain errors into exit
 codes: 0 done, 1 not found or failed, 2 bad input (``InvalidMessageError``
-or a usage error), each with one line on stderr (``error: <field>: <reason>``),
-never a traceback. ``--json`` output is meant for scripts and never holds a
+or a usage error) or a configuration or connection mistake (``ConfigError``:
+an unknown ``MAILQUEUE_*`` name, a bad value or URL, a database that cannot be
+reached, has no tables or needs a driver that is not installed, a port in
+use), 3 ``send --now`` and a recipient was refused, each with one line on
+stderr (``error: <field>: <reason>``), never a traceback (``--debug`` shows
+it). ``--json`` output is meant for scripts and never holds a
 secret.
 
 Whatever came from a message, a recipient, a relay or the database is shown
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import json
 import logging
 import re
@@ -30,7 +35,7 @@ import click
 
 from . import api
 from .config import get_settings
-from .errors import InvalidMessageError, NotFoundError, SMTPError
+from .errors import ConfigError, InvalidMessageError, NotFoundError, SMTPError
 from .present import (
     messages_table,
     print_status,
@@ -58,13 +63,39 @@ class _NotFound(_Failed):
     exit_code = 1
 
 
+_debug = False
+"""``--debug``: configuration and connection errors keep their traceback."""
+
+_EXTRAS = {"psycopg": "postgres", "psycopg2": "postgres", "redis": "redis", "uvicorn": "web"}
+
+
 @contextlib.contextmanager
 def _one_line_errors() -> Iterator[None]:
     """Refusals become exit 2 (1: not found) with one line, never a traceback."""
+    import sqlalchemy.exc
+
     try:
         yield
     except _Failed:
         raise
+    except ConfigError as exc:
+        if _debug:
+            raise
+        raise _Failed(str(exc)) from None
+    except sqlalchemy.exc.SQLAlchemyError as exc:  # a database mistake met mid-command
+        if _debug:
+            raise
+        from .migrate import database_error
+
+        raise _Failed(str(database_error(exc))) from None
+    except ModuleNotFoundError as exc:
+        module = (exc.name or "").split(".")[0]
+        if _debug or module not in _EXTRAS:
+            raise
+        raise _Failed(
+            f"the module {module!r} is not installed: pip install 'mailqueue[{_EXTRAS[module]}]' "
+            "(from a checkout: pip install '.[" + _EXTRAS[module] + "]')"
+        ) from None
     except InvalidMessageError as exc:
         raise _Failed(str(exc)) from None
     except NotFoundError as exc:
@@ -94,26 +125,67 @@ class _Group(click.Group):
             return super().invoke(ctx)
 
 
+_BIND_ERRORS = (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES)
+
+
+@contextlib.contextmanager
+def _binding(option: str) -> Iterator[None]:
+    """A port that cannot be listened on (in use, not ours, no such address) is exit 2."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in _BIND_ERRORS:
+            raise
+        reason = exc.strerror or str(exc)
+        raise _Failed(
+            f"{option}: cannot listen: {reason}; stop what uses that port or give another {option}"
+        ) from None
+
+
+def _port_free(host: str, port: int, option: str) -> None:
+    """Refuse before starting a server on a port something else holds."""
+    import socket
+
+    with _binding(option):
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+
+
 def _echo_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
 
 
 def _ensure_schema() -> None:
-    """On the embedded SQLite default, create or upgrade the tables silently.
-
-    Production databases are migrated explicitly with ``mailqueue migrate``.
+    """Before a command that writes: on SQLite, create or upgrade the tables
+    silently; any other database must have been migrated (``mailqueue migrate``),
+    else one line says so and the command exits 2.
     """
     url = get_settings().database_url
     if url.startswith("sqlite"):
         from .migrate import upgrade
 
         upgrade(url)
+    _require_schema()
+
+
+def _require_schema() -> None:
+    """Before a command that reads the tables: exit 2 with one line when the
+    database cannot be reached, has no mailqueue tables (a SQLite file that
+    does not exist is not created) or is at another revision than the code."""
+    from .migrate import require_schema
+
+    require_schema()
 
 
 @click.group(cls=_Group)
 @click.option("-v", "--verbose", is_flag=True, help="Log at INFO level to stderr.")
+@click.option(
+    "--debug", is_flag=True, help="Show the traceback of configuration and connection errors."
+)
 @click.version_option(package_name="mailqueue")
-def cli(verbose: bool) -> None:
+def cli(verbose: bool, debug: bool) -> None:
     """A durable mail delivery queue (configure with MAILQUEUE_* variables).
 
     MAILQUEUE_LOG_JSON=1 logs JSON lines; MAILQUEUE_METRICS_PORT makes `worker`
@@ -122,6 +194,8 @@ def cli(verbose: bool) -> None:
     """
     from .logging_setup import configure_logging
 
+    global _debug
+    _debug = debug
     configure_logging(logging.INFO if verbose else logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
@@ -383,12 +457,14 @@ def worker(
     concurrency: int | None, pool_kind: str, loglevel: str, celery_args: tuple[str, ...]
 ) -> None:
     """Start a Celery worker that delivers queued mail (extra args go to Celery)."""
+    from .logging_setup import log_startup
     from .worker.app import get_app
 
-    _ensure_schema()
-    logging.getLogger("mailqueue").setLevel(loglevel.upper())
-    _serve_metrics(multiprocess=True)
     settings = get_settings()
+    logging.getLogger("mailqueue").setLevel(loglevel.upper())
+    log_startup("worker", settings)
+    _ensure_schema()
+    _serve_metrics(multiprocess=True)
     argv = ["worker", f"--loglevel={loglevel}", f"--pool={pool_kind}", "-Q", settings.queue_name]
     if concurrency:
         argv.append(f"--concurrency={concurrency}")
@@ -398,10 +474,12 @@ def worker(
 @cli.command()
 def scheduler() -> None:
     """Dispatch due, deferred and orphaned messages, forever."""
+    from .logging_setup import log_startup
     from .scheduler import run_scheduler
 
-    _ensure_schema()
     logging.getLogger("mailqueue").setLevel(logging.INFO)
+    log_startup("scheduler", get_settings())
+    _ensure_schema()
     _serve_metrics(multiprocess=False)
     run_scheduler()
 
@@ -439,6 +517,7 @@ def status(message_id: str, as_json: bool, history: bool) -> None:
     """Show one message and each recipient's outcome."""
     from rich.console import Console
 
+    _require_schema()
     info = api.get_status(message_id)
     attempts = api.get_attempts(message_id) if history else []
     if as_json:
@@ -472,6 +551,7 @@ def list_(
     """List messages, newest first."""
     from rich.console import Console
 
+    _require_schema()
     if relay or sender or recipient or tag:
         filters = api.Filters(
             status=status_, relay=relay, sender=sender, recipient=recipient, tag=tag
@@ -494,6 +574,7 @@ def list_(
 @click.option("--count", type=int, default=None, hidden=True, help="Stop after N refreshes.")
 def stats(as_json: bool, watch: bool, interval: float, count: int | None) -> None:
     """Counts per message status and per recipient status (--watch refreshes)."""
+    _require_schema()
     if not watch:
         data: dict[str, Any] = dict(api.stats())
         paused = [r for r in api.relays() if r["paused"]]
@@ -552,7 +633,7 @@ def _watch_stats(as_json: bool, interval: float, count: int | None) -> None:
 @click.option("--resume", metavar="NAME", help="Lift NAME's pause now (after fixing it).")
 def relays(as_json: bool, resume: str | None) -> None:
     """The configured relays (never their secrets) and any pause after auth/TLS failures."""
-    _ensure_schema()
+    _require_schema()
     if resume is not None:
         try:
             resumed = api.resume_relay(resume)
@@ -591,6 +672,7 @@ def retry(message_id: str | None, all_failed: bool, since: str | None) -> None:
     if since and not all_failed:
         raise click.UsageError("--since goes with --failed")
     window = _duration(since, "--since")
+    _require_schema()
     if window is not None:
         count = api.retry_failed_since(window)
     else:
@@ -607,6 +689,7 @@ def cancel(message_id: str | None, relay: str | None) -> None:
     """Cancel the recipients of a message (or of a relay's waiting messages) not sent yet."""
     if bool(message_id) == bool(relay):
         raise click.UsageError("give a message id or --relay")
+    _require_schema()
     if relay:
         count = api.cancel_relay(relay)
         click.echo(f"cancelled {count} message(s) on relay {relay}")
@@ -625,6 +708,7 @@ def cancel(message_id: str | None, relay: str | None) -> None:
 def purge(older_than: str) -> None:
     """Delete finished messages (sent, partial, failed, cancelled) and their recipients."""
     window = _duration(older_than, "--older-than")
+    _require_schema()
     count = api.purge(window)
     click.echo(f"purged {count} message(s)")
 
@@ -681,19 +765,20 @@ def devserver(
         if not sep or not user:
             raise click.BadParameter("expected USER:PASS", param_hint="--require-auth")
         credentials[user] = password
-    serve(
-        host=host,
-        port=port,
-        reject=reject,
-        defer=defer,
-        maildir=maildir,
-        max_size=max_size,
-        tls_cert=tls_cert,
-        tls_key=tls_key,
-        tls_port=tls_port,
-        users=credentials,
-        pipelining=pipelining,
-    )
+    with _binding("--port" if tls_port is None else "--port/--tls-port"):
+        serve(
+            host=host,
+            port=port,
+            reject=reject,
+            defer=defer,
+            maildir=maildir,
+            max_size=max_size,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            tls_port=tls_port,
+            users=credentials,
+            pipelining=pipelining,
+        )
 
 
 @cli.command()
@@ -732,6 +817,10 @@ def web(host: str, port: int, token: str | None, no_auth: bool) -> None:
             raise click.UsageError(f"--no-auth-on-loopback needs a loopback --host, not {host}")
     elif no_auth:
         raise click.UsageError("--token and --no-auth-on-loopback exclude each other")
+    from .logging_setup import log_startup
+
+    log_startup("web", get_settings())
+    _port_free(host, port, "--port")
     _ensure_schema()
     app = create_app(token=token or None, allow_anonymous=no_auth)
     click.echo(f"mailqueue web on http://{host}:{port}/ ({'token' if token else 'no auth'})")

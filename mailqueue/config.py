@@ -9,6 +9,8 @@ environment variable or a file, never in rows or task payloads.
 
 from __future__ import annotations
 
+import contextlib
+import difflib
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -16,16 +18,21 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 from urllib.parse import parse_qsl, unquote, unquote_plus, urlsplit
 
+from .errors import ConfigError
 from .message import Limits
 
 __all__ = [
+    "KNOWN_NAMES",
+    "ConfigError",
     "RelayConfig",
     "Settings",
     "configure",
     "get_settings",
     "hide_password",
     "is_secret_parameter",
+    "check_names",
     "settings_from_env",
+    "setting_sources",
 ]
 
 
@@ -115,7 +122,10 @@ class RelayConfig:
     def __post_init__(self) -> None:
         parts = urlsplit(self.url)
         if parts.scheme not in ("smtp", "smtps"):
-            raise ValueError(f"relay {self.name!r}: URL must start with smtp:// or smtps://")
+            given = f", not {parts.scheme}://" if "://" in self.url else ""
+            raise ValueError(
+                f"relay {self.name!r}: the URL must start with smtp:// or smtps://{given}"
+            )
         if "@" in parts.path or "@" in parts.fragment:
             # urllib ended the host at a '/', '?' or '#' inside the password.
             raise ValueError(
@@ -277,14 +287,38 @@ _RELAY_TYPES = {
     "cluster_wait_s": "float",
 }
 _RELAY_FIELDS = set(_RELAY_TYPES)
+_RELAY_OPTIONS = _RELAY_FIELDS - {"name"}
 
 
 def relay_from_options(name: str, options: Mapping[str, Any]) -> RelayConfig:
     """Build a relay from text options (environment or config file), converting types."""
     unknown = set(options) - _RELAY_FIELDS
     if unknown:
-        raise ValueError(f"relay {name!r}: unknown option(s) {', '.join(sorted(unknown))}")
-    converted = {k: _convert_relay_field(k, v) for k, v in options.items() if k != "name"}
+        bad = sorted(unknown)[0]
+        close = _closest(bad, _RELAY_OPTIONS)
+        hint = f"; did you mean {close}?" if close else ""
+        raise ConfigError(
+            f"relay {name!r}: unknown option(s) {', '.join(sorted(unknown))}{hint} "
+            f"(options: {', '.join(sorted(_RELAY_OPTIONS))})",
+            name=bad,
+            suggestion=close,
+        )
+    converted = {}
+    for key, value in options.items():
+        if key == "name":
+            continue
+        try:
+            converted[key] = _convert_relay_field(key, value)
+        except ValueError:
+            kind = _RELAY_TYPES[key].removeprefix("opt")
+            what = {
+                "int": "a whole number (e.g. 10)",
+                "float": "a number (e.g. 2.5)",
+                "bool": "true or false",
+            }
+            raise ConfigError(
+                f"relay {name!r}: {key}={value!r} is not {what.get(kind, kind)}", name=key
+            ) from None
     return RelayConfig(name=name, **converted)
 
 
@@ -566,15 +600,133 @@ _ENV: dict[str, tuple[str, Any]] = {
 }
 
 
-def settings_from_env(environ: Mapping[str, str] | None = None) -> Settings:
+OTHER_NAMES: dict[str, str] = {
+    "MAILQUEUE_CONFIG": "a TOML file with the same settings (config.settings_from_env)",
+    "MAILQUEUE_LOG_JSON": "log JSON lines (logging_setup)",
+    "MAILQUEUE_METRICS_PORT": "Prometheus metrics port of worker and scheduler (metrics)",
+    "MAILQUEUE_METRICS_ADDR": "the address the metrics listen on (metrics)",
+    "MAILQUEUE_EVENT_LOOP": "the worker's event loop, uvloop or asyncio (worker/loop.py)",
+    "MAILQUEUE_WEB_TOKEN": "the token of mailqueue web (cli)",
+    "MAILQUEUE_DEFAULT_SENDER": "Flask: the default From (contrib.flask)",
+    "MAILQUEUE_DJANGO_RELAY": "Django: the relay of the email backend (contrib.django)",
+    "MAILQUEUE_DJANGO_DATABASE": "Django: the database whose transaction decides (contrib.django)",
+    "MAILQUEUE_DJANGO_SAME_DATABASE": "Django: rows through Django's connection (contrib.django)",
+    "MAILQUEUE_SCALE_ROWS": "rows of the scale test (tests/test_web_scale.py)",
+    "MAILQUEUE_UPDATE_SCREENSHOT": "rewrite docs/status-page.png (tests/test_web_browser.py)",
+}
+"""``MAILQUEUE_*`` names read elsewhere than :class:`Settings`, with who reads them."""
+
+FREE_PREFIXES = ("MAILQUEUE_TEST_", "MAILQUEUE_BENCH_")
+"""Names under these prefixes belong to the test suite and ``ops/bench``: never checked."""
+
+RELAY_PREFIX = "MAILQUEUE_RELAY__"
+
+KNOWN_NAMES = frozenset(_ENV) | frozenset(OTHER_NAMES)
+"""Every ``MAILQUEUE_*`` name some part of mailqueue reads (the one list; a test
+greps the repository to keep it whole), besides ``MAILQUEUE_RELAY__<NAME>__<OPTION>``
+and the free prefixes. Any other ``MAILQUEUE_*`` name is a :class:`ConfigError`."""
+
+
+def _closest(name: str, candidates: Any) -> str | None:
+    match = difflib.get_close_matches(name, sorted(candidates), n=1, cutoff=0.6)
+    return match[0] if match else None
+
+
+def check_names(names: Any, source: str) -> None:
+    """Refuse any ``MAILQUEUE_*`` name in ``names`` that mailqueue does not read.
+
+    ``source`` says where the names were found ("environment", "Django
+    settings", "Flask config"). The error names the closest known name
+    (difflib), or the relay option closest to a misspelled one in
+    ``MAILQUEUE_RELAY__<NAME>__<OPTION>``.
+    """
+    for name in sorted(n for n in names if isinstance(n, str) and n.startswith("MAILQUEUE_")):
+        if name in KNOWN_NAMES or name.startswith(FREE_PREFIXES):
+            continue
+        if name.startswith(RELAY_PREFIX):
+            relay_name, sep, option = name.removeprefix(RELAY_PREFIX).partition("__")
+            if not sep or not relay_name or not option:
+                raise ConfigError(
+                    f"{name} ({source}): expected MAILQUEUE_RELAY__<NAME>__<OPTION>, "
+                    "e.g. MAILQUEUE_RELAY__BULK__URL",
+                    name=name,
+                    source=source,
+                )
+            if option.lower() in _RELAY_OPTIONS:
+                continue
+            close = _closest(option.lower(), _RELAY_OPTIONS)
+            suggestion = f"{RELAY_PREFIX}{relay_name}__{close.upper()}" if close else None
+            hint = (
+                f"did you mean {suggestion}?"
+                if suggestion
+                else f"the options are {', '.join(sorted(_RELAY_OPTIONS))}"
+            )
+            raise ConfigError(
+                f"{name} ({source}): unknown option {option.lower()!r} of relay "
+                f"{relay_name.lower()!r}; {hint}",
+                name=name,
+                suggestion=suggestion,
+                source=source,
+            )
+        stem = _closest(name.removeprefix("MAILQUEUE_"), {n[10:] for n in KNOWN_NAMES})
+        suggestion = f"MAILQUEUE_{stem}" if stem else None
+        hint = (
+            f"did you mean {suggestion}?"
+            if suggestion
+            else "the README's Configuration table lists every name"
+        )
+        raise ConfigError(
+            f"{name} ({source}) is not a mailqueue setting; {hint}",
+            name=name,
+            suggestion=suggestion,
+            source=source,
+        )
+
+
+_WHAT = {int: "a whole number (e.g. 10)", float: "a number (e.g. 2.5)", str: "text"}
+
+
+def _convert_env(name: str, raw: Any, convert: Any) -> Any:
+    if not isinstance(raw, str):
+        return raw
+    try:
+        return convert(raw.strip() if convert is not str else raw)
+    except ValueError:
+        raise ConfigError(
+            f"{name}={raw!r} is not {_WHAT.get(convert, convert.__name__)}", name=name
+        ) from None
+
+
+def settings_from_env(
+    environ: Mapping[str, str] | None = None, *, source: str = "environment"
+) -> Settings:
     """Build settings from ``MAILQUEUE_*`` variables (and ``MAILQUEUE_CONFIG``, a TOML file).
 
     The environment wins over the file. Relays: ``MAILQUEUE_RELAY_URL`` and
     its neighbours set the default relay; ``MAILQUEUE_RELAY__<NAME>__<OPTION>``
     sets any option of any relay (``DEFAULT`` is the default one), e.g.
     ``MAILQUEUE_RELAY__BULK__URL=smtp://user@smtp.example.net:587``.
+
+    Every mistake is a :class:`ConfigError` (a ``ValueError``) that says what
+    and where: an unknown ``MAILQUEUE_*`` name (with the closest known one),
+    a value of the wrong kind, a missing or broken file, a bad relay URL.
     """
     env = os.environ if environ is None else environ
+    check_names(env, source)
+    try:
+        return _build(env)
+    except ConfigError:
+        raise
+    except ValueError as exc:  # the dataclasses' own checks
+        raise ConfigError(hide_urls(str(exc))) from None
+
+
+def hide_urls(text: str) -> str:
+    """``text`` with every URL in it passed through :func:`hide_password`."""
+    return re.sub(r"[A-Za-z][\w+.-]*://\S+", lambda m: hide_password(m.group()), text)
+
+
+def _build(env: Mapping[str, str]) -> Settings:
     top: dict[str, Any] = {}
     relays: dict[str, dict[str, Any]] = {}
     config_file = env.get("MAILQUEUE_CONFIG")
@@ -585,40 +737,113 @@ def settings_from_env(environ: Mapping[str, str] | None = None) -> Settings:
         raw = env.get(name)
         if raw is None or raw == "":
             continue
-        try:
-            value = convert(raw)
-        except ValueError:
-            raise ValueError(f"{name}={raw!r} is not a valid {convert.__name__}") from None
+        value = _convert_env(name, raw, convert)
         if target.startswith("relay."):
             default[target.removeprefix("relay.")] = value
         else:
             top[target] = value
     for key, raw in env.items():
-        if key.startswith("MAILQUEUE_RELAY__") and raw != "":
-            relay_name, sep, option = key.removeprefix("MAILQUEUE_RELAY__").partition("__")
+        if key.startswith(RELAY_PREFIX) and raw != "":
+            relay_name, sep, option = key.removeprefix(RELAY_PREFIX).partition("__")
             if not sep or not relay_name or not option:
-                raise ValueError(f"{key}: expected MAILQUEUE_RELAY__<NAME>__<OPTION>")
+                raise ConfigError(f"{key}: expected MAILQUEUE_RELAY__<NAME>__<OPTION>", name=key)
             relays.setdefault(relay_name.lower(), {})[option.lower()] = raw
     built = {name: relay_from_options(name, options) for name, options in relays.items()}
     default_relay = built.pop("default")
     return Settings(relay=default_relay, relays=built, **top)
 
 
+_FIELD_CONVERTERS = {target: convert for target, convert in _ENV.values() if "." not in target}
+
+
 def _read_config_file(path: str) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """``[mailqueue]`` settings, ``[relay]`` (the default) and ``[relays.<name>]`` tables."""
     import tomllib
 
-    with open(path, "rb") as fh:
-        data = tomllib.load(fh)
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(
+            f"MAILQUEUE_CONFIG={path}: cannot read the file ({exc.strerror}); "
+            "fix the path or unset MAILQUEUE_CONFIG",
+            name="MAILQUEUE_CONFIG",
+        ) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(
+            f"MAILQUEUE_CONFIG={path} is not valid TOML: {exc}", name="MAILQUEUE_CONFIG"
+        ) from None
+    tables = ("mailqueue", "relay", "relays")
+    for table in data:
+        if table not in tables:
+            close = _closest(table, tables)
+            hint = f"; did you mean [{close}]?" if close else ""
+            raise ConfigError(
+                f"{path}: unknown table [{table}]{hint} (tables: [mailqueue], [relay], "
+                "[relays.<name>])",
+                name=table,
+                suggestion=close,
+                source=path,
+            )
     known = {f.name for f in fields(Settings)} - {"relay", "relays"}
     top = dict(data.get("mailqueue", {}))
-    unknown = set(top) - known
-    if unknown:
-        raise ValueError(f"{path}: unknown setting(s) {', '.join(sorted(unknown))}")
+    for key in sorted(set(top) - known):
+        close = _closest(key, known)
+        hint = f"; did you mean {close}?" if close else ""
+        raise ConfigError(
+            f"{path}: unknown setting {key!r} in [mailqueue]{hint}",
+            name=key,
+            suggestion=close,
+            source=path,
+        )
+    for key, value in top.items():
+        if key in _FIELD_CONVERTERS:
+            top[key] = _convert_env(f"{path}: {key}", value, _FIELD_CONVERTERS[key])
     relays = {str(k).lower(): dict(v) for k, v in data.get("relays", {}).items()}
     if "relay" in data:
         relays["default"] = dict(data["relay"])
     return top, relays
+
+
+def setting_sources(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Where the database, broker and each relay URL come from: ``environment``,
+    the config file's path, or ``default`` (for a process's start line)."""
+    env = os.environ if environ is None else environ
+    file_top: dict[str, Any] = {}
+    file_relays: dict[str, dict[str, Any]] = {}
+    path = env.get("MAILQUEUE_CONFIG")
+    if path:
+        with contextlib.suppress(ConfigError):  # settings_from_env has said so already
+            file_top, file_relays = _read_config_file(path)
+
+    def origin(env_name: str, in_file: bool) -> str:
+        if env.get(env_name):
+            return "environment"
+        return f"file {path}" if in_file else "default"
+
+    sources = {
+        "database": origin("MAILQUEUE_DATABASE_URL", "database_url" in file_top),
+        "broker": origin("MAILQUEUE_BROKER_URL", "broker_url" in file_top),
+    }
+    default_in_env = env.get("MAILQUEUE_RELAY_URL") or env.get(f"{RELAY_PREFIX}DEFAULT__URL")
+    sources["relay default"] = (
+        "environment"
+        if default_in_env
+        else origin("MAILQUEUE_RELAY_URL", "url" in file_relays.get("default", {}))
+    )
+    names = set(file_relays) | {
+        k.removeprefix(RELAY_PREFIX).partition("__")[0].lower()
+        for k in env
+        if k.startswith(RELAY_PREFIX)
+    }
+    for name in sorted(names - {"default"}):
+        in_file = "url" in file_relays.get(name, {})
+        sources[f"relay {name}"] = (
+            "environment"
+            if env.get(f"{RELAY_PREFIX}{name.upper()}__URL")
+            else (f"file {path}" if in_file else "default")
+        )
+    return sources
 
 
 def _read_secret(path: str) -> str:

@@ -19,6 +19,7 @@ import re
 
 __all__ = [
     "MailQueueError",
+    "ConfigError",
     "InvalidMessageError",
     "HeaderInjectionError",
     "NotFoundError",
@@ -47,6 +48,41 @@ def parse_enhanced_code(reply: str | None) -> str | None:
 
 class MailQueueError(Exception):
     """Base class of everything mailqueue raises on purpose."""
+
+
+class ConfigError(MailQueueError, ValueError):
+    """The configuration is wrong or names something that cannot be used.
+
+    ``reason`` says what and what to do. For a ``MAILQUEUE_*`` name that no
+    part of mailqueue reads, ``name`` is that name, ``suggestion`` the
+    closest known one (or ``None``) and ``source`` where it was found
+    (``"environment"``, ``"Django settings"``, ``"Flask config"``, a file).
+    The text never holds a password: URLs in it are masked.
+    """
+
+    def __init__(
+        self,
+        reason: str,
+        *,
+        name: str | None = None,
+        suggestion: str | None = None,
+        source: str | None = None,
+    ) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.name = name
+        self.suggestion = suggestion
+        self.source = source
+
+    def __reduce__(self):  # keyword-only arguments need an explicit pickle recipe
+        return (_rebuild_config, (type(self), self.reason, self.name, self.suggestion, self.source))
+
+    def __str__(self) -> str:
+        return self.reason
+
+
+def _rebuild_config(cls, reason, name, suggestion, source):
+    return cls(reason, name=name, suggestion=suggestion, source=source)
 
 
 class NotFoundError(MailQueueError, LookupError):

@@ -16,9 +16,9 @@ import re
 import sys
 from typing import Any
 
-from .config import hide_password, is_secret_parameter
+from .config import Settings, hide_password, is_secret_parameter, setting_sources
 
-__all__ = ["configure_logging", "json_enabled", "log_attempt", "SecretFilter"]
+__all__ = ["configure_logging", "json_enabled", "log_attempt", "log_startup", "SecretFilter"]
 
 log = logging.getLogger("mailqueue.delivery")
 
@@ -122,3 +122,67 @@ def log_attempt(message: Any, outcome: Any) -> None:
             )
     except Exception:  # noqa: BLE001 - logging never stops delivery
         logging.getLogger("mailqueue.metrics").debug("log_attempt failed", exc_info=True)
+
+
+startup_log = logging.getLogger("mailqueue.startup")
+
+_DEFAULT_RELATIVE = ("sqlite:///mailqueue.db", "sqla+sqlite:///mailqueue-broker.db")
+
+
+def _sqlite_file(url: str) -> str | None:
+    """The file a ``sqlite:///`` or ``sqla+sqlite:///`` URL names, made absolute."""
+    for prefix in ("sqlite:///", "sqla+sqlite:///"):
+        if url.startswith(prefix):
+            path = url.removeprefix(prefix).split("?", 1)[0]
+            return os.path.abspath(path) if path and path != ":memory:" else None
+    return None
+
+
+def startup_lines(
+    process: str, settings: Settings, environ: dict[str, str] | None = None
+) -> list[tuple[int, str]]:
+    """What ``process`` logs as it starts: the database, broker and relays it uses
+    (passwords hidden), where each came from, and a warning for a worker on the
+    default relative SQLite files. ``(level, text)`` pairs."""
+    sources = setting_sources(environ)
+
+    def where(url: str, source: str) -> str:
+        file = _sqlite_file(url)
+        return f"{hide_password(url)} ({source}{', file ' + file if file else ''})"
+
+    relays = ", ".join(
+        f"{r.name}={r.safe_url} ({sources.get('relay ' + r.name, 'default')})"
+        for r in settings.all_relays
+    )
+    lines = [
+        (
+            logging.INFO,
+            f"{process} starting: database {where(settings.database_url, sources['database'])}; "
+            f"broker {where(settings.broker_url, sources['broker'])}; relays {relays}",
+        )
+    ]
+    relative = [
+        (name, url)
+        for name, url in (("database", settings.database_url), ("broker", settings.broker_url))
+        if url in _DEFAULT_RELATIVE
+    ]
+    if process == "worker" and relative:
+        what = " and ".join(f"{name} {url}" for name, url in relative)
+        lines.append(
+            (
+                logging.WARNING,
+                f"worker runs on the default {what}, relative to the working directory "
+                f"{os.getcwd()}: an app or scheduler started in another directory uses other "
+                "files and its mail never reaches this worker; set MAILQUEUE_DATABASE_URL and "
+                "MAILQUEUE_BROKER_URL (absolute paths) in every process",
+            )
+        )
+    return lines
+
+
+def log_startup(process: str, settings: Settings) -> None:
+    """Log :func:`startup_lines` (the INFO line is shown even when the CLI logs warnings only)."""
+    if startup_log.getEffectiveLevel() > logging.INFO:
+        startup_log.setLevel(logging.INFO)
+    for level, text in startup_lines(process, settings):
+        startup_log.log(level, "%s", text)

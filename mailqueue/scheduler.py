@@ -5,6 +5,11 @@ makes the queue whole: it dispatches deferred messages when their time
 comes, messages whose lease expired (a worker died), and messages whose
 dispatch never reached the broker (it was down, or restarted empty). Run
 one (or more: on PostgreSQL they skip each other's rows).
+
+``mailqueue scheduler`` refuses to start on a database without mailqueue's
+tables (``migrate.require_schema``). Should the tables vanish while it runs
+(a database restored from before ``migrate``), each tick logs one ERROR line
+saying so, without a traceback, and the loop goes on.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import threading
 from dataclasses import dataclass
 
 from . import metrics as _metrics
-from .config import Settings, get_settings
+from .config import Settings, get_settings, hide_password
 from .store import Store, get_engine
 from .worker.app import dispatch
 
@@ -65,13 +70,30 @@ class Scheduler:
                     log.info(
                         "dispatched %d, broker refused %d", report.dispatched, report.undispatched
                     )
-            except Exception:  # noqa: BLE001 - a database blip must not end the scheduler
-                log.exception("scheduler tick failed; trying again")
+            except Exception as exc:  # noqa: BLE001 - a database blip must not end the scheduler
+                if _missing_tables(exc):
+                    log.error(
+                        "the database at %s has no mailqueue tables: run `mailqueue migrate`; "
+                        "trying again in %.1fs",
+                        hide_password(self.settings.database_url),
+                        self.settings.scheduler_interval_s,
+                    )
+                else:
+                    log.exception("scheduler tick failed; trying again")
             self._stop.wait(self.settings.scheduler_interval_s)
         log.info("scheduler stopped")
 
     def stop(self) -> None:
         self._stop.set()
+
+
+def _missing_tables(exc: BaseException) -> bool:
+    """The database said a mailqueue table does not exist (SQLite's words, or
+    PostgreSQL's undefined_table); ``migrate.is_missing_tables`` for the CLI."""
+    orig = getattr(exc, "orig", None)
+    if getattr(orig, "sqlstate", None) == "42P01":
+        return True
+    return "no such table: mq_" in str(orig if orig is not None else exc)
 
 
 def run_scheduler(settings: Settings | None = None) -> None:

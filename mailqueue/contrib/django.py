@@ -93,7 +93,7 @@ from ..message import (
     one_address,
     too_many,
 )
-from . import CONFIG_NAMES, apply_config
+from . import FrameworkConfig, apply_config
 
 __all__ = [
     "BadHeader",
@@ -362,8 +362,10 @@ def _write_own_database(prepared: list[PreparedMessage]) -> list[str]:
     return ids
 
 
-def _django_config() -> dict[str, Any]:
-    return {n: getattr(django_settings, n) for n in CONFIG_NAMES if hasattr(django_settings, n)}
+def _django_config() -> FrameworkConfig:
+    """Every ``MAILQUEUE_*`` name in Django's settings (unknown ones are refused later)."""
+    names = [n for n in dir(django_settings) if n.startswith("MAILQUEUE_")]
+    return FrameworkConfig("Django settings", ((n, getattr(django_settings, n)) for n in names))
 
 
 class EmailBackend(BaseEmailBackend):

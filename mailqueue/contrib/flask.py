@@ -573,7 +573,7 @@ class MailQueue:
         config = dict(app.config)
         if self.db is not None and not config.get("MAILQUEUE_DATABASE_URL"):
             config["MAILQUEUE_DATABASE_URL"] = config.get("SQLALCHEMY_DATABASE_URI")
-        apply_config(config)
+        apply_config(config, source="Flask config")
         if config.get("MAIL_SERVER") and not config.get("MAILQUEUE_RELAY_URL"):
             log.info(
                 "MAIL_SERVER is set but does not pick the relay: mailqueue's worker "
