@@ -124,7 +124,8 @@ class RelayConfig:
         if parts.scheme not in ("smtp", "smtps"):
             given = f", not {parts.scheme}://" if "://" in self.url else ""
             raise ValueError(
-                f"relay {self.name!r}: the URL must start with smtp:// or smtps://{given}"
+                f"relay {self.name!r}: the URL must start with smtp:// or smtps://{given} "
+                "(e.g. smtp://user@mail.example.com:587 or smtps://mail.example.com:465)"
             )
         if "@" in parts.path or "@" in parts.fragment:
             # urllib ended the host at a '/', '?' or '#' inside the password.
