@@ -463,12 +463,30 @@ def worker(
     settings = get_settings()
     logging.getLogger("mailqueue").setLevel(loglevel.upper())
     log_startup("worker", settings)
+    _check_broker(settings.broker_url)
     _ensure_schema()
     _serve_metrics(multiprocess=True)
     argv = ["worker", f"--loglevel={loglevel}", f"--pool={pool_kind}", "-Q", settings.queue_name]
     if concurrency:
         argv.append(f"--concurrency={concurrency}")
     get_app().worker_main([*argv, *celery_args])
+
+
+def _check_broker(url: str) -> None:
+    """A broker URL kombu has no transport for is exit 2 (reaching it is Celery's job:
+    it retries with backoff and logs each attempt)."""
+    from kombu import Connection
+
+    from .config import hide_password
+
+    try:
+        Connection(url).transport  # noqa: B018 - resolves the transport class, connects nothing
+    except KeyError as exc:
+        raise ConfigError(
+            f"MAILQUEUE_BROKER_URL={hide_password(url)!r}: {exc.args[0]} (use redis://host:6379/0, "
+            "amqp://user@host// or sqla+sqlite:////absolute/path.db)",
+            name="MAILQUEUE_BROKER_URL",
+        ) from None
 
 
 @cli.command()

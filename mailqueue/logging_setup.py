@@ -168,13 +168,14 @@ def startup_lines(
     ]
     if process == "worker" and relative:
         what = " and ".join(f"{name} {url}" for name, url in relative)
+        names = " and ".join(f"MAILQUEUE_{name.upper()}_URL" for name, _ in relative)
         lines.append(
             (
                 logging.WARNING,
                 f"worker runs on the default {what}, relative to the working directory "
                 f"{os.getcwd()}: an app or scheduler started in another directory uses other "
-                "files and its mail never reaches this worker; set MAILQUEUE_DATABASE_URL and "
-                "MAILQUEUE_BROKER_URL (absolute paths) in every process",
+                f"files and its mail never reaches this worker; set {names} (absolute paths) in "
+                "every process",
             )
         )
     return lines

@@ -18,6 +18,7 @@ import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
 from alembic.script import ScriptDirectory
+from alembic.util import CommandError
 
 from .config import get_settings, hide_password
 from .errors import ConfigError
@@ -65,6 +66,11 @@ def upgrade(database_url: str | None = None, revision: str = "head") -> None:
         command.upgrade(alembic_config(url), revision)
     except (sa.exc.SQLAlchemyError, ImportError) as exc:
         raise database_error(exc, url) from None
+    except CommandError as exc:  # a revision this code does not have: a newer mailqueue's
+        raise SchemaError(
+            f"cannot migrate the database at {hide_password(url)}: {exc}; if a newer "
+            "mailqueue migrated it, upgrade mailqueue"
+        ) from None
 
 
 _RUN_MIGRATE = (

@@ -162,6 +162,19 @@ def test_a_database_newer_than_the_code_says_to_upgrade_mailqueue(tmp_path):
     only_line(result, "is at revision 0099, newer than this mailqueue knows", "upgrade mailqueue")
 
 
+def test_migrate_and_send_on_a_database_a_newer_mailqueue_migrated(tmp_path):
+    url = f"sqlite:///{tmp_path / 'mq.db'}"
+    upgrade(url)
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE alembic_version SET version_num = '0099'"))
+    engine.dispose()
+    dispose_engines()
+    for args in (("migrate",), SEND):
+        result = mq(*args, cwd=tmp_path, MAILQUEUE_DATABASE_URL=url)
+        only_line(result, f"cannot migrate the database at {url}", "upgrade mailqueue")
+
+
 def test_the_scheduler_logs_one_error_line_per_tick_when_the_tables_are_gone(tmp_path, caplog):
     url = f"sqlite:///{tmp_path / 'mq.db'}"
     engine = sa.create_engine(url)
@@ -226,6 +239,7 @@ def test_a_worker_logs_its_database_broker_and_relay_and_warns_about_relative_de
         "and broker sqla+sqlite:///mailqueue-broker.db, relative to the working directory "
         f"{tmp_path}"
     ) in text
+    assert "set MAILQUEUE_DATABASE_URL and MAILQUEUE_BROKER_URL (absolute paths)" in text
 
 
 def test_start_lines_hide_passwords_and_name_every_relay():
@@ -287,6 +301,23 @@ def test_configuration_mistakes_are_one_line_and_exit_2(tmp_path, env, words):
         result = mq(*args, cwd=tmp_path, **env)
         line = only_line(result, *words)
         assert "secret" not in line
+
+
+def test_a_worker_with_a_broker_url_kombu_cannot_use(tmp_path):
+    result = mq(
+        "worker",
+        "-P",
+        "solo",
+        cwd=tmp_path,
+        MAILQUEUE_DATABASE_URL=f"sqlite:///{tmp_path / 'mq.db'}",
+        MAILQUEUE_BROKER_URL="reddis://:brokersecret@127.0.0.1:6379/0",
+    )
+    error_line(
+        result,
+        "MAILQUEUE_BROKER_URL='reddis://:***@127.0.0.1:6379/0': No such transport: reddis",
+        "use redis://host:6379/0",
+    )
+    assert "brokersecret" not in result.stderr
 
 
 def test_a_missing_database_driver_names_the_extra_to_install(tmp_path):
