@@ -57,11 +57,13 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+import email.policy
 import json
 import logging
 import uuid
 from collections.abc import Sequence
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import django
 from django.conf import settings as django_settings
@@ -70,6 +72,7 @@ from django.core.mail import EmailMessage, EmailMultiAlternatives
 from django.core.mail.backends.base import BaseEmailBackend
 from django.db import IntegrityError as DjangoIntegrityError
 from django.db import connections, transaction
+from django.utils.encoding import force_str
 from sqlalchemy.exc import IntegrityError
 
 from ..api import (
@@ -115,6 +118,9 @@ OPTION_HEADERS = {
 }
 """``extra_headers`` names (any case) read as options and stripped before sending."""
 
+
+_SMTP_POLICY: dict[str, Any] = {"policy": email.policy.SMTP} if django.VERSION >= (6, 0) else {}
+"""What Django's SMTP backend passes to ``EmailMessage.message()`` (Django 6+)."""
 
 if django.VERSION < (6, 1):
     from django.core.mail import BadHeaderError as _DjangoBadHeader
@@ -198,7 +204,7 @@ def _check_django_input(message: EmailMessage, headers: dict[str, Any], limits: 
     if len(entries) > limits.max_recipients:
         raise too_many(len(entries), limits.max_recipients, "recipients", "MAX_RECIPIENTS", "to")
     for entry in message.reply_to:
-        one_address(entry, field_name="reply_to")
+        one_address(force_str(entry), field_name="reply_to")
     mime_token(message.content_subtype, "content_subtype")
     if message.encoding is not None:
         mime_token(str(message.encoding), "encoding")
@@ -241,18 +247,22 @@ def to_mailqueue(message: EmailMessage) -> tuple[Message, dict[str, Any]]:
     # The envelope comes from Django's address lists, one address per entry, checked
     # the way Django's SMTP backend checks them (sanitize_address), never from the
     # headers Django writes: a header can say more than its entries meant.
+    # (Entries may be lazy strings, Django ticket #24416: read as Django reads them.)
     recipients = [
-        one_address(a, field_name=kind)
+        one_address(force_str(a), field_name=kind)
         for kind, entries in (("to", message.to), ("cc", message.cc), ("bcc", message.bcc))
         for a in entries
         if a
     ]
-    envelope_from = one_address(str(message.from_email), field_name="from_email")
+    envelope_from = one_address(force_str(message.from_email), field_name="from_email")
     clean = copy.copy(message)
     clean.extra_headers = headers
-    mime = clean.message()  # Django builds the MIME as its SMTP backend would
+    # Django builds the MIME as its SMTP backend would: on Django 6 with the SMTP
+    # policy, so that text parts (base64 ones included) carry CRLF line ends.
+    mime = clean.message(**_SMTP_POLICY)
     if message.bcc:
-        mime["Bcc"] = ", ".join(message.bcc)  # mailqueue takes the kind from it, then strips it
+        # mailqueue takes the kind from it, then strips it
+        mime["Bcc"] = ", ".join(force_str(a) for a in message.bcc)
     # Sent as an object: mailqueue serializes it, writes its address fields itself
     # and reads the finished header block back (see message._serialize_checked).
     return Message(eml=mime, envelope_from=envelope_from, envelope_to=recipients), options
@@ -362,6 +372,48 @@ def _write_own_database(prepared: list[PreparedMessage]) -> list[str]:
     return ids
 
 
+def _secrets() -> list[str]:
+    """The passwords mailqueue's settings hold, to be kept out of a log line."""
+    settings = get_settings()
+    urls = [settings.database_url, settings.broker_url, getattr(settings, "limits_redis_url", None)]
+    relays = [settings.relay, *settings.relays.values()]
+    found: list[str] = []
+    for url in [*urls, *(r.url for r in relays)]:
+        try:
+            password = urlsplit(str(url)).password if url else None
+        except ValueError:
+            password = None
+        if password:
+            found += [password, unquote(password)]
+    for relay in relays:
+        try:
+            password = relay.password
+        except Exception:  # noqa: BLE001 - an unreadable password file: nothing to hide
+            password = None
+        if password:
+            found.append(password)
+    return sorted({p for p in found if p}, key=len, reverse=True)
+
+
+def _dropped(messages: Sequence[EmailMessage], exc: BaseException) -> None:
+    """The WARNING that ``fail_silently`` owes: which message was not queued, and why."""
+    reason = f"{type(exc).__name__}: {exc}"
+    try:
+        secrets = _secrets()
+    except Exception:  # noqa: BLE001 - settings that cannot be read: say less, not nothing
+        secrets, reason = [], type(exc).__name__
+    for secret in secrets:
+        reason = reason.replace(secret, "***")
+    for message in messages:
+        log.warning(
+            "fail_silently: not queued, not sent: subject %r from %r to %d recipient(s): %s",
+            force_str(message.subject)[:200],
+            force_str(message.from_email),
+            len(message.recipients()),
+            reason,
+        )
+
+
 def _django_config() -> dict[str, Any]:
     return {n: getattr(django_settings, n) for n in CONFIG_NAMES if hasattr(django_settings, n)}
 
@@ -376,20 +428,28 @@ class EmailBackend(BaseEmailBackend):
     * ``database`` (``MAILQUEUE_DJANGO_DATABASE``, default ``"default"``): the
       Django database whose transaction decides;
     * ``same_database`` (``MAILQUEUE_DJANGO_SAME_DATABASE``, default False):
-      write the rows through that database's connection.
+      write the rows through that database's connection;
+    * ``fail_silently`` (default False): a message that cannot be queued is
+      skipped, not raised, and logged as a WARNING on ``mailqueue.django``
+      with the reason (never a password); ``send_messages`` counts only the
+      messages queued. Django's ``mail_admins`` for 500 errors passes it (5.2);
+      on 6.1 give it in ``OPTIONS`` of the mailer the error mail uses.
     """
 
     def __init__(
         self,
-        *args: Any,
+        fail_silently: bool = False,
+        *,
         relay: str | None = None,
         database: str | None = None,
         same_database: bool | None = None,
         **kwargs: Any,
     ) -> None:
-        fail_silently = args[0] if args else kwargs.get("fail_silently", False)
-        super().__init__(*args, **kwargs)
-        self.mailqueue_fail_silently = bool(fail_silently)
+        # fail_silently is this backend's own option (as for Django's SMTP backend),
+        # so Django 6.1's BaseEmailBackend neither warns about it nor refuses it in
+        # MAILERS[...]["OPTIONS"]; alias and unknown options go to it.
+        super().__init__(**kwargs)
+        self.fail_silently = bool(fail_silently)
         self.relay = (
             relay if relay is not None else getattr(django_settings, "MAILQUEUE_DJANGO_RELAY", None)
         )
@@ -427,8 +487,9 @@ class EmailBackend(BaseEmailBackend):
                     raise BadHeader(exc.reason, field=exc.field) from None
                 prepared.append(new)
                 sent.append(message)
-            except Exception:
-                if self.mailqueue_fail_silently:
+            except Exception as exc:
+                if self.fail_silently:
+                    _dropped([message], exc)
                     continue
                 raise
         if not prepared:
@@ -442,15 +503,22 @@ class EmailBackend(BaseEmailBackend):
                 for message, new in zip(sent, prepared, strict=True):
                     message.mailqueue_id = str(new.id)  # type: ignore[attr-defined]
                 self._on_commit(prepared, sent)
-        except Exception:
-            if self.mailqueue_fail_silently:
+        except Exception as exc:
+            if self.fail_silently:
+                _dropped(sent, exc)
                 return 0
             raise
         return len(prepared)
 
     def _on_commit(self, prepared: list[PreparedMessage], sent: list[EmailMessage]) -> None:
         def write() -> None:
-            ids = _write_own_database(prepared)
+            try:
+                ids = _write_own_database(prepared)
+            except Exception as exc:
+                _dropped(sent, exc)  # after the caller's commit: logged here in any case
+                if self.fail_silently:
+                    return
+                raise
             for message, mid in zip(sent, ids, strict=True):
                 message.mailqueue_id = mid  # type: ignore[attr-defined]
 
