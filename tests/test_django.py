@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import os
 import uuid
 from dataclasses import dataclass
@@ -32,7 +33,15 @@ import mailqueue
 from mailqueue.config import configure, settings_from_env
 from mailqueue.contrib.status import anymail_statuses, find_by_metadata
 from mailqueue.migrate import upgrade
-from tests.conftest import REDIS_URL, Stack, _base_settings, _check_postgres, require
+from tests.conftest import (
+    POSTGRES_URL,
+    REDIS_URL,
+    Stack,
+    _base_settings,
+    _check_postgres,
+    require,
+    wait_until,
+)
 from tests.contrib_helpers import all_ids, deliver, parsed, row_count
 
 
@@ -320,3 +329,151 @@ def test_fail_silently_skips_the_bad_message_and_counts_the_rest(dj, smtp_server
     assert not hasattr(bad, "mailqueue_id")
     assert row_count(dj, "mq_message") == 1
     assert EmailBackend().send_messages([]) == 0
+
+
+# --------------------------------------------------------------------------- issue #16
+
+
+def test_a_500_error_mails_the_admins_through_a_real_worker(dj, smtp_server, spawn):
+    """Default settings (DEBUG off, SERVER_EMAIL root@localhost) and ADMINS set: the
+    view's exception becomes Django's "[Django] ERROR" mail, delivered by a
+    ``mailqueue worker`` process (EMAIL_BACKEND on 5.2, MAILERS["default"] on 6.1)."""
+    from django.conf import global_settings
+
+    spawn("worker", "-P", "solo", "--loglevel", "WARNING", env=dj.env())
+    with override_settings(
+        ADMINS=[("Ops", "ops@example.com")], SERVER_EMAIL=global_settings.SERVER_EMAIL
+    ):
+        response = Client(raise_request_exception=False).get("/broken/")
+    assert response.status_code == 500
+    wait_until(lambda: smtp_server.messages, what="the admins' error mail at the relay")
+    (received,) = smtp_server.messages
+    assert received.mail_from == "root@localhost"
+    assert received.rcpt_tos == ("ops@example.com",) or list(received.rcpt_tos) == [
+        "ops@example.com"
+    ]
+    msg = parsed(received)
+    assert msg["From"] == "root@localhost"
+    assert msg["To"] == "ops@example.com"
+    assert msg["Subject"].startswith(
+        "[Django] ERROR (EXTERNAL IP): Internal Server Error: /broken/"
+    )
+    assert "the broken view broke, as it was written to" in msg.get_body(("plain",)).get_content()
+    (mid,) = all_ids(dj)
+    wait_until(lambda: mailqueue.get_status(mid).status == "sent", what="the row marked sent")
+
+
+def test_fail_silently_logs_each_message_it_drops(dj, smtp_server, caplog):
+    from django.core.mail import EmailMessage
+
+    from mailqueue.contrib.django import EmailBackend
+
+    backend = EmailBackend(fail_silently=True)
+    bad = EmailMessage("Bad one", "x", "from@example.com", ["not an address"])
+    good = EmailMessage("Good one", "x", "from@example.com", ["good@example.org"])
+    with caplog.at_level(logging.WARNING, logger="mailqueue.django"):
+        assert backend.send_messages([bad, good]) == 1
+    (record,) = [r for r in caplog.records if r.name == "mailqueue.django"]
+    assert record.levelno == logging.WARNING
+    text = record.getMessage()
+    assert "'Bad one'" in text and "InvalidMessageError" in text
+    assert "'not an address' is not one address" in text or "not an address" in text
+    assert row_count(dj, "mq_message") == 1
+
+
+def test_fail_silently_logs_an_unreachable_database_without_its_password(dj, caplog):
+    from django.core.mail import EmailMessage
+
+    from mailqueue.contrib.django import EmailBackend
+
+    password = "hunter2-never-logged"
+    unreachable = (
+        sa.engine.make_url(POSTGRES_URL)
+        .set(password=password, port=1, host="127.0.0.1")
+        .render_as_string(hide_password=False)
+    )
+    with override_settings(MAILQUEUE_DATABASE_URL=unreachable):
+        backend = EmailBackend(fail_silently=True)
+        message = EmailMessage("Lost?", "x", "from@example.com", ["someone@example.org"])
+        with caplog.at_level(logging.WARNING, logger="mailqueue.django"):
+            assert backend.send_messages([message]) == 0  # nothing was queued
+    (record,) = [r for r in caplog.records if r.name == "mailqueue.django"]
+    text = record.getMessage()
+    assert "'Lost?'" in text and "OperationalError" in text
+    assert password not in caplog.text
+
+
+@pytest.mark.skipif(django.VERSION < (6, 1), reason="MAILERS is Django 6.1's")
+def test_fail_silently_is_a_mailers_option(dj, caplog):
+    from django.core.mail import EmailMessage, mailers
+
+    mailer = {"BACKEND": "mailqueue.contrib.django.EmailBackend"}
+    with override_settings(
+        MAILERS={
+            "default": mailer,
+            "errors": {**mailer, "OPTIONS": {"fail_silently": True, "relay": "bulk"}},
+        }
+    ):
+        backend = mailers["errors"]
+        assert (backend.alias, backend.fail_silently, backend.relay) == ("errors", True, "bulk")
+        assert mailers["default"].fail_silently is False
+        with caplog.at_level(logging.WARNING, logger="mailqueue.django"):
+            sent = EmailMessage("x", "y", "from@example.com", ["bad address"]).send(using="errors")
+    assert sent == 0
+    assert "mailqueue.django" in {r.name for r in caplog.records}
+    assert row_count(dj, "mq_message") == 0
+
+
+def test_idna_2008_domains_with_joiners_reach_the_relay_as_given(dj, smtp_server):
+    """Django's own IDNA 2008 cases (tests/mail, test_does_not_reencode_idna): ZERO
+    WIDTH JOINER (Sinhala) and NON-JOINER (Persian) domains, and ß, kept as given."""
+    from django.core.mail import EmailMessage
+
+    message = EmailMessage(
+        from_email='"βόλος" <from@xn--fa-hia.example.com>',
+        to=['"faß" <to@xn--10cl1a0b660p.example.com>'],
+        cc=['"ශ්‍රී" <cc@xn--nxasmm1c.example.com>'],
+        bcc=['"نامه‌ای." <bcc@xn--mgba3gch31f060k.example.com>'],
+    )
+    assert message.send() == 1
+    deliver(dj, [message.mailqueue_id])
+    (received,) = smtp_server.messages
+    assert received.mail_from == "from@xn--fa-hia.example.com"
+    assert sorted(received.rcpt_tos) == [
+        "bcc@xn--mgba3gch31f060k.example.com",
+        "cc@xn--nxasmm1c.example.com",
+        "to@xn--10cl1a0b660p.example.com",
+    ]
+    msg = parsed(received)
+    assert msg["To"].addresses[0].addr_spec == "to@xn--10cl1a0b660p.example.com"
+    assert msg["Bcc"] is None
+    # A joiner where IDNA 2008 does not allow one (not after a virama) is refused.
+    with pytest.raises(ValueError, match="not valid IDNA"):
+        EmailMessage("x", "y", "from@example.com", ["a@xn--ab-m1t.com"]).send()
+
+
+def test_lazy_addresses_and_addresses_without_a_domain(dj, smtp_server):
+    """Lazy strings (Django #24416) are read as Django reads them; a bare name with no
+    domain (Django #15042) is refused at once, naming what to give instead."""
+    from django.core.mail import EmailMessage, send_mail
+    from django.utils.translation import gettext_lazy as _
+
+    message = EmailMessage(
+        from_email=_("tester@localhost"),
+        to=[_("to1@example.com")],
+        cc=[_("cc1@example.com")],
+        bcc=[_("bcc@example.com")],
+        reply_to=[_("reply@example.com")],
+    )
+    assert message.send() == 1
+    deliver(dj, [message.mailqueue_id])
+    (received,) = smtp_server.messages
+    assert received.mail_from == "tester@localhost"
+    assert sorted(received.rcpt_tos) == ["bcc@example.com", "cc1@example.com", "to1@example.com"]
+    assert parsed(received)["Reply-To"] == "reply@example.com"
+
+    for sender, recipient in (("tester", "django@example.com"), ("a@example.com", "django")):
+        with pytest.raises(mailqueue.InvalidMessageError, match="no domain") as refused:
+            send_mail("Subject", "Content", sender, [recipient])
+        assert isinstance(refused.value, ValueError)  # what Django raises for a bad address
+    assert row_count(dj, "mq_message") == 1

@@ -58,6 +58,7 @@ from __future__ import annotations
 import copy
 import datetime as dt
 import email.policy
+import email.utils
 import json
 import logging
 import uuid
@@ -204,7 +205,7 @@ def _check_django_input(message: EmailMessage, headers: dict[str, Any], limits: 
     if len(entries) > limits.max_recipients:
         raise too_many(len(entries), limits.max_recipients, "recipients", "MAX_RECIPIENTS", "to")
     for entry in message.reply_to:
-        one_address(force_str(entry), field_name="reply_to")
+        _one_address(entry, "reply_to")
     mime_token(message.content_subtype, "content_subtype")
     if message.encoding is not None:
         mime_token(str(message.encoding), "encoding")
@@ -222,6 +223,29 @@ def _check_django_input(message: EmailMessage, headers: dict[str, Any], limits: 
                 header_text(filename, "attachments", limits)
             if mimetype is not None:
                 mime_type(mimetype, "attachments")
+
+
+def _one_address(entry: Any, field_name: str) -> str:
+    """One Django address entry (a string, maybe lazy) as mailqueue's one address.
+
+    A bare name with no domain (``"tester"``), which Django's SMTP backend hands
+    to its relay to qualify (Django tickets #15042, #24416), is refused here:
+    RFC 5321 wants a domain in MAIL FROM and RCPT TO, and a queued bare name
+    would fail later, at any relay that does not qualify it, after the view
+    had returned.
+    """
+    text = force_str(entry)
+    try:
+        return one_address(text, field_name=field_name)
+    except InvalidMessageError:
+        spec = email.utils.parseaddr(text)[1]
+        if spec and "@" not in spec and not any(c.isspace() for c in spec):
+            raise InvalidMessageError(
+                f"{text!r} has no domain: mailqueue queues full addresses only; "
+                f"give one such as {spec}@localhost or {spec}@your-domain",
+                field=field_name,
+            ) from None
+        raise
 
 
 def to_mailqueue(message: EmailMessage) -> tuple[Message, dict[str, Any]]:
@@ -249,12 +273,12 @@ def to_mailqueue(message: EmailMessage) -> tuple[Message, dict[str, Any]]:
     # headers Django writes: a header can say more than its entries meant.
     # (Entries may be lazy strings, Django ticket #24416: read as Django reads them.)
     recipients = [
-        one_address(force_str(a), field_name=kind)
+        _one_address(a, kind)
         for kind, entries in (("to", message.to), ("cc", message.cc), ("bcc", message.bcc))
         for a in entries
         if a
     ]
-    envelope_from = one_address(force_str(message.from_email), field_name="from_email")
+    envelope_from = _one_address(message.from_email, "from_email")
     clean = copy.copy(message)
     clean.extra_headers = headers
     # Django builds the MIME as its SMTP backend would: on Django 6 with the SMTP
@@ -512,18 +536,20 @@ class EmailBackend(BaseEmailBackend):
 
     def _on_commit(self, prepared: list[PreparedMessage], sent: list[EmailMessage]) -> None:
         def write() -> None:
-            try:
-                ids = _write_own_database(prepared)
-            except Exception as exc:
-                _dropped(sent, exc)  # after the caller's commit: logged here in any case
-                if self.fail_silently:
-                    return
-                raise
+            ids = _write_own_database(prepared)
             for message, mid in zip(sent, ids, strict=True):
                 message.mailqueue_id = mid  # type: ignore[attr-defined]
 
+        def after_commit() -> None:
+            try:
+                write()
+            except Exception as exc:
+                _dropped(sent, exc)  # after the caller's commit: logged here in any case
+                if not self.fail_silently:
+                    raise
+
         if connections[self.database].in_atomic_block:
-            # robust: an error here (after your commit) is logged by Django, not raised
-            transaction.on_commit(write, using=self.database, robust=True)
+            # robust: an error here (after your commit) is logged, not raised
+            transaction.on_commit(after_commit, using=self.database, robust=True)
         else:
-            write()
+            write()  # an error: raised, or dropped with its WARNING (fail_silently)
