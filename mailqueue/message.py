@@ -22,7 +22,9 @@ import functools
 import mimetypes
 import re
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from email import errors
 from email.header import Header
@@ -262,8 +264,42 @@ def _parse_header_addresses(value: str, field_name: str) -> list[Address]:
 
 def _is_harmless(defect: Exception) -> bool:
     # Obsolete-but-valid syntax is fine; a non-ASCII local part is a real
-    # (RFC 6531) mailbox that needs SMTPUTF8, which validate_address decides.
-    return isinstance(defect, errors.NonASCIILocalPartDefect) or "obsolete" in str(defect).lower()
+    # (RFC 6531) mailbox that needs SMTPUTF8, which validate_address decides;
+    # so is a bare name where bare names are allowed (validate_address again).
+    return (
+        isinstance(defect, errors.NonASCIILocalPartDefect)
+        or "obsolete" in str(defect).lower()
+        or (_BARE_NAMES.get() and str(defect) == "addr-spec local part with no domain")
+    )
+
+
+_BARE_NAMES: ContextVar[bool] = ContextVar("mailqueue_bare_names", default=False)
+
+
+@contextmanager
+def bare_names_allowed() -> Iterator[None]:
+    """Within this block an address with no domain (``"webmaster"``) is taken as it is.
+
+    For the Django backend, whose SMTP counterpart hands such a name to its
+    relay to qualify (Django tickets #15042, #24416); the relay then takes it
+    (Postfix appends ``$myorigin``) or refuses it, per recipient. Only a plain
+    ASCII dot-atom of at most 64 characters counts as a bare name; everything
+    else about the address is checked as usual. Elsewhere a bare name is refused.
+    """
+    token = _BARE_NAMES.set(True)
+    try:
+        yield
+    finally:
+        _BARE_NAMES.reset(token)
+
+
+def _is_bare_name(address: str) -> bool:
+    return (
+        _BARE_NAMES.get()
+        and address.isascii()
+        and 0 < len(address) <= 64
+        and DOT_ATOM_TEXT.match(address) is not None
+    )
 
 
 def extract_addresses(value: str) -> list[str]:
@@ -299,6 +335,8 @@ def validate_address(address: str, *, field_name: str = "address") -> tuple[str,
             f"expected an address string, got {type(address).__name__}", field=field_name
         )
     refuse_controls(address, field_name)
+    if "@" not in address and _is_bare_name(address):
+        return address, False
     normalised, needs_utf8, error = _validated(address)
     if error is not None:
         raise InvalidMessageError(f"{address!r} is not a valid address: {error}", field=field_name)
@@ -505,7 +543,7 @@ def _entry_parts(item: str, field_name: str) -> tuple[str, str]:
             field=field_name,
         )
     (one,) = parsed
-    if not one.addr_spec or "@" not in one.addr_spec:
+    if not one.addr_spec or ("@" not in one.addr_spec and not _is_bare_name(one.addr_spec)):
         raise InvalidMessageError(f"{item!r} is not a valid address", field=field_name)
     return one.display_name, one.addr_spec
 
@@ -516,6 +554,12 @@ def _is_one_spec(addr: str) -> bool:
 
 
 def _address(name: str, spec: str, field_name: str) -> Address:
+    if "@" not in spec and _is_bare_name(spec):  # (the gate: _entry_parts remembers)
+        return Address(display_name=name, username=spec, domain="")
+    if "@" not in spec:
+        raise InvalidMessageError(
+            f"{spec!r} has no domain: give a full address (name@domain)", field=field_name
+        )
     local, _, domain = spec.rpartition("@")
     if not local or not domain:
         raise InvalidMessageError(f"{spec!r} is not a valid address", field=field_name)
@@ -529,7 +573,9 @@ def _checked(addresses: list[Address], field_name: str) -> tuple[list[Address], 
     for a in addresses:
         normalised, needs_utf8 = validate_address(a.addr_spec, field_name=field_name)
         utf8 |= needs_utf8
-        local, _, domain = normalised.rpartition("@")
+        local, at, domain = normalised.rpartition("@")
+        if not at:  # a bare name (bare_names_allowed)
+            local, domain = normalised, ""
         out.append(Address(display_name=a.display_name, username=local, domain=domain))
     return out, utf8
 

@@ -58,7 +58,6 @@ from __future__ import annotations
 import copy
 import datetime as dt
 import email.policy
-import email.utils
 import json
 import logging
 import uuid
@@ -90,6 +89,7 @@ from ..errors import HeaderInjectionError, InvalidMessageError
 from ..message import (
     Limits,
     Message,
+    bare_names_allowed,
     header_fields,
     header_text,
     mime_token,
@@ -226,26 +226,9 @@ def _check_django_input(message: EmailMessage, headers: dict[str, Any], limits: 
 
 
 def _one_address(entry: Any, field_name: str) -> str:
-    """One Django address entry (a string, maybe lazy) as mailqueue's one address.
-
-    A bare name with no domain (``"tester"``), which Django's SMTP backend hands
-    to its relay to qualify (Django tickets #15042, #24416), is refused here:
-    RFC 5321 wants a domain in MAIL FROM and RCPT TO, and a queued bare name
-    would fail later, at any relay that does not qualify it, after the view
-    had returned.
-    """
-    text = force_str(entry)
-    try:
-        return one_address(text, field_name=field_name)
-    except InvalidMessageError:
-        spec = email.utils.parseaddr(text)[1]
-        if spec and "@" not in spec and not any(c.isspace() for c in spec):
-            raise InvalidMessageError(
-                f"{text!r} has no domain: mailqueue queues full addresses only; "
-                f"give one such as {spec}@localhost or {spec}@your-domain",
-                field=field_name,
-            ) from None
-        raise
+    """One Django address entry (a string, maybe lazy, Django ticket #24416) as
+    mailqueue's one address."""
+    return one_address(force_str(entry), field_name=field_name)
 
 
 def to_mailqueue(message: EmailMessage) -> tuple[Message, dict[str, Any]]:
@@ -497,16 +480,19 @@ class EmailBackend(BaseEmailBackend):
                 continue
             try:
                 try:
-                    mq_message, options = to_mailqueue(message)
-                    options.setdefault("relay", self.relay)
-                    new = prepare(
-                        mq_message,
-                        relay=options.get("relay"),
-                        send_at=options.get("send_at"),
-                        idempotency_key=options.get("idempotency_key"),
-                        metadata=options.get("metadata"),
-                        now=now,
-                    )
+                    # As Django's SMTP backend: a bare name with no domain is handed
+                    # to the relay, which qualifies or refuses it (README, Django).
+                    with bare_names_allowed():
+                        mq_message, options = to_mailqueue(message)
+                        options.setdefault("relay", self.relay)
+                        new = prepare(
+                            mq_message,
+                            relay=options.get("relay"),
+                            send_at=options.get("send_at"),
+                            idempotency_key=options.get("idempotency_key"),
+                            metadata=options.get("metadata"),
+                            now=now,
+                        )
                 except HeaderInjectionError as exc:
                     raise BadHeader(exc.reason, field=exc.field) from None
                 prepared.append(new)
