@@ -231,6 +231,49 @@ def _one_address(entry: Any, field_name: str) -> str:
     return one_address(force_str(entry), field_name=field_name)
 
 
+_ADDRESS_FIELDS = frozenset({"from", "sender", "to", "cc", "bcc", "reply-to"})
+
+
+class _Folded(str):
+    """A header whose text is what Django's SMTP backend writes for it.
+
+    mailqueue serialises with the SMTPUTF8 policy, which would write non-ASCII
+    header text as raw UTF-8 (needing SMTPUTF8 at the relay) where Django 6's
+    SMTP backend writes encoded words. An object with a ``name`` is a header
+    object to the ``email`` package: it is stored as it is and asked to
+    ``fold()`` itself, which this one does as Django's backend would (the
+    SMTP policy). ``str()`` of it is the decoded text, which mailqueue checks
+    as usual (controls, encoded words) before and after serialising.
+    """
+
+    name: str
+    _folded: str
+
+    def __new__(cls, header: Any) -> _Folded:
+        obj = super().__new__(cls, str(header))
+        obj.name = header.name
+        obj._folded = header.fold(policy=email.policy.SMTP)
+        return obj
+
+    def fold(self, *, policy: Any) -> str:
+        return self._folded
+
+
+def _keep_djangos_folding(mime: Any) -> None:
+    """Non-ASCII text fields (not address fields: mailqueue writes those itself)
+    keep the encoded words Django 6's SMTP backend writes, in every part."""
+    for part in mime.walk():
+        names = [name.lower() for name in part]
+        for name, value in part.items():
+            if name.lower() in _ADDRESS_FIELDS or str(value).isascii():
+                continue
+            if names.count(name.lower()) > 1:
+                continue  # (replace_header would take the first; Django writes each once)
+            if not hasattr(value, "fold") or not hasattr(value, "name"):
+                continue
+            part.replace_header(name, _Folded(value))
+
+
 def to_mailqueue(message: EmailMessage) -> tuple[Message, dict[str, Any]]:
     """A Django message as a mailqueue ``Message`` (Django's own MIME) and its options."""
     options: dict[str, Any] = {}
@@ -267,6 +310,8 @@ def to_mailqueue(message: EmailMessage) -> tuple[Message, dict[str, Any]]:
     # Django builds the MIME as its SMTP backend would: on Django 6 with the SMTP
     # policy, so that text parts (base64 ones included) carry CRLF line ends.
     mime = clean.message(**_SMTP_POLICY)
+    if _SMTP_POLICY:
+        _keep_djangos_folding(mime)
     if message.bcc:
         # mailqueue takes the kind from it, then strips it
         mime["Bcc"] = ", ".join(force_str(a) for a in message.bcc)
