@@ -403,6 +403,35 @@ def test_fail_silently_logs_an_unreachable_database_without_its_password(dj, cap
     assert password not in caplog.text
 
 
+@pytest.mark.parametrize("fail_silently", [True, False])
+def test_a_write_that_fails_after_the_commit_is_logged(dj, caplog, fail_silently):
+    """Separate databases: the rows are written after Django's commit. If that write
+    fails, the caller's transaction has committed and ``send()`` has long returned:
+    the loss is logged on mailqueue.django either way (never raised into the commit)."""
+    from django.core.mail import EmailMessage
+    from django.db import transaction
+
+    from mailqueue.contrib.django import EmailBackend
+
+    password = "hunter2-never-logged"
+    unreachable = (
+        sa.engine.make_url(POSTGRES_URL)
+        .set(password=password, port=1, host="127.0.0.1")
+        .render_as_string(hide_password=False)
+    )
+    with override_settings(MAILQUEUE_DATABASE_URL=unreachable):
+        backend = EmailBackend(fail_silently=fail_silently, same_database=False)
+        message = EmailMessage("After commit", "x", "from@example.com", ["someone@example.org"])
+        with caplog.at_level(logging.WARNING), transaction.atomic(using=dj.alias):
+            assert backend.send_messages([message]) == 1  # validated, to be written on commit
+    warnings = [r for r in caplog.records if r.name == "mailqueue.django"]
+    assert [r.levelno for r in warnings] == [logging.WARNING]
+    assert "'After commit'" in warnings[0].getMessage()
+    assert "OperationalError" in warnings[0].getMessage()
+    assert password not in caplog.text
+    assert row_count(dj, "mq_message") == 0
+
+
 @pytest.mark.skipif(django.VERSION < (6, 1), reason="MAILERS is Django 6.1's")
 def test_fail_silently_is_a_mailers_option(dj, caplog):
     from django.core.mail import EmailMessage, mailers
