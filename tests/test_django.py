@@ -650,3 +650,21 @@ def test_a_non_ascii_display_name_differs_from_djangos_61_in_exactly_one_line(dj
     ]
     assert len(django_lines) == len(mailqueue_lines)
     assert by_mailqueue.isascii()  # no SMTPUTF8 needed, as for Django's
+
+
+def test_the_fail_silently_warning_masks_configured_passwords(dj, smtp_server, caplog):
+    """Whatever an error's text holds, a password from mailqueue's settings (relay
+    URLs, percent-encoded or not) does not reach the log line."""
+    from django.core.mail import EmailMessage
+
+    from mailqueue.contrib.django import _dropped
+
+    dj.reconfigure(relay_url=f"smtp://mailer:pa%2Fss-word-1@{smtp_server.host}:{smtp_server.port}")
+    error = RuntimeError("relay smtp://mailer:pa%2Fss-word-1@host said no; auth pa/ss-word-1")
+    message = EmailMessage("Masked", "x", "from@example.com", ["someone@example.org"])
+    with caplog.at_level(logging.WARNING, logger="mailqueue.django"):
+        _dropped([message], error)
+    (record,) = caplog.records
+    text = record.getMessage()
+    assert "pa%2Fss-word-1" not in text and "pa/ss-word-1" not in text
+    assert "relay smtp://mailer:***@host said no; auth ***" in text

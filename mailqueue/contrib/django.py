@@ -25,6 +25,13 @@ rows instead of talking SMTP; ``send_messages`` returns how many messages
 were accepted for delivery, as Django's contract asks. Each sent
 ``EmailMessage`` gets a ``mailqueue_id`` attribute.
 
+**Addresses** are taken as Django's SMTP backend takes them: lazy strings,
+``webmaster@localhost``, IDNA (2008) domains, and bare names with no domain
+(``"tester"``), which go to the relay as written for it to qualify or refuse.
+Refusals are Django's exception types (``ValueError``; ``BadHeader`` where
+Django raises ``BadHeaderError``). With ``fail_silently`` a message that cannot
+be queued is logged (WARNING, ``mailqueue.django``), never dropped unseen.
+
 **Transactions.** Two modes, chosen per backend:
 
 * ``same_database`` (``MAILQUEUE_DJANGO_SAME_DATABASE = True``, or the
