@@ -22,7 +22,9 @@ import functools
 import mimetypes
 import re
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from email import errors
 from email.header import Header
@@ -33,6 +35,7 @@ from email.parser import BytesHeaderParser
 from pathlib import Path
 from typing import cast
 
+import idna
 from email_validator import SPECIAL_USE_DOMAIN_NAMES, EmailNotValidError, validate_email
 from email_validator.rfc_constants import CASE_INSENSITIVE_MAILBOX_NAMES, DOT_ATOM_TEXT
 
@@ -261,8 +264,42 @@ def _parse_header_addresses(value: str, field_name: str) -> list[Address]:
 
 def _is_harmless(defect: Exception) -> bool:
     # Obsolete-but-valid syntax is fine; a non-ASCII local part is a real
-    # (RFC 6531) mailbox that needs SMTPUTF8, which validate_address decides.
-    return isinstance(defect, errors.NonASCIILocalPartDefect) or "obsolete" in str(defect).lower()
+    # (RFC 6531) mailbox that needs SMTPUTF8, which validate_address decides;
+    # so is a bare name where bare names are allowed (validate_address again).
+    return (
+        isinstance(defect, errors.NonASCIILocalPartDefect)
+        or "obsolete" in str(defect).lower()
+        or (_BARE_NAMES.get() and str(defect) == "addr-spec local part with no domain")
+    )
+
+
+_BARE_NAMES: ContextVar[bool] = ContextVar("mailqueue_bare_names", default=False)
+
+
+@contextmanager
+def bare_names_allowed() -> Iterator[None]:
+    """Within this block an address with no domain (``"webmaster"``) is taken as it is.
+
+    For the Django backend, whose SMTP counterpart hands such a name to its
+    relay to qualify (Django tickets #15042, #24416); the relay then takes it
+    (Postfix appends ``$myorigin``) or refuses it, per recipient. Only a plain
+    ASCII dot-atom of at most 64 characters counts as a bare name; everything
+    else about the address is checked as usual. Elsewhere a bare name is refused.
+    """
+    token = _BARE_NAMES.set(True)
+    try:
+        yield
+    finally:
+        _BARE_NAMES.reset(token)
+
+
+def _is_bare_name(address: str) -> bool:
+    return (
+        _BARE_NAMES.get()
+        and address.isascii()
+        and 0 < len(address) <= 64
+        and DOT_ATOM_TEXT.match(address) is not None
+    )
 
 
 def extract_addresses(value: str) -> list[str]:
@@ -298,6 +335,8 @@ def validate_address(address: str, *, field_name: str = "address") -> tuple[str,
             f"expected an address string, got {type(address).__name__}", field=field_name
         )
     refuse_controls(address, field_name)
+    if "@" not in address and _is_bare_name(address):
+        return address, False
     normalised, needs_utf8, error = _validated(address)
     if error is not None:
         raise InvalidMessageError(f"{address!r} is not a valid address: {error}", field=field_name)
@@ -369,7 +408,59 @@ def _validator_verdict(address: str) -> tuple[str, bool, str | None]:
     return f"{checked_local}@{own}", needs_utf8, None
 
 
+_JOINERS = frozenset("\u200c\u200d")  # ZERO WIDTH NON-JOINER, ZERO WIDTH JOINER
+
+
 def _validator_verdict_as_is(address: str) -> tuple[str, bool, str | None]:
+    normalised, needs_utf8, error = _validator_verdict_plain(address)
+    if error is not None and "ZERO WIDTH" in error:
+        return _joiner_verdict(address) or (normalised, needs_utf8, error)
+    return normalised, needs_utf8, error
+
+
+def _joiner_verdict(address: str) -> tuple[str, bool, str | None] | None:
+    """An IDNA 2008 domain with ZERO WIDTH (NON-)JOINER, as Django's own tests send
+    (``xn--10cl1a0b660p``, Sinhala; ``xn--mgba3gch31f060k``, Persian).
+
+    email-validator refuses the two characters anywhere as unsafe to display;
+    in a domain label IDNA 2008 allows them where its CONTEXTJ rules do (RFC
+    5892 A.1, A.2: after a virama, or between joining letters), which the
+    ``idna`` package checks. Such a label is taken in its ASCII (``xn--``) form,
+    never IDNA 2003's (which drops the joiner: another domain); the rest of the
+    address is checked by the validator with that label replaced by an
+    ordinary one of the same length. None: not that case.
+    """
+    local, at, domain = address.rpartition("@")
+    if not at or domain.startswith("["):
+        return None
+    given: list[str] = []
+    stand_in: list[str] = []
+    for label in domain.split("."):
+        try:
+            text = idna.decode(label) if label.isascii() else label
+            if _JOINERS.isdisjoint(text):
+                given.append(label)
+                stand_in.append(label)
+                continue
+            ascii_label = idna.encode(text, uts46=True).decode("ascii")
+        except (idna.IDNAError, UnicodeError, ValueError):
+            return None
+        given.append(ascii_label)
+        stand_in.append("x" * len(ascii_label))
+    if given == stand_in:
+        return None
+    normalised, needs_utf8, error = _validator_verdict_plain(f"{local}@{'.'.join(stand_in)}")
+    if error is not None:
+        return address, False, error
+    checked_local, _, checked_domain = normalised.rpartition("@")
+    labels = [
+        checked if mine == stand else mine
+        for mine, stand, checked in zip(given, stand_in, checked_domain.split("."), strict=True)
+    ]
+    return f"{checked_local}@{'.'.join(labels)}", needs_utf8, None
+
+
+def _validator_verdict_plain(address: str) -> tuple[str, bool, str | None]:
     try:
         checked = validate_email(
             address,
@@ -452,7 +543,7 @@ def _entry_parts(item: str, field_name: str) -> tuple[str, str]:
             field=field_name,
         )
     (one,) = parsed
-    if not one.addr_spec or "@" not in one.addr_spec:
+    if not one.addr_spec or ("@" not in one.addr_spec and not _is_bare_name(one.addr_spec)):
         raise InvalidMessageError(f"{item!r} is not a valid address", field=field_name)
     return one.display_name, one.addr_spec
 
@@ -463,6 +554,12 @@ def _is_one_spec(addr: str) -> bool:
 
 
 def _address(name: str, spec: str, field_name: str) -> Address:
+    if "@" not in spec and _is_bare_name(spec):  # (the gate: _entry_parts remembers)
+        return Address(display_name=name, username=spec, domain="")
+    if "@" not in spec:
+        raise InvalidMessageError(
+            f"{spec!r} has no domain: give a full address (name@domain)", field=field_name
+        )
     local, _, domain = spec.rpartition("@")
     if not local or not domain:
         raise InvalidMessageError(f"{spec!r} is not a valid address", field=field_name)
@@ -476,7 +573,9 @@ def _checked(addresses: list[Address], field_name: str) -> tuple[list[Address], 
     for a in addresses:
         normalised, needs_utf8 = validate_address(a.addr_spec, field_name=field_name)
         utf8 |= needs_utf8
-        local, _, domain = normalised.rpartition("@")
+        local, at, domain = normalised.rpartition("@")
+        if not at:  # a bare name (bare_names_allowed)
+            local, domain = normalised, ""
         out.append(Address(display_name=a.display_name, username=local, domain=domain))
     return out, utf8
 

@@ -25,6 +25,13 @@ rows instead of talking SMTP; ``send_messages`` returns how many messages
 were accepted for delivery, as Django's contract asks. Each sent
 ``EmailMessage`` gets a ``mailqueue_id`` attribute.
 
+**Addresses** are taken as Django's SMTP backend takes them: lazy strings,
+``webmaster@localhost``, IDNA (2008) domains, and bare names with no domain
+(``"tester"``), which go to the relay as written for it to qualify or refuse.
+Refusals are Django's exception types (``ValueError``; ``BadHeader`` where
+Django raises ``BadHeaderError``). With ``fail_silently`` a message that cannot
+be queued is logged (WARNING, ``mailqueue.django``), never dropped unseen.
+
 **Transactions.** Two modes, chosen per backend:
 
 * ``same_database`` (``MAILQUEUE_DJANGO_SAME_DATABASE = True``, or the
@@ -57,11 +64,13 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+import email.policy
 import json
 import logging
 import uuid
 from collections.abc import Sequence
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import django
 from django.conf import settings as django_settings
@@ -70,6 +79,7 @@ from django.core.mail import EmailMessage, EmailMultiAlternatives
 from django.core.mail.backends.base import BaseEmailBackend
 from django.db import IntegrityError as DjangoIntegrityError
 from django.db import connections, transaction
+from django.utils.encoding import force_str
 from sqlalchemy.exc import IntegrityError
 
 from ..api import (
@@ -86,6 +96,7 @@ from ..errors import HeaderInjectionError, InvalidMessageError
 from ..message import (
     Limits,
     Message,
+    bare_names_allowed,
     header_fields,
     header_text,
     mime_token,
@@ -115,6 +126,9 @@ OPTION_HEADERS = {
 }
 """``extra_headers`` names (any case) read as options and stripped before sending."""
 
+
+_SMTP_POLICY: dict[str, Any] = {"policy": email.policy.SMTP} if django.VERSION >= (6, 0) else {}
+"""What Django's SMTP backend passes to ``EmailMessage.message()`` (Django 6+)."""
 
 if django.VERSION < (6, 1):
     from django.core.mail import BadHeaderError as _DjangoBadHeader
@@ -198,7 +212,7 @@ def _check_django_input(message: EmailMessage, headers: dict[str, Any], limits: 
     if len(entries) > limits.max_recipients:
         raise too_many(len(entries), limits.max_recipients, "recipients", "MAX_RECIPIENTS", "to")
     for entry in message.reply_to:
-        one_address(entry, field_name="reply_to")
+        _one_address(entry, "reply_to")
     mime_token(message.content_subtype, "content_subtype")
     if message.encoding is not None:
         mime_token(str(message.encoding), "encoding")
@@ -216,6 +230,55 @@ def _check_django_input(message: EmailMessage, headers: dict[str, Any], limits: 
                 header_text(filename, "attachments", limits)
             if mimetype is not None:
                 mime_type(mimetype, "attachments")
+
+
+def _one_address(entry: Any, field_name: str) -> str:
+    """One Django address entry (a string, maybe lazy, Django ticket #24416) as
+    mailqueue's one address."""
+    return one_address(force_str(entry), field_name=field_name)
+
+
+_ADDRESS_FIELDS = frozenset({"from", "sender", "to", "cc", "bcc", "reply-to"})
+
+
+class _Folded(str):
+    """A header whose text is what Django's SMTP backend writes for it.
+
+    mailqueue serialises with the SMTPUTF8 policy, which would write non-ASCII
+    header text as raw UTF-8 (needing SMTPUTF8 at the relay) where Django 6's
+    SMTP backend writes encoded words. An object with a ``name`` is a header
+    object to the ``email`` package: it is stored as it is and asked to
+    ``fold()`` itself, which this one does as Django's backend would (the
+    SMTP policy). ``str()`` of it is the decoded text, which mailqueue checks
+    as usual (controls, encoded words) before and after serialising.
+    """
+
+    name: str
+    _folded: str
+
+    def __new__(cls, header: Any) -> _Folded:
+        obj = super().__new__(cls, str(header))
+        obj.name = header.name
+        obj._folded = header.fold(policy=email.policy.SMTP)
+        return obj
+
+    def fold(self, *, policy: Any) -> str:
+        return self._folded
+
+
+def _keep_djangos_folding(mime: Any) -> None:
+    """Non-ASCII text fields (not address fields: mailqueue writes those itself)
+    keep the encoded words Django 6's SMTP backend writes, in every part."""
+    for part in mime.walk():
+        names = [name.lower() for name in part]
+        for name, value in part.items():
+            if name.lower() in _ADDRESS_FIELDS or str(value).isascii():
+                continue
+            if names.count(name.lower()) > 1:
+                continue  # (replace_header would take the first; Django writes each once)
+            if not hasattr(value, "fold") or not hasattr(value, "name"):
+                continue
+            part.replace_header(name, _Folded(value))
 
 
 def to_mailqueue(message: EmailMessage) -> tuple[Message, dict[str, Any]]:
@@ -241,18 +304,24 @@ def to_mailqueue(message: EmailMessage) -> tuple[Message, dict[str, Any]]:
     # The envelope comes from Django's address lists, one address per entry, checked
     # the way Django's SMTP backend checks them (sanitize_address), never from the
     # headers Django writes: a header can say more than its entries meant.
+    # (Entries may be lazy strings, Django ticket #24416: read as Django reads them.)
     recipients = [
-        one_address(a, field_name=kind)
+        _one_address(a, kind)
         for kind, entries in (("to", message.to), ("cc", message.cc), ("bcc", message.bcc))
         for a in entries
         if a
     ]
-    envelope_from = one_address(str(message.from_email), field_name="from_email")
+    envelope_from = _one_address(message.from_email, "from_email")
     clean = copy.copy(message)
     clean.extra_headers = headers
-    mime = clean.message()  # Django builds the MIME as its SMTP backend would
+    # Django builds the MIME as its SMTP backend would: on Django 6 with the SMTP
+    # policy, so that text parts (base64 ones included) carry CRLF line ends.
+    mime = clean.message(**_SMTP_POLICY)
+    if _SMTP_POLICY:
+        _keep_djangos_folding(mime)
     if message.bcc:
-        mime["Bcc"] = ", ".join(message.bcc)  # mailqueue takes the kind from it, then strips it
+        # mailqueue takes the kind from it, then strips it
+        mime["Bcc"] = ", ".join(force_str(a) for a in message.bcc)
     # Sent as an object: mailqueue serializes it, writes its address fields itself
     # and reads the finished header block back (see message._serialize_checked).
     return Message(eml=mime, envelope_from=envelope_from, envelope_to=recipients), options
@@ -362,6 +431,48 @@ def _write_own_database(prepared: list[PreparedMessage]) -> list[str]:
     return ids
 
 
+def _secrets() -> list[str]:
+    """The passwords mailqueue's settings hold, to be kept out of a log line."""
+    settings = get_settings()
+    urls = [settings.database_url, settings.broker_url, getattr(settings, "limits_redis_url", None)]
+    relays = [settings.relay, *settings.relays.values()]
+    found: list[str] = []
+    for url in [*urls, *(r.url for r in relays)]:
+        try:
+            password = urlsplit(str(url)).password if url else None
+        except ValueError:
+            password = None
+        if password:
+            found += [password, unquote(password)]
+    for relay in relays:
+        try:
+            password = relay.password
+        except Exception:  # noqa: BLE001 - an unreadable password file: nothing to hide
+            password = None
+        if password:
+            found.append(password)
+    return sorted({p for p in found if p}, key=len, reverse=True)
+
+
+def _dropped(messages: Sequence[EmailMessage], exc: BaseException) -> None:
+    """The WARNING that ``fail_silently`` owes: which message was not queued, and why."""
+    reason = f"{type(exc).__name__}: {exc}"
+    try:
+        secrets = _secrets()
+    except Exception:  # noqa: BLE001 - settings that cannot be read: say less, not nothing
+        secrets, reason = [], type(exc).__name__
+    for secret in secrets:
+        reason = reason.replace(secret, "***")
+    for message in messages:
+        log.warning(
+            "fail_silently: not queued, not sent: subject %r from %r to %d recipient(s): %s",
+            force_str(message.subject)[:200],
+            force_str(message.from_email),
+            len(message.recipients()),
+            reason,
+        )
+
+
 def _django_config() -> FrameworkConfig:
     """Every ``MAILQUEUE_*`` name in Django's settings (unknown ones are refused later)."""
     names = [n for n in dir(django_settings) if n.startswith("MAILQUEUE_")]
@@ -378,20 +489,28 @@ class EmailBackend(BaseEmailBackend):
     * ``database`` (``MAILQUEUE_DJANGO_DATABASE``, default ``"default"``): the
       Django database whose transaction decides;
     * ``same_database`` (``MAILQUEUE_DJANGO_SAME_DATABASE``, default False):
-      write the rows through that database's connection.
+      write the rows through that database's connection;
+    * ``fail_silently`` (default False): a message that cannot be queued is
+      skipped, not raised, and logged as a WARNING on ``mailqueue.django``
+      with the reason (never a password); ``send_messages`` counts only the
+      messages queued. Django's ``mail_admins`` for 500 errors passes it (5.2);
+      on 6.1 give it in ``OPTIONS`` of the mailer the error mail uses.
     """
 
     def __init__(
         self,
-        *args: Any,
+        fail_silently: bool = False,
+        *,
         relay: str | None = None,
         database: str | None = None,
         same_database: bool | None = None,
         **kwargs: Any,
     ) -> None:
-        fail_silently = args[0] if args else kwargs.get("fail_silently", False)
-        super().__init__(*args, **kwargs)
-        self.mailqueue_fail_silently = bool(fail_silently)
+        # fail_silently is this backend's own option (as for Django's SMTP backend),
+        # so Django 6.1's BaseEmailBackend neither warns about it nor refuses it in
+        # MAILERS[...]["OPTIONS"]; alias and unknown options go to it.
+        super().__init__(**kwargs)
+        self.fail_silently = bool(fail_silently)
         self.relay = (
             relay if relay is not None else getattr(django_settings, "MAILQUEUE_DJANGO_RELAY", None)
         )
@@ -415,22 +534,26 @@ class EmailBackend(BaseEmailBackend):
                 continue
             try:
                 try:
-                    mq_message, options = to_mailqueue(message)
-                    options.setdefault("relay", self.relay)
-                    new = prepare(
-                        mq_message,
-                        relay=options.get("relay"),
-                        send_at=options.get("send_at"),
-                        idempotency_key=options.get("idempotency_key"),
-                        metadata=options.get("metadata"),
-                        now=now,
-                    )
+                    # As Django's SMTP backend: a bare name with no domain is handed
+                    # to the relay, which qualifies or refuses it (README, Django).
+                    with bare_names_allowed():
+                        mq_message, options = to_mailqueue(message)
+                        options.setdefault("relay", self.relay)
+                        new = prepare(
+                            mq_message,
+                            relay=options.get("relay"),
+                            send_at=options.get("send_at"),
+                            idempotency_key=options.get("idempotency_key"),
+                            metadata=options.get("metadata"),
+                            now=now,
+                        )
                 except HeaderInjectionError as exc:
                     raise BadHeader(exc.reason, field=exc.field) from None
                 prepared.append(new)
                 sent.append(message)
-            except Exception:
-                if self.mailqueue_fail_silently:
+            except Exception as exc:
+                if self.fail_silently:
+                    _dropped([message], exc)
                     continue
                 raise
         if not prepared:
@@ -444,8 +567,9 @@ class EmailBackend(BaseEmailBackend):
                 for message, new in zip(sent, prepared, strict=True):
                     message.mailqueue_id = str(new.id)  # type: ignore[attr-defined]
                 self._on_commit(prepared, sent)
-        except Exception:
-            if self.mailqueue_fail_silently:
+        except Exception as exc:
+            if self.fail_silently:
+                _dropped(sent, exc)
                 return 0
             raise
         return len(prepared)
@@ -456,8 +580,16 @@ class EmailBackend(BaseEmailBackend):
             for message, mid in zip(sent, ids, strict=True):
                 message.mailqueue_id = mid  # type: ignore[attr-defined]
 
+        def after_commit() -> None:
+            try:
+                write()
+            except Exception as exc:
+                _dropped(sent, exc)  # after the caller's commit: logged here in any case
+                if not self.fail_silently:
+                    raise
+
         if connections[self.database].in_atomic_block:
-            # robust: an error here (after your commit) is logged by Django, not raised
-            transaction.on_commit(write, using=self.database, robust=True)
+            # robust: an error here (after your commit) is logged, not raised
+            transaction.on_commit(after_commit, using=self.database, robust=True)
         else:
-            write()
+            write()  # an error: raised, or dropped with its WARNING (fail_silently)

@@ -1,9 +1,11 @@
 from django.urls import path
 
+from . import errors
 from .shop import views
 
 urlpatterns = [
     path("order/", views.place_order),
     path("welcome/", views.welcome),
     path("newsletter/", views.newsletter),
+    path("broken/", errors.broken),
 ]
