@@ -1,3 +1,4 @@
+from django.contrib import admin
 from django.urls import path
 
 from .shop import views
@@ -6,4 +7,5 @@ urlpatterns = [
     path("order/", views.place_order),
     path("welcome/", views.welcome),
     path("newsletter/", views.newsletter),
+    path("admin/", admin.site.urls),
 ]
