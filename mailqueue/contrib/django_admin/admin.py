@@ -30,6 +30,7 @@ from urllib.parse import parse_qsl
 
 from django.conf import settings as django_settings
 from django.contrib import admin, messages
+from django.contrib.admin.views.main import ChangeList
 from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
 from django.db.models import Count, QuerySet
@@ -158,6 +159,15 @@ def _text(value: Any) -> str:
     return "-" if value is None or value == "" else str(value)
 
 
+class _ChangeList(ChangeList):
+    """Sorts only by ``sortable_by``, also when ``?o=`` is typed in by hand."""
+
+    def get_ordering_field(self, field_name: Any) -> Any:
+        if field_name not in self.sortable_by:
+            return None
+        return super().get_ordering_field(field_name)
+
+
 @admin.register(Message)
 class MessageAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     list_display = (
@@ -228,6 +238,9 @@ class MessageAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
         return bool(request.user.has_perm(f"{self.opts.app_label}.steer_message"))
 
     # -- reading ---------------------------------------------------------------------
+
+    def get_changelist(self, request: HttpRequest, **kwargs: Any) -> type[ChangeList]:
+        return _ChangeList
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Any]:
         return (
