@@ -319,6 +319,46 @@ def test_actions_refuse_more_than_the_limit_and_change_nothing(seeded, boss, mon
     assert _status(seeded.stack, seeded.bulk)[0] == "queued"
 
 
+def test_actions_say_when_the_admin_reads_another_database_than_mailqueue(seeded, boss, django_env):
+    """mailqueue on PostgreSQL, the admin pointed at the SQLite database: a row only there."""
+    if seeded.stack.name != "postgres":
+        pytest.skip("needs mailqueue on one database and the admin on the other")
+    from mailqueue.api import insert_prepared, prepare, utcnow
+
+    stray = prepare(
+        Message(subject="Only in SQLite", sender="a@example.com", to=["b@example.org"], text="x"),
+        relay=None,
+        send_at=None,
+        idempotency_key=None,
+        metadata=None,
+        now=utcnow(),
+    )
+    other = sa.create_engine(django_env.sqlite_url)
+    try:
+        with other.begin() as conn:
+            insert_prepared([stray], conn=conn)
+        with override_settings(MAILQUEUE_DJANGO_ADMIN_DATABASE="default"):
+            assert _rows(boss.get(LIST).content.decode()) == ["Only in SQLite"]
+            notes = _messages(_action(boss, "retry_failed", str(stray.id)))
+            assert notes[-1] == (
+                "1 message(s) not found by mailqueue, left as they were: deleted since the list "
+                "was shown, or this admin reads another database (Django's 'default', "
+                "MAILQUEUE_DJANGO_ADMIN_DATABASE) than the one mailqueue writes "
+                "(MAILQUEUE_DATABASE_URL); they must be the same."
+            )
+            notes = _messages(_action(boss, "cancel_messages", str(stray.id)))
+            assert notes[0] == "Cancel: 0 recipient(s) cancelled in 0 of 1 message(s)."
+            assert notes[-1].startswith("1 message(s) not found by mailqueue")
+        with other.connect() as conn:
+            status = conn.execute(sa.text("SELECT status FROM mq_message")).scalar_one()
+        assert status == "queued"
+    finally:
+        with other.begin() as conn:
+            conn.execute(sa.text("DELETE FROM mq_recipient"))
+            conn.execute(sa.text("DELETE FROM mq_message"))
+        other.dispose()
+
+
 # -- read-only and permissions ----------------------------------------------------------
 
 

@@ -22,7 +22,6 @@ Why each choice (a million rows must answer in milliseconds):
 
 from __future__ import annotations
 
-import contextlib
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -429,11 +428,13 @@ class MessageAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
         return ids
 
     def _retry(self, request: HttpRequest, ids: Sequence[uuid.UUID]) -> None:
-        requeued = 0
+        requeued = missing = 0
         for mid in ids:
-            with contextlib.suppress(NotFoundError):  # purged since the page was shown
+            try:
                 requeued += api.retry(str(mid))
-        left = len(ids) - requeued
+            except NotFoundError:
+                missing += 1
+        left = len(ids) - requeued - missing
         text = (
             f"Retry: {requeued} of {len(ids)} message(s) requeued; "
             "their failed and deferred recipients are pending again."
@@ -444,6 +445,7 @@ class MessageAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
                 "or a worker is sending them right now."
             )
         self.message_user(request, text, messages.SUCCESS if requeued else messages.WARNING)
+        self._missing(request, missing)
 
     def _cancel(self, request: HttpRequest, ids: Sequence[uuid.UUID]) -> None:
         cancelled = RecipientStatus.CANCELLED
@@ -454,11 +456,12 @@ class MessageAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
             .values_list("message_id")
             .annotate(n=Count("id"))
         )
-        recipients = changed = sending = 0
+        recipients = changed = sending = missing = 0
         for mid in ids:
             try:
                 info = api.cancel(str(mid))
             except NotFoundError:
+                missing += 1
                 continue
             now = sum(1 for r in info.recipients if r.status == cancelled)
             if now > before.get(mid, 0):
@@ -467,14 +470,28 @@ class MessageAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
             if info.status == MessageStatus.SENDING:
                 sending += 1
         text = f"Cancel: {recipients} recipient(s) cancelled in {changed} of {len(ids)} message(s)."
-        if changed < len(ids):
-            text += f" {len(ids) - changed} had nothing left to cancel."
+        if changed < len(ids) - missing:
+            text += f" {len(ids) - missing - changed} had nothing left to cancel."
         if sending:
             text += (
                 f" {sending} message(s) are being sent by a worker right now: what it is "
                 "sending may still go out, and their status is updated when it finishes."
             )
         self.message_user(request, text, messages.SUCCESS if changed else messages.WARNING)
+        self._missing(request, missing)
+
+    def _missing(self, request: HttpRequest, missing: int) -> None:
+        """Rows this page read that mailqueue's own database does not hold: say which setting."""
+        if not missing:
+            return
+        self.message_user(
+            request,
+            f"{missing} message(s) not found by mailqueue, left as they were: deleted since "
+            f"the list was shown, or this admin reads another database (Django's "
+            f"{database_alias()!r}, MAILQUEUE_DJANGO_ADMIN_DATABASE) than the one mailqueue "
+            "writes (MAILQUEUE_DATABASE_URL); they must be the same.",
+            messages.ERROR,
+        )
 
 
 def _more(rows: Sequence[Any], obj: Message) -> str:
