@@ -55,7 +55,7 @@ COUNT_CAP = 10_000
 ACTION_LIMIT = 1_000
 """The most messages one Retry or Cancel takes (``mailqueue retry --failed`` does more)."""
 TABLE_ROWS = 500
-"""Recipients and attempts shown on a message page (``mailqueue status ID`` shows all)."""
+"""Recipients and attempts shown on a message page (``mailqueue status ID --history``: all)."""
 
 
 def _mailqueue_settings() -> Settings:
@@ -76,7 +76,9 @@ class CappedPaginator(Paginator):
 
     @cached_property
     def count(self) -> int:
-        found = self.object_list[: self.cap + 1].count()
+        # Only the ids, in no order: the database may count from whichever index
+        # serves the filter, without reading each row's columns (or its JSON).
+        found = self.object_list.values("pk").order_by()[: self.cap + 1].count()
         self.capped = found > self.cap
         return min(found, self.cap)
 
@@ -498,7 +500,8 @@ def _more(rows: Sequence[Any], obj: Message) -> str:
     if len(rows) <= TABLE_ROWS:
         return ""
     return format_html(
-        "<p class='help'>The first {} shown; <code>mailqueue status {}</code> lists all.</p>",
+        "<p class='help'>The first {} shown; <code>mailqueue status {} --history</code> "
+        "lists all.</p>",
         TABLE_ROWS,
         obj.pk,
     )
