@@ -227,6 +227,7 @@ def test_message_page_shows_each_recipient_and_every_attempt(seeded, boss):
         ("cy@example.org", "sent"),
     ]
     assert "Subject: Receipt 42" in html  # the header block
+    assert "{&quot;tag&quot;: &quot;receipt&quot;}" in html  # the metadata, as JSON
     assert 'id="mq-retry"' in html and 'id="mq-cancel"' in html
     # read-only: no form fields to edit, no save or delete button
     assert 'name="_save"' not in html and "deletelink" not in html
