@@ -16,6 +16,35 @@ ALLOWED_HOSTS = ["testserver", "localhost"]
 ROOT_URLCONF = "tests.django_project.urls"
 INSTALLED_APPS = ["django.contrib.contenttypes", "tests.django_project.shop"]
 MIDDLEWARE = []
+
+# The mailqueue admin (tests/test_django_admin*.py): Django's admin and what it needs.
+INSTALLED_APPS += [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "mailqueue.contrib.django_admin",
+]
+MIDDLEWARE += [
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+]
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ]
+        },
+    }
+]
+STATIC_URL = "/static/"
 USE_TZ = True
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 DEFAULT_FROM_EMAIL = "Shop <shop@example.com>"

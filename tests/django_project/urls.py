@@ -1,3 +1,4 @@
+from django.contrib import admin
 from django.urls import path
 
 from . import errors
@@ -8,4 +9,5 @@ urlpatterns = [
     path("welcome/", views.welcome),
     path("newsletter/", views.newsletter),
     path("broken/", errors.broken),
+    path("admin/", admin.site.urls),
 ]
