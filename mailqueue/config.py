@@ -612,6 +612,7 @@ OTHER_NAMES: dict[str, str] = {
     "MAILQUEUE_DJANGO_RELAY": "Django: the relay of the email backend (contrib.django)",
     "MAILQUEUE_DJANGO_DATABASE": "Django: the database whose transaction decides (contrib.django)",
     "MAILQUEUE_DJANGO_SAME_DATABASE": "Django: rows through Django's connection (contrib.django)",
+    "MAILQUEUE_DJANGO_ADMIN_DATABASE": "Django: the alias the admin reads (contrib.django_admin)",
     "MAILQUEUE_SCALE_ROWS": "rows of the scale test (tests/test_web_scale.py)",
     "MAILQUEUE_UPDATE_SCREENSHOT": "rewrite docs/status-page.png (tests/test_web_browser.py)",
 }
