@@ -55,7 +55,27 @@ class DjangoEnv:
 
 @pytest.fixture(scope="session")
 def django_env(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest):
-    """Configure and set up the test project once: a SQLite and (if reachable) a PG database."""
+    """Configure and set up the test project once: a SQLite and (if reachable) a PG database.
+
+    Django is set up once per process, but pytest runs a session fixture once
+    per module that imports it (the admin and peer tests do): a project found
+    configured is reused, its databases brought to head (both migrations are
+    idempotent), never replaced by a fresh SQLite file Django does not use.
+    """
+    from django.conf import settings as django_settings
+
+    if django_settings.configured:
+        from django.core.management import call_command as django_call
+
+        sqlite_url = f"sqlite:///{django_settings.DATABASES['default']['NAME']}"
+        upgrade(sqlite_url)
+        pg_url = None
+        if "pg" in django_settings.DATABASES:  # the session's database, already at head
+            pg_url = request.getfixturevalue("pg_database")
+        for alias in django_settings.DATABASES:
+            django_call("migrate", database=alias, verbosity=0)
+        yield DjangoEnv(sqlite_url, pg_url)
+        return
     sqlite_path: Path = tmp_path_factory.mktemp("django") / "app.db"
     sqlite_url = f"sqlite:///{sqlite_path}"
     upgrade(sqlite_url)  # mailqueue's tables (`mailqueue migrate`) next to Django's

@@ -37,33 +37,7 @@ from tests.test_django import DjangoEnv, DjangoStack, dj  # noqa: F401  (fixture
 LIST = "/admin/mailqueue/message/"
 
 
-@pytest.fixture(scope="session")
-def django_env(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest):
-    """``test_django.django_env``, or the project it already set up in this session.
-
-    Django is set up once per process; a second run of that session fixture
-    (pytest makes one per module that imports it) would point mailqueue at a
-    fresh SQLite file that Django does not use. So the project found
-    configured is reused, its databases brought to head (both migrations are
-    idempotent).
-    """
-    from django.conf import settings
-
-    if not settings.configured:
-        yield from test_django.django_env.__wrapped__(tmp_path_factory, request)
-        return
-    from django.core.management import call_command
-
-    from mailqueue.migrate import upgrade
-
-    sqlite_url = f"sqlite:///{settings.DATABASES['default']['NAME']}"
-    upgrade(sqlite_url)
-    pg_url = None
-    if "pg" in settings.DATABASES:  # the session's database, already at head
-        pg_url = request.getfixturevalue("pg_database")
-    for alias in settings.DATABASES:
-        call_command("migrate", database=alias, verbosity=0)
-    yield DjangoEnv(sqlite_url, pg_url)
+django_env = test_django.django_env  # one project per process, whichever module sets it up
 
 
 def page(obj_id: str, action: str = "change") -> str:
