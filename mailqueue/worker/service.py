@@ -319,18 +319,25 @@ class Deliverer:
         return self._paused.get(name)
 
     async def _pause(self, relay: RelayConfig, exc: SMTPError) -> None:
-        """Auth/TLS trouble is the relay's: pause it (with backoff) for every message."""
-        until = await asyncio.to_thread(
+        """Auth/TLS trouble is the relay's: pause it (with backoff) for every message.
+
+        Every message in flight that meets the same trouble lands here; the
+        store counts one event per pause (``pause_relay``), and only the call
+        that began the pause logs it.
+        """
+        pause = await asyncio.to_thread(
             pause_relay, self.store.engine, relay.name, error=type(exc).__name__, reply=str(exc)
         )
-        self._paused[relay.name] = until
-        log.error(
-            "relay %s paused until %s: %s: %s",
-            relay.name,
-            until.isoformat(),
-            type(exc).__name__,
-            exc,
-        )
+        self._paused[relay.name] = pause.until
+        if pause.started:
+            log.error(
+                "relay %s paused until %s (failure %d in a row): %s: %s",
+                relay.name,
+                pause.until.isoformat(),
+                pause.failures,
+                type(exc).__name__,
+                exc,
+            )
 
     async def _release(
         self, message: ClaimedMessage, until: dt.datetime, exc: SMTPError | None
