@@ -24,9 +24,10 @@ from mailqueue import Message
 from mailqueue.cli import cli
 
 from .conftest import Proc, wait_until
+from .test_delivery import deliver
 from .test_faults import all_terminal, received, statuses
 from .test_faults import private_redis as private_redis  # the fixture
-from .test_metrics import _free_port, scrape
+from .test_metrics import _free_port, sample, scrape
 
 CONSUMING = ("mailqueue_worker_consuming", ())
 
@@ -165,6 +166,24 @@ def test_an_unrecoverable_consumer_error_ends_the_worker_with_status_1(
     )
     assert run.returncode == 1, run.stdout[-2000:] + run.stderr[-2000:]
     assert "Unrecoverable error" in run.stderr and "hostname" in run.stderr
+
+
+# --------------------------------------------------------------------------- the window
+
+
+def test_each_committed_outcome_is_timed_from_its_reply(stack, smtp_server):
+    """``mailqueue_record_lag_seconds``: one observation per message whose outcome was
+    committed, the time a kill would have made it a resend."""
+    before = sample("mailqueue_record_lag_seconds_count")
+    smtp_server.reject = ["no@*"]
+    ids = mailqueue.enqueue_many(
+        [Message(sender="a@example.com", to=f"w{i}@example.com", text="t") for i in range(3)]
+        + [Message(sender="a@example.com", to="no@example.com", text="t")]
+    )
+    deliver(stack, ids)
+    assert [mailqueue.get_status(i).status for i in ids] == ["sent", "sent", "sent", "failed"]
+    assert sample("mailqueue_record_lag_seconds_count") == before + 4
+    assert sample("mailqueue_record_lag_seconds_sum") > 0
 
 
 # --------------------------------------------------------------------------- stops

@@ -128,19 +128,20 @@ class _Recorder:
     def __init__(self, store: Store, owner: str) -> None:
         self._store = store
         self._owner = owner
-        self._pending: list[tuple[MessageOutcome, asyncio.Future[None]]] = []
+        # (outcome, who waits for its commit, monotonic time its reply arrived)
+        self._pending: list[tuple[MessageOutcome, asyncio.Future[None], float]] = []
         self._writer: asyncio.Task[None] | None = None
 
     async def record(self, outcome: MessageOutcome) -> None:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append((outcome, future))
+        self._pending.append((outcome, future, time.monotonic()))
         if self._writer is None or self._writer.done():
             self._writer = asyncio.create_task(self._write())
         await future
 
     async def _write(self) -> None:
         while self._pending:
-            batch: list[tuple[MessageOutcome, asyncio.Future[None]]] = []
+            batch: list[tuple[MessageOutcome, asyncio.Future[None], float]] = []
 
             # Never gives up (stop_never): the outcomes are kept until SQL takes them.
             async for attempt in AsyncRetrying(
@@ -154,12 +155,15 @@ class _Recorder:
                     batch, self._pending = self._pending, []
                     try:
                         await asyncio.to_thread(
-                            self._store.record, [o for o, _ in batch], owner=self._owner
+                            self._store.record, [o for o, _, _ in batch], owner=self._owner
                         )
                     except Exception:
                         self._pending = batch + self._pending
                         raise
-            for _, future in batch:
+            # The duplicate window, measured: from the reply to the committed row.
+            committed = time.monotonic()
+            _metrics.outcomes_committed([committed - since for _, _, since in batch])
+            for _, future, _ in batch:
                 if not future.done():
                     future.set_result(None)
 
