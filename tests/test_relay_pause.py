@@ -29,7 +29,11 @@ from .test_delivery import deliver, make_due
 
 @pytest.fixture(autouse=True)
 def _no_relay_state(stack):
-    """The PostgreSQL test database lives for the session: start with no pause."""
+    """The PostgreSQL test database lives for the session: start with no pause, and
+    leave none behind for the tests that run after these."""
+    with stack.engine.begin() as conn:
+        conn.execute(sa.delete(RELAYS))
+    yield
     with stack.engine.begin() as conn:
         conn.execute(sa.delete(RELAYS))
 
