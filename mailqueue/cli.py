@@ -452,12 +452,45 @@ def _send_now(message: Any, as_json: bool, relay: str | None) -> None:
     help="Celery execution pool.",
 )
 @click.option("-l", "--loglevel", default="INFO", help="Celery log level.")
+@click.option(
+    "--check-health",
+    is_flag=True,
+    help="Start nothing: exit 0 if the worker writing MAILQUEUE_HEALTH_FILE is consuming, "
+    "1 if not (a container healthcheck).",
+)
+@click.option(
+    "--max-age",
+    type=float,
+    default=30.0,
+    show_default=True,
+    help="With --check-health: oldest heartbeat (seconds) still healthy.",
+)
 @click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
 def worker(
-    concurrency: int | None, pool_kind: str, loglevel: str, celery_args: tuple[str, ...]
+    concurrency: int | None,
+    pool_kind: str,
+    loglevel: str,
+    check_health: bool,
+    max_age: float,
+    celery_args: tuple[str, ...],
 ) -> None:
-    """Start a Celery worker that delivers queued mail (extra args go to Celery)."""
+    """Start a Celery worker that delivers queued mail (extra args go to Celery).
+
+    It exits 0 only when asked to stop (SIGTERM, SIGINT); 1 when its broker
+    consumer died or did not consume for MAILQUEUE_WORKER_STALL_S seconds
+    (default 60), so that its supervisor restarts it.
+    """
     from .logging_setup import log_startup
+    from .worker import liveness
+
+    if check_health:
+        healthy, said = liveness.check_health(liveness.health_file(), max_age)
+        click.echo(said, err=not healthy)
+        sys.exit(0 if healthy else 1)
+    try:
+        liveness.stall_s()
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
     from .worker.app import get_app
 
     settings = get_settings()
@@ -469,7 +502,7 @@ def worker(
     argv = ["worker", f"--loglevel={loglevel}", f"--pool={pool_kind}", "-Q", settings.queue_name]
     if concurrency:
         argv.append(f"--concurrency={concurrency}")
-    get_app().worker_main([*argv, *celery_args])
+    sys.exit(liveness.run_worker(get_app(), [*argv, *celery_args]))
 
 
 def _check_broker(url: str) -> None:

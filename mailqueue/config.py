@@ -607,6 +607,8 @@ OTHER_NAMES: dict[str, str] = {
     "MAILQUEUE_METRICS_PORT": "Prometheus metrics port of worker and scheduler (metrics)",
     "MAILQUEUE_METRICS_ADDR": "the address the metrics listen on (metrics)",
     "MAILQUEUE_EVENT_LOOP": "the worker's event loop, uvloop or asyncio (worker/loop.py)",
+    "MAILQUEUE_HEALTH_FILE": "the worker's heartbeat file for health probes (worker/liveness.py)",
+    "MAILQUEUE_WORKER_STALL_S": "idle seconds before a worker exits 1 (worker/liveness.py)",
     "MAILQUEUE_WEB_TOKEN": "the token of mailqueue web (cli)",
     "MAILQUEUE_DEFAULT_SENDER": "Flask: the default From (contrib.flask)",
     "MAILQUEUE_DJANGO_RELAY": "Django: the relay of the email backend (contrib.django)",

@@ -19,7 +19,8 @@ authentication: relay names, volumes and failure rates are for the
 operator's network, not the Internet.
 
 The hooks (``observe_attempt``, ``pool_changed``, ``pool_waited``,
-``scheduler_tick``) never raise: a metrics problem must not stop delivery.
+``scheduler_tick``, ``worker_consuming``, ``outcomes_committed``) never raise:
+a metrics problem must not stop delivery.
 
 Metric names:
 
@@ -34,11 +35,17 @@ Metric names:
 ``mailqueue_delivery_latency_seconds``      histogram  enqueue → accepted, per recipient
 ``mailqueue_delivery_attempts``             histogram  attempt number at which recipients ended
 ``mailqueue_attempts_total``                counter    delivery attempts made (``relay``)
+``mailqueue_record_lag_seconds``            histogram  reply → committed outcome, per message:
+                                                       the duplicate window (a kill inside it
+                                                       resends those recipients)
 ``mailqueue_pool_connections``              gauge      ``state``: open/idle/in_use (summed over
                                                        live worker processes)
 ``mailqueue_pool_waits_total``              counter    borrowers that waited for a connection
 ``mailqueue_pool_connections_opened_total`` counter    connections opened
 ``mailqueue_worker_processes``              gauge      live delivering processes
+``mailqueue_worker_consuming``              gauge      1 while the worker consumes from the
+                                                       broker, 0 while it cannot (per worker;
+                                                       see ``worker/liveness.py``)
 ``mailqueue_queue_depth``                   gauge      ``state``: waiting/due, per relay (scheduler)
 ``mailqueue_oldest_due_age_seconds``        gauge      how long the oldest due message waits
 ``mailqueue_scheduler_dispatched_total``    counter    ids handed to the broker
@@ -70,6 +77,8 @@ __all__ = [
     "pool_changed",
     "pool_waited",
     "scheduler_tick",
+    "worker_consuming",
+    "outcomes_committed",
     "observe_queue",
     "reply_class",
 ]
@@ -80,6 +89,9 @@ LATENCY_BUCKETS = (
     0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600, 86400, 5 * 86400,
 )  # fmt: skip
 ATTEMPT_BUCKETS = (1, 2, 3, 4, 5, 7, 10, 15, 20, 30)
+RECORD_LAG_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -148,6 +160,12 @@ class _Metrics:
         self.attempts = Counter(
             "mailqueue_attempts_total", "Delivery attempts made on messages", ["relay"]
         )
+        self.record_lag = Histogram(
+            "mailqueue_record_lag_seconds",
+            "Seconds from a message's last SMTP reply to its outcome's commit "
+            "(a worker killed meanwhile resends those recipients)",
+            buckets=RECORD_LAG_BUCKETS,
+        )
         self.pool = Gauge(
             "mailqueue_pool_connections",
             "SMTP connections of the worker pools by state (open = idle + in_use)",
@@ -172,6 +190,12 @@ class _Metrics:
             "mailqueue_worker_processes",
             "Live worker processes that have delivered since they started",
             multiprocess_mode="livesum",
+        )
+        self.worker_consuming = Gauge(
+            "mailqueue_worker_consuming",
+            "1 while this worker consumes from the broker (connected, its loop turning), "
+            "0 while it cannot; it exits 1 after MAILQUEUE_WORKER_STALL_S of 0",
+            multiprocess_mode="livemax",
         )
         self.queue_depth = Gauge(
             "mailqueue_queue_depth",
@@ -379,6 +403,24 @@ def pool_changed(pool: Any) -> None:
         m.child(m.pool, relay, "in_use").set(busy)
     except Exception:  # noqa: BLE001
         log.debug("metrics: pool_changed failed", exc_info=True)
+
+
+def outcomes_committed(lags_s: Iterable[float]) -> None:
+    """One group commit of outcomes is done; each waited this long since its reply."""
+    try:
+        m = get()
+        for lag in lags_s:
+            m.record_lag.observe(lag)
+    except Exception:  # noqa: BLE001
+        log.debug("metrics: outcomes_committed failed", exc_info=True)
+
+
+def worker_consuming(consuming: bool) -> None:
+    """The worker's watchdog judged it consuming or not (``worker.liveness``)."""
+    try:
+        get().worker_consuming.set(1 if consuming else 0)
+    except Exception:  # noqa: BLE001
+        log.debug("metrics: worker_consuming failed", exc_info=True)
 
 
 def pool_waited(pool: Any) -> None:

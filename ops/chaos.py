@@ -1,6 +1,9 @@
 """Chaos run: enqueue while killing workers, Redis and the SMTP server; then count.
 
     .venv/bin/python ops/chaos.py --messages 20000 --duration 300
+    .venv/bin/python ops/chaos.py --scenario redis-heavy   # mostly Redis restarts
+    .venv/bin/python ops/chaos.py --scenario stop          # mostly graceful group stops
+    .venv/bin/python ops/chaos.py --scenario kill --kill-busy  # the duplicate window
 
 On loopback, against PostgreSQL (a fresh database per run, from
 MAILQUEUE_TEST_POSTGRES_URL's server), a private Redis without persistence
@@ -12,11 +15,26 @@ drains, and the report says: enqueued, delivered, failed, deferred, lost
 documented window (its first copy reached the relay within --window seconds
 of a worker being killed or the SMTP server going down, so the relay's
 "250" was never recorded) or outside it (must be 0).
+
+Besides the SIGKILLs, a "stop" fault sends SIGTERM to a worker's whole
+process group (what systemd and supervisors do) and waits for it: it must
+exit 0 within --stop-timeout and leave nothing to resend (a duplicate near a
+stop is outside the window). Every worker exit is recorded with its status;
+a worker that exits by itself is restarted (as ``Restart=always`` would),
+and one that exits 0 without being asked fails the run. After each fault
+clears, while mail is waiting, deliveries must resume within --stall-bound
+seconds, or the run fails.
+
+The duplicate window, measured: for each resend whose first copy came just
+before a worker was SIGKILLed, how long before the kill the relay accepted
+that first copy (``window`` in the report: count, max and p99 in ms, and
+resends per kill).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -42,13 +60,45 @@ POSTGRES_URL = os.environ.get(
 )
 
 
+SCENARIOS = {
+    "mixed": ["worker", "worker", "redis", "smtp", "stop"],
+    "redis-heavy": ["redis", "redis", "redis", "worker", "stop"],
+    "stop": ["stop", "stop", "stop", "worker"],
+    "kill": ["worker"],  # SIGKILLs only: measures the duplicate window
+}
+
+
 @dataclass
 class Events:
     """When each fault began and ended (monotonic seconds), to classify duplicates."""
 
     worker_kills: list[tuple[float, float]] = field(default_factory=list)
+    worker_stops: list[tuple[float, float]] = field(default_factory=list)
     smtp_downs: list[tuple[float, float]] = field(default_factory=list)
     redis_restarts: list[tuple[float, float]] = field(default_factory=list)
+
+
+@dataclass
+class Exit:
+    """One worker process that ended: how, and whether anybody asked it to."""
+
+    worker: int
+    at_s: float
+    status: int | None  # None: hung, killed after the stop timeout
+    cause: str  # "sigkill" | "sigterm-group" | "by itself" | "final stop"
+
+    @property
+    def bad(self) -> str | None:
+        if self.cause == "by itself" and self.status == 0:
+            return "exited 0 without being asked to stop"
+        # -SIGTERM: the signal came before Celery installed its handlers (right after
+        # a restart), so it ended the process as asked; it had claimed nothing yet.
+        if self.cause in ("sigterm-group", "final stop") and self.status not in (
+            0,
+            -signal.SIGTERM,
+        ):
+            return f"asked to stop, ended with {self.status}"
+        return None
 
 
 class Workers:
@@ -56,8 +106,13 @@ class Workers:
         self.env, self.concurrency, self.logdir = env, concurrency, logdir
         self.procs: list[subprocess.Popen[bytes] | None] = [None] * count
         self.starts = 0
+        self.exits: list[Exit] = []
+        self.t0 = time.monotonic()
         for i in range(count):
             self.start(i)
+
+    def _exited(self, i: int, status: int | None, cause: str) -> None:
+        self.exits.append(Exit(i, round(time.monotonic() - self.t0, 1), status, cause))
 
     def start(self, i: int) -> None:
         self.starts += 1
@@ -77,18 +132,41 @@ class Workers:
         if proc is not None and proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
+            self._exited(i, proc.returncode, "sigkill")
         self.procs[i] = None
 
-    def stop(self) -> None:
-        for proc in self.procs:
-            if proc is not None and proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
+    def _killpg_quietly(self, proc: subprocess.Popen[bytes]) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+    def stop_one(self, i: int, timeout: float, cause: str = "sigterm-group") -> None:
+        """SIGTERM to the worker's process group, as systemd and supervisors send it."""
+        proc = self.procs[i]
+        if proc is None or proc.poll() is not None:
+            return
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            status: int | None = proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            status = None  # hung: recorded as such, then killed
+            self._killpg_quietly(proc)
+        self._exited(i, status, cause)
+        self.procs[i] = None
+
+    def reap(self) -> list[int]:
+        """Workers that ended by themselves: record, restart (``Restart=always``)."""
+        ended = []
         for i, proc in enumerate(self.procs):
-            if proc is not None:
-                try:
-                    proc.wait(60)
-                except subprocess.TimeoutExpired:
-                    self.kill(i)
+            if proc is not None and proc.poll() is not None:
+                self._exited(i, proc.returncode, "by itself")
+                ended.append(i)
+                self.start(i)
+        return ended
+
+    def stop(self, timeout: float) -> None:
+        for i in range(len(self.procs)):
+            self.stop_one(i, timeout, cause="final stop")
 
 
 def fresh_database() -> tuple[str, sa.Engine]:
@@ -112,6 +190,24 @@ def main() -> int:
     parser.add_argument("--window", type=float, default=3.0, help="duplicate window, seconds")
     parser.add_argument("--drain-timeout", type=float, default=600.0)
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--scenario", choices=sorted(SCENARIOS), default="mixed")
+    parser.add_argument(
+        "--kill-busy",
+        action="store_true",
+        help="SIGKILL a worker only while the relay is accepting mail (within 50 ms)",
+    )
+    parser.add_argument(
+        "--reply-delay", type=float, default=0.0, help="seconds the SMTP server waits per reply"
+    )
+    parser.add_argument(
+        "--stop-timeout", type=float, default=120.0, help="a SIGTERMed worker must exit by then"
+    )
+    parser.add_argument(
+        "--stall-bound",
+        type=float,
+        default=30.0,
+        help="after a fault clears, mail waiting must move again within this many seconds",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "ops" / "chaos-results")
     args = parser.parse_args()
     seed = args.seed if args.seed is not None else random.randrange(1 << 30)
@@ -128,10 +224,14 @@ def main() -> int:
     upgrade(db_url)
     redis = PrivateRedis().start()
     smtp = DevServer(port=free_port()).start()
+    smtp.faults.reply_delay_s = args.reply_delay
     first_copy_at: dict[str, float] = {}
+
+    last_copy = [0.0]  # when the relay last accepted a message (monotonic)
 
     def seen(message) -> None:  # noqa: ANN001
         now = time.monotonic()
+        last_copy[0] = now
         for rcpt in message.rcpt_tos:
             first_copy_at.setdefault(rcpt, now)
 
@@ -150,6 +250,9 @@ def main() -> int:
         MAILQUEUE_SMTP_CONNECT_TIMEOUT_S="3",
         MAILQUEUE_SMTP_COMMAND_TIMEOUT_S="10",
         MAILQUEUE_SMTP_DATA_TIMEOUT_S="10",
+        # A worker whose consumer cannot get the broker back exits 1 after this and is
+        # restarted by reap() (shorter than the 60 s default, to fit the stall bound).
+        MAILQUEUE_WORKER_STALL_S="15",
     )
     os.environ.update({k: v for k, v in env.items() if k.startswith("MAILQUEUE_")})
     configure(settings_from_env())
@@ -204,6 +307,7 @@ def main() -> int:
             f"[{phase} {time.monotonic() - t0:6.0f}s] enqueued {enqueued}/{args.messages}  "
             f"sent {c['sent']}  deferred {c['deferred']}  pending {c['pending']}  "
             f"received {len(first_copy_at)}  faults: {len(events.worker_kills)} worker kills, "
+            f"{len(events.worker_stops)} group stops, "
             f"{len(events.redis_restarts)} redis restarts, {len(events.smtp_downs)} smtp downs",
             flush=True,
         )
@@ -211,14 +315,45 @@ def main() -> int:
     t0 = time.monotonic()
     next_fault = t0 + rng.uniform(args.min_gap, args.max_gap)
     last_progress = 0.0
+    # Deliveries resume after a fault: (when it cleared, first copies seen then).
+    watch: tuple[float, int] | None = None
+    recoveries: list[float] = []
+    stalls: list[dict[str, object]] = []
+
+    def check_recovery(now: float) -> None:
+        nonlocal watch
+        if watch is None:
+            return
+        cleared, seen = watch
+        if len(first_copy_at) > seen:
+            recoveries.append(now - cleared)
+            watch = None
+        elif enqueued <= len(first_copy_at):
+            watch = None  # nothing was waiting
+        elif now - cleared > args.stall_bound:
+            stalls.append({"at_s": round(cleared - t0, 1), "waited_s": round(now - cleared, 1)})
+            watch = None
+
     print(f"chaos run {run_dir.name}: seed {seed}, database {db_url.rsplit('/', 1)[1]}", flush=True)
     while time.monotonic() - t0 < args.duration:
         now = time.monotonic()
+        workers.reap()
+        check_recovery(now)
         if now >= next_fault:
-            fault = rng.choice(["worker", "worker", "redis", "smtp"])
+            fault = rng.choice(SCENARIOS[args.scenario])
             began = time.monotonic()
-            if fault == "worker":
+            if fault == "stop":
                 i = rng.randrange(args.workers)
+                workers.stop_one(i, args.stop_timeout)
+                events.worker_stops.append((began, time.monotonic()))
+                workers.start(i)
+            elif fault == "worker":
+                i = rng.randrange(args.workers)
+                if args.kill_busy:  # land the kill while the relay is accepting mail
+                    deadline = time.monotonic() + 10
+                    while time.monotonic() < deadline and time.monotonic() - last_copy[0] > 0.05:
+                        time.sleep(0.005)
+                    began = time.monotonic()
                 workers.kill(i)
                 events.worker_kills.append((began, time.monotonic()))
                 time.sleep(rng.uniform(1, 5))
@@ -231,6 +366,7 @@ def main() -> int:
                 events.smtp_downs.append((began, time.monotonic()))
                 time.sleep(rng.uniform(1, 5))
                 smtp.start()
+            watch = (time.monotonic(), len(first_copy_at))
             next_fault = time.monotonic() + rng.uniform(args.min_gap, args.max_gap)
         if now - last_progress >= 5:
             progress("chaos")
@@ -243,6 +379,8 @@ def main() -> int:
             workers.start(i)
     drain_start = time.monotonic()
     while time.monotonic() - drain_start < args.drain_timeout:
+        workers.reap()
+        check_recovery(time.monotonic())
         c = counts()
         if c["pending"] == 0 and c["deferred"] == 0 and sum(c.values()) == args.messages:
             break
@@ -252,7 +390,7 @@ def main() -> int:
         time.sleep(0.5)
     drained_in = time.monotonic() - drain_start
 
-    workers.stop()
+    workers.stop(args.stop_timeout)
     scheduler.terminate()
     scheduler.wait(30)
     c = counts()
@@ -297,6 +435,28 @@ def main() -> int:
                 "first_copy_minus_fault_s": round(first - near[1], 3) if near else None,
             }
         )
+    # The window, measured: resends whose first copy came shortly before a SIGKILL.
+    kill_began = [began for began, _ in events.worker_kills]
+    before_kill_ms = []
+    for a in duplicates:
+        first = first_copy_at[a]
+        ahead = [b - first for b in kill_began if b - args.window <= first <= b + args.window]
+        if ahead:
+            before_kill_ms.append(1000 * min(ahead, key=abs))
+    before_kill_ms.sort()
+    window = {
+        "resends_after_kills": len(before_kill_ms),
+        "worker_kills": len(kill_began),
+        "resends_per_kill": round(len(before_kill_ms) / max(1, len(kill_began)), 2),
+        "max_ms": round(max(before_kill_ms), 1) if before_kill_ms else None,
+        "p99_ms": (
+            round(before_kill_ms[min(len(before_kill_ms) - 1, int(0.99 * len(before_kill_ms)))], 1)
+            if before_kill_ms
+            else None
+        ),
+        "first_copy_before_kill_ms": [round(v, 1) for v in before_kill_ms],
+    }
+    bad_exits = [e for e in workers.exits if e.bad]
     lost = [a for a in addresses if a not in received and a not in failed]
     report = {
         "run": run_dir.name,
@@ -308,6 +468,7 @@ def main() -> int:
         "concurrency": args.concurrency,
         "faults": {
             "worker_kills": len(events.worker_kills),
+            "worker_group_stops": len(events.worker_stops),
             "worker_starts": workers.starts,
             "redis_restarts": len(events.redis_restarts),
             "smtp_downs": len(events.smtp_downs),
@@ -323,13 +484,28 @@ def main() -> int:
         "delivered_twice_in_window": len(in_window),
         "delivered_twice_outside_window": len(duplicates) - len(in_window),
         "smtp_connections": smtp.connections_total,
+        "scenario": args.scenario,
+        "kill_busy": args.kill_busy,
+        "reply_delay_s": args.reply_delay,
+        "window": window,
+        "worker_exits": [vars(e) | {"bad": e.bad} for e in workers.exits],
+        "bad_worker_exits": len(bad_exits),
+        "recovery_s_max": round(max(recoveries), 1) if recoveries else None,
+        "stall_bound_s": args.stall_bound,
+        "stalls": stalls,
         "duplicates": details,
     }
     (run_dir / "report.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
     smtp.stop()
     redis.stop()
-    ok = not lost and len(duplicates) == len(in_window) and c["pending"] == c["deferred"] == 0
+    ok = (
+        not lost
+        and len(duplicates) == len(in_window)
+        and c["pending"] == c["deferred"] == 0
+        and not bad_exits
+        and not stalls
+    )
     print("PASS" if ok else "FAIL: see the report", flush=True)
     return 0 if ok else 1
 

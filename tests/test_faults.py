@@ -373,3 +373,7 @@ def test_chaos_run_smoke(tmp_path):
     assert report["enqueued"] == report["delivered"] == 300
     assert report["lost"] == 0 and report["delivered_twice_outside_window"] == 0
     assert sum(report["faults"].values()) > 0
+    # Every worker exit was expected (SIGKILL, or status 0 after a SIGTERM), delivery
+    # resumed after each fault within the bound, and the window was measured.
+    assert report["bad_worker_exits"] == 0 and report["stalls"] == [], report["worker_exits"]
+    assert report["window"]["resends_after_kills"] <= report["delivered_twice"]

@@ -24,6 +24,7 @@ from .handoff import Handoff
 from .loop import get_loop_thread
 from .service import Deliverer
 from .sqlite_broker import prepare_sqlite_broker
+from .stopping import shield_child_from_group_sigterm
 
 # A string: kombu imports the transport (and SQLAlchemy's ORM) only when it is used.
 SQLA_TRANSPORT_PATH = "mailqueue.worker.sqla_transport:SqlaTransport"
@@ -199,8 +200,10 @@ def flush_dispatch(timeout: float = 30.0) -> bool:
 
 @signals.worker_process_init.connect
 def _after_fork(**_: Any) -> None:
-    """A prefork child must not reuse the parent's sockets, loop or pools."""
+    """A prefork child must not reuse the parent's sockets, loop or pools, and leaves
+    stopping to the main process (``stopping.py``: a group SIGTERM would kill it mid-batch)."""
     global _deliverer
+    shield_child_from_group_sigterm()
     dispose_engines()
     _deliverer = None
 

@@ -128,19 +128,20 @@ class _Recorder:
     def __init__(self, store: Store, owner: str) -> None:
         self._store = store
         self._owner = owner
-        self._pending: list[tuple[MessageOutcome, asyncio.Future[None]]] = []
+        # (outcome, who waits for its commit, monotonic time its reply arrived)
+        self._pending: list[tuple[MessageOutcome, asyncio.Future[None], float]] = []
         self._writer: asyncio.Task[None] | None = None
 
     async def record(self, outcome: MessageOutcome) -> None:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append((outcome, future))
+        self._pending.append((outcome, future, time.monotonic()))
         if self._writer is None or self._writer.done():
             self._writer = asyncio.create_task(self._write())
         await future
 
     async def _write(self) -> None:
         while self._pending:
-            batch: list[tuple[MessageOutcome, asyncio.Future[None]]] = []
+            batch: list[tuple[MessageOutcome, asyncio.Future[None], float]] = []
 
             # Never gives up (stop_never): the outcomes are kept until SQL takes them.
             async for attempt in AsyncRetrying(
@@ -154,12 +155,15 @@ class _Recorder:
                     batch, self._pending = self._pending, []
                     try:
                         await asyncio.to_thread(
-                            self._store.record, [o for o, _ in batch], owner=self._owner
+                            self._store.record, [o for o, _, _ in batch], owner=self._owner
                         )
                     except Exception:
                         self._pending = batch + self._pending
                         raise
-            for _, future in batch:
+            # The duplicate window, measured: from the reply to the committed row.
+            committed = time.monotonic()
+            _metrics.outcomes_committed([committed - since for _, _, since in batch])
+            for _, future, _ in batch:
                 if not future.done():
                     future.set_result(None)
 
@@ -319,18 +323,25 @@ class Deliverer:
         return self._paused.get(name)
 
     async def _pause(self, relay: RelayConfig, exc: SMTPError) -> None:
-        """Auth/TLS trouble is the relay's: pause it (with backoff) for every message."""
-        until = await asyncio.to_thread(
+        """Auth/TLS trouble is the relay's: pause it (with backoff) for every message.
+
+        Every message in flight that meets the same trouble lands here; the
+        store counts one event per pause (``pause_relay``), and only the call
+        that began the pause logs it.
+        """
+        pause = await asyncio.to_thread(
             pause_relay, self.store.engine, relay.name, error=type(exc).__name__, reply=str(exc)
         )
-        self._paused[relay.name] = until
-        log.error(
-            "relay %s paused until %s: %s: %s",
-            relay.name,
-            until.isoformat(),
-            type(exc).__name__,
-            exc,
-        )
+        self._paused[relay.name] = pause.until
+        if pause.started:
+            log.error(
+                "relay %s paused until %s (failure %d in a row): %s: %s",
+                relay.name,
+                pause.until.isoformat(),
+                pause.failures,
+                type(exc).__name__,
+                exc,
+            )
 
     async def _release(
         self, message: ClaimedMessage, until: dt.datetime, exc: SMTPError | None
