@@ -59,11 +59,8 @@ test-django61:
 	$(MAKE) --no-print-directory $(STAMP61) && \
 	$(VENV61)/bin/python -c "import django, sys; print('Django', django.get_version(), 'on Python', sys.version.split()[0])" && \
 	$(VENV61)/bin/python -m pytest tests/test_django.py tests/test_hostile_django.py tests/test_hostile.py \
-<<<<<<< HEAD
 	    tests/peer/django/test_django61.py \
-=======
 	    tests/test_django_admin.py tests/test_django_admin_browser.py \
->>>>>>> i16-admin
 	    $(DJANGO61_PYTEST_ARGS)
 
 # Every direct dependency at the lowest version pyproject.toml allows (uv's
