@@ -587,3 +587,34 @@ def test_send_with_a_broker_transport_that_cannot_import_exits_0_and_queues_once
     assert "Traceback" not in out.stderr, out.stderr
     assert "packaging" in out.stderr and "scheduler will pick" in out.stderr, out.stderr
     assert "redis://:***@127.0.0.1:6379/15" in out.stderr and BROKER_PASSWORD not in out.stderr
+
+
+def test_a_broker_that_accepts_but_never_answers_does_not_hold_enqueue(pg_stack, caplog):
+    """A Redis that takes the connection and then says nothing (a dead host behind
+    NAT, a stuck server) held a publish forever: inline, enqueue() never returned;
+    in the background, the process's exit waited for it. The socket timeout bounds it."""
+    import socket
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+
+    def accept_and_stay_silent() -> None:
+        while True:
+            try:
+                held.append(listener.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=accept_and_stay_silent, daemon=True).start()
+    try:
+        port = listener.getsockname()[1]
+        pg_stack.reconfigure(broker_url=f"redis://127.0.0.1:{port}/15", dispatch="inline")
+        caplog.set_level("WARNING")
+        mid = mailqueue.enqueue(Message(sender="a@example.com", to="x@example.com", text="t"))
+        assert held  # it did reach the silent broker
+        assert mailqueue.get_status(mid).status == "queued"
+        assert any("scheduler will pick" in r.getMessage() for r in caplog.records)
+    finally:
+        listener.close()
+        for conn in held:
+            conn.close()
