@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import math
+import urllib.parse
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeAlias
@@ -18,7 +20,7 @@ from typing import Any, TypeAlias
 from sqlalchemy import event
 from sqlalchemy.exc import IntegrityError
 
-from .config import Settings, get_settings
+from .config import Settings, get_settings, hide_password
 from .errors import AuthError, InvalidMessageError, NotFoundError, TLSError, UnknownAuthError
 from .headers import CONTROL
 from .message import Envelope, Message, build_envelope
@@ -74,6 +76,8 @@ __all__ = [
     "wake",
     "write_and_dispatch",
 ]
+
+log = logging.getLogger("mailqueue.enqueue")
 
 PreparedMessage: TypeAlias = NewMessage
 """A validated message with its rows' values, not written yet (see :func:`prepare`)."""
@@ -324,13 +328,14 @@ def write_and_dispatch(
     Without ``session`` mailqueue commits and dispatches at once; with a
     SQLAlchemy ``Session`` or ``Connection`` the rows join the caller's
     transaction and the broker hears of them after it commits. Raises
-    SQLAlchemy's ``IntegrityError`` when an idempotency key is taken.
+    SQLAlchemy's ``IntegrityError`` when an idempotency key is taken, and
+    nothing after the commit: see :func:`wake`.
     """
     store = _store()
     due_now = [m.id for m in prepared if m.dispatched]
     if session is None:
         store.insert(prepared)
-        dispatch_committed(due_now)
+        wake(due_now)
     else:
         store.insert(prepared, conn=session)
         _dispatch_after_commit(session, due_now)
@@ -340,16 +345,17 @@ def write_and_dispatch(
 def _dispatch_after_commit(session: Any, ids: list[uuid.UUID]) -> None:
     """Wake the broker when the caller's transaction commits, never before.
 
-    With an ORM ``Session`` we hook its ``after_commit``. With a Core
-    ``Connection`` there is no such hook: the rows are written undispatched
-    and the scheduler sends them at its next tick.
+    With an ORM ``Session`` we hook its ``after_commit`` (and :func:`wake`
+    never raises there, so the caller's ``commit()`` does not raise after
+    committing). With a Core ``Connection`` there is no such hook: the rows
+    are written undispatched and the scheduler sends them at its next tick.
     """
     from sqlalchemy.orm import Session
 
     if not ids:
         return
     if isinstance(session, Session):
-        event.listen(session, "after_commit", lambda _s: dispatch_committed(ids), once=True)
+        event.listen(session, "after_commit", lambda _s: wake(ids), once=True)
         return
     # A Core connection: flip the rows to "needs dispatch" inside its transaction.
     _ops.mark_undispatched(session, ids)
@@ -385,8 +391,53 @@ def wake(ids: Sequence[uuid.UUID]) -> None:
 
     Hands the ids to the broker (in the background unless ``MAILQUEUE_DISPATCH=inline``);
     if the broker cannot take them, the scheduler sends them at its next tick.
+
+    Never raises (ARCHITECTURE, invariant 10): the rows are committed, so the
+    mail is queued whatever happens here. A broker that is down, or whose
+    transport cannot even be imported (a missing extra), is logged as a
+    WARNING and the rows are flagged for the scheduler; a caller that retried
+    an error from here would queue the mail twice.
     """
-    dispatch_committed(ids)
+    if not ids:
+        return
+    try:
+        dispatch_committed(ids)
+    except Exception as exc:  # noqa: BLE001 - any failure past the commit is the scheduler's
+        _broker_failed(ids, exc)
+
+
+def _broker_failed(ids: Sequence[uuid.UUID], exc: Exception) -> None:
+    url = get_settings().broker_url
+    log.warning(
+        "%d message(s) committed (%s), but the broker %s could not be woken (%s: %s); "
+        "they stay queued in SQL and the scheduler will pick them up at its next tick",
+        len(ids),
+        ", ".join(str(i) for i in ids[:3]) + (", ..." if len(ids) > 3 else ""),
+        hide_password(url),
+        type(exc).__name__,
+        _without_secrets(str(exc), url),
+    )
+    try:
+        _store().mark_undispatched(list(ids))
+    except Exception as again:  # noqa: BLE001
+        log.warning(
+            "could not flag them for the scheduler either (%s); it sends them once "
+            "redispatch_after_s has passed",
+            type(again).__name__,
+        )
+
+
+def _without_secrets(text: str, url: str) -> str:
+    """``text`` with the broker URL masked, and its password wherever it appears alone."""
+    text = text.replace(url, hide_password(url))
+    try:
+        password = urllib.parse.urlsplit(url).password
+    except ValueError:
+        password = None
+    if password:
+        text = text.replace(password, "***")
+        text = text.replace(urllib.parse.unquote(password), "***")
+    return text
 
 
 def insert_prepared(prepared: Sequence[PreparedMessage], *, conn: Any) -> None:

@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 
 import mailqueue
 from mailqueue import InvalidMessageError, Message
+from mailqueue.config import hide_password
 from mailqueue.store.models import MessageRow, RecipientRow
 
 M = MessageRow.__table__
@@ -479,3 +480,141 @@ def test_a_key_with_a_control_character_and_a_send_at_past_the_calendar_are_refu
             mailqueue.enqueue(msg, **kwargs)
         assert caught.value.field == field
     assert counts(stack) == (0, 0)
+
+
+# ------------------------------------------- after the commit, nothing raises (invariant 10)
+
+BROKER_PASSWORD = "br0ker-Pa55"
+
+
+def _unreachable_broker(stack, tmp_path) -> str:
+    """A broker URL of the stack's kind that cannot be reached: Redis on a closed port
+    (with a password, to check it is never shown), or a SQLite broker file that cannot
+    be created (its directory is a regular file)."""
+    if stack.name == "postgres":
+        return f"redis://:{BROKER_PASSWORD}@127.0.0.1:1/15"
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    return f"sqla+sqlite:///{blocker}/broker.db"
+
+
+@pytest.mark.parametrize("dispatch", ["background", "inline"])
+def test_a_broker_that_cannot_be_reached_after_the_commit_is_logged_not_raised(
+    stack, smtp_server, tmp_path, caplog, dispatch
+):
+    """SQL is the promise: enqueue() returns the id, the row waits for the scheduler,
+    which sends it once the broker is back; a WARNING names the broker (no password)."""
+    from mailqueue.scheduler import Scheduler
+    from mailqueue.worker.app import flush_dispatch
+
+    from .contrib_helpers import deliver
+
+    good = stack.settings
+    bad_url = _unreachable_broker(stack, tmp_path)
+    stack.reconfigure(broker_url=bad_url, dispatch=dispatch)
+    caplog.set_level("WARNING")
+    mid = mailqueue.enqueue(
+        Message(sender="a@example.com", to="x@example.com", subject="later", text="t")
+    )
+    assert flush_dispatch(timeout=60)
+    assert mailqueue.get_status(mid).status == "queued"
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("scheduler will pick" in w and hide_password(bad_url) in w for w in warnings), (
+        warnings
+    )
+    assert not any(BROKER_PASSWORD in w for w in warnings), warnings
+
+    stack.reconfigure(**{"broker_url": good.broker_url, "dispatch": good.dispatch})
+    assert Scheduler(stack.settings).tick().dispatched == 1  # flagged: the very next tick
+    report = deliver(stack, [mid])
+    assert report.claimed == 1
+    assert [m.rcpt_tos for m in smtp_server.messages] == [("x@example.com",)]
+    assert mailqueue.get_status(mid).status == "sent"
+    assert Scheduler(stack.settings).tick().dispatched == 0  # delivered once, not again
+
+
+def test_a_broker_that_fails_after_a_session_commit_does_not_make_commit_raise(
+    stack, tmp_path, caplog
+):
+    """With the caller's ORM session the broker is woken in its ``after_commit``: a
+    failure there must not surface from ``commit()``, which already committed."""
+    stack.reconfigure(broker_url=_unreachable_broker(stack, tmp_path), dispatch="inline")
+    caplog.set_level("WARNING")
+    with Session(stack.engine) as session:
+        mid = mailqueue.enqueue(
+            Message(sender="a@example.com", to="x@example.com", text="t"), session=session
+        )
+        session.commit()
+    assert mailqueue.get_status(mid).status == "queued"
+    assert any("scheduler will pick" in r.getMessage() for r in caplog.records)
+    with stack.engine.connect() as conn:
+        dispatched_at = conn.execute(
+            sa.select(M.c.dispatched_at).where(M.c.id == uuid.UUID(mid))
+        ).scalar()
+    assert dispatched_at is None  # the scheduler sends it at its next tick
+
+
+def test_send_with_a_broker_transport_that_cannot_import_exits_0_and_queues_once(
+    pg_stack, tmp_path
+):
+    """Issue #19 item 4: ``kombu.transport.redis`` failed to import (``packaging``
+    missing) after the row was committed, and ``mailqueue send`` exited 1 with a
+    traceback: a caller that retried queued the mail twice."""
+    import subprocess
+    import sys
+
+    missing = tmp_path / "no-packaging" / "packaging"
+    missing.mkdir(parents=True)
+    (missing / "__init__.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'packaging'\", name='packaging')\n"
+    )
+    env = pg_stack.env(
+        PYTHONPATH=str(missing.parent),
+        MAILQUEUE_BROKER_URL=f"redis://:{BROKER_PASSWORD}@127.0.0.1:6379/15",
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "mailqueue", "send", "--from", "a@example.com"]
+        + ["--to", "x@example.com", "--subject", "s", "--text", "t"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    mid = out.stdout.strip()
+    assert mailqueue.get_status(mid).status == "queued"
+    assert counts(pg_stack) == (1, 1)
+    assert "Traceback" not in out.stderr, out.stderr
+    assert "packaging" in out.stderr and "scheduler will pick" in out.stderr, out.stderr
+    assert "redis://:***@127.0.0.1:6379/15" in out.stderr and BROKER_PASSWORD not in out.stderr
+
+
+def test_a_broker_that_accepts_but_never_answers_does_not_hold_enqueue(pg_stack, caplog):
+    """A Redis that takes the connection and then says nothing (a dead host behind
+    NAT, a stuck server) held a publish forever: inline, enqueue() never returned;
+    in the background, the process's exit waited for it. The socket timeout bounds it."""
+    import socket
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+
+    def accept_and_stay_silent() -> None:
+        while True:
+            try:
+                held.append(listener.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=accept_and_stay_silent, daemon=True).start()
+    try:
+        port = listener.getsockname()[1]
+        pg_stack.reconfigure(broker_url=f"redis://127.0.0.1:{port}/15", dispatch="inline")
+        caplog.set_level("WARNING")
+        mid = mailqueue.enqueue(Message(sender="a@example.com", to="x@example.com", text="t"))
+        assert held  # it did reach the silent broker
+        assert mailqueue.get_status(mid).status == "queued"
+        assert any("scheduler will pick" in r.getMessage() for r in caplog.records)
+    finally:
+        listener.close()
+        for conn in held:
+            conn.close()

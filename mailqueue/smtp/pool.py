@@ -31,7 +31,7 @@ import aiosmtplib
 from .. import metrics as _metrics
 from ..config import RelayConfig, Settings
 from .cluster_limits import ClusterLimits, Lease
-from .session import TokenCache, open_session
+from .session import TokenCache, close_session, open_session
 
 __all__ = ["Connection", "Pool", "PoolStats", "pool_for_relay"]
 
@@ -45,6 +45,7 @@ class Connection:
 
     def __init__(self, smtp: aiosmtplib.SMTP, *, number: int) -> None:
         self.smtp = smtp
+        self.protocol = smtp.protocol  # kept: aiosmtplib forgets it when a send path closes
         self.number = number
         self.opened_at = time.monotonic()
         self.last_used_at = self.opened_at
@@ -345,11 +346,10 @@ class Pool:
         self.stats.closed += 1
         self.stats.open_now = self.open_count
         self._changed()
-        smtp = conn.smtp
-        if smtp.is_connected and not conn.poisoned:
-            with contextlib.suppress(aiosmtplib.SMTPException, OSError, asyncio.TimeoutError):
-                await asyncio.shield(smtp.quit(timeout=5))
-        smtp.close()
+        # Shielded: a cancelled caller must not leave the socket half closed.
+        await asyncio.shield(
+            close_session(conn.smtp, say_quit=not conn.poisoned, protocol=conn.protocol)
+        )
         if conn.lease is not None and self.limits is not None:
             lease, conn.lease = conn.lease, None
             await asyncio.shield(self.limits.release(lease))

@@ -11,19 +11,21 @@ URL and never contains a password or token.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import inspect
 import logging
 import ssl
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import aiosmtplib
+from aiosmtplib.protocol import SMTPProtocol
 
 from ..config import RelayConfig
 from ..errors import AuthError, ConnectError, TLSError, UnknownAuthError
 
-__all__ = ["open_session", "tls_context", "TokenCache"]
+__all__ = ["close_session", "open_session", "tls_context", "TokenCache"]
 
 log = logging.getLogger("mailqueue.smtp")
 
@@ -153,13 +155,64 @@ async def open_session(relay: RelayConfig, tokens: TokenCache | None = None) -> 
 
 
 async def _discard(smtp: aiosmtplib.SMTP) -> None:
-    """Drop a failed session now; let the loop run so the socket is really closed."""
-    transport = smtp.transport
+    """Drop a failed session now, its socket really closed before we return."""
+    await close_session(smtp, say_quit=False)
+
+
+async def close_session(
+    smtp: aiosmtplib.SMTP,
+    *,
+    say_quit: bool,
+    timeout_s: float = 5.0,
+    protocol: SMTPProtocol | None = None,
+) -> None:
+    """End a session and return only once its socket is closed.
+
+    ``say_quit``: a healthy session says QUIT and, over TLS, closes with the
+    close_notify exchange, which ends some turns of the event loop later,
+    when the server's answer arrives (at most ``timeout_s``, then by force).
+    Otherwise (a failed, timed-out or poisoned session) the connection is
+    aborted at once. Either way this waits until the socket is closed:
+    ``close()`` alone only schedules that, and when the loop stops before it
+    happens (``asyncio.run`` ending after ``send_now``, a worker's loop
+    stopping) the socket stays open until the garbage collector finds it and
+    warns ``unclosed transport``. ``protocol``: the session's protocol, when
+    ``smtp`` may have dropped it already (aiosmtplib's ``close()`` forgets it).
+    """
+    protocol = protocol or smtp.protocol
+    transport = cast(
+        asyncio.Transport | None, protocol.transport if protocol is not None else smtp.transport
+    )
+    if transport is None:  # never connected, or the connection is gone already
+        smtp.close()
+        return
+    sock = transport.get_extra_info("socket")
+
+    def closed() -> bool:
+        # Either the protocol heard connection_lost, which asyncio calls once the
+        # socket is closed, or the socket says so itself (a failed STARTTLS never
+        # tells the SMTP protocol).
+        lost = protocol is not None and protocol.transport is None
+        return lost or (sock is not None and sock.fileno() == -1)
+
+    quitted = False
+    if say_quit and smtp.is_connected:
+        with contextlib.suppress(aiosmtplib.SMTPException, OSError, asyncio.TimeoutError):
+            await smtp.quit(timeout=timeout_s)
+            quitted = True
     smtp.close()
-    if isinstance(transport, asyncio.Transport):
-        transport.abort()
-    for _ in range(3):
-        await asyncio.sleep(0)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + (timeout_s if quitted else 0.0)
+    aborted, turns = False, 0
+    while not closed():
+        if not aborted and loop.time() >= deadline:
+            transport.abort()  # no (more) waiting for the server
+            aborted, turns = True, 0
+        elif aborted and turns >= 10:
+            log.warning("the connection to %s:%s did not close", smtp.hostname, smtp.port)
+            return
+        await asyncio.sleep(0 if aborted or turns < 5 else 0.005)
+        turns += 1
 
 
 async def _connect(

@@ -18,7 +18,7 @@ from typing import Any
 from celery import Celery, signals
 from sqlalchemy.exc import OperationalError
 
-from ..config import Settings, get_settings
+from ..config import Settings, get_settings, hide_password
 from ..store import Store, dispose_engines, get_engine
 from .handoff import Handoff
 from .loop import get_loop_thread
@@ -41,6 +41,9 @@ __all__ = [
 log = logging.getLogger("mailqueue.dispatch")
 
 TASK_NAME = "mailqueue.deliver"
+
+# How long one connect or command to a Redis broker may take before it counts as down.
+BROKER_SOCKET_TIMEOUT_S = 4.0
 
 # Tasks reserved per worker child on the serverless (polling) broker.
 SQLITE_BROKER_PREFETCH = 8
@@ -73,6 +76,13 @@ def _make_app(settings: Settings) -> Celery:
         # A task is redelivered if not acknowledged within this time; it must
         # outlast the longest batch (the claim makes a redelivery harmless).
         transport_options["visibility_timeout"] = 3600
+        # Without these, a publish to a Redis that accepts the connection but never
+        # answers (a dead host behind NAT, a stuck server) waits forever, and with
+        # it the exit of every process that enqueued (the hand-off is flushed at
+        # exit). Bounded: (1 + max_retries) * BROKER_SOCKET_TIMEOUT_S plus the
+        # retry intervals; consuming is unaffected (BRPOP answers every second).
+        transport_options["socket_connect_timeout"] = BROKER_SOCKET_TIMEOUT_S
+        transport_options["socket_timeout"] = BROKER_SOCKET_TIMEOUT_S
     app = Celery("mailqueue", broker=broker_url, set_as_current=False)
     app.conf.update(
         **broker,
@@ -165,7 +175,9 @@ def dispatch(ids: Sequence[uuid.UUID], *, settings: Settings | None = None) -> b
             app.send_task(TASK_NAME, args=[[str(i) for i in chunk]], queue=settings.queue_name)
         except Exception as exc:  # noqa: BLE001 - any broker failure means "not dispatched"
             log.warning(
-                "broker unreachable (%s: %s); %d message(s) stay queued in SQL for the scheduler",
+                "broker unreachable at %s (%s: %s); %d message(s) stay queued in SQL "
+                "and the scheduler will pick them up at its next tick",
+                hide_password(settings.broker_url),
                 type(exc).__name__,
                 exc,
                 len(ids) - start,
