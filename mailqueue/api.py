@@ -427,6 +427,16 @@ def _broker_failed(ids: Sequence[uuid.UUID], exc: Exception) -> None:
         )
 
 
+def _dispatch_requeued(ids: Sequence[uuid.UUID]) -> None:
+    """The broker, told of messages a retry just requeued (their rows are committed):
+    like :func:`wake`, never raises, so a caller that retried an error would not
+    requeue twice; what the broker did not take, the scheduler sends."""
+    try:
+        dispatch(ids)
+    except Exception as exc:  # noqa: BLE001 - any failure past the commit is the scheduler's
+        _broker_failed(ids, exc)
+
+
 def _without_secrets(text: str, url: str) -> str:
     """``text`` with the broker URL masked, and its password wherever it appears alone."""
     text = text.replace(url, hide_password(url))
@@ -587,14 +597,14 @@ def retry(message_id: str) -> int:
     )
     if not ids:
         _admin.get_status(_store().engine, message_id)  # NotFoundError for an unknown id
-    dispatch(ids)
+    _dispatch_requeued(ids)
     return len(ids)
 
 
 def retry_failed() -> int:
     """Requeue every message that has failed recipients; returns how many messages."""
     ids = _admin.retry(_store().engine, None, lifetime_s=get_settings().message_lifetime_s)
-    dispatch(ids)
+    _dispatch_requeued(ids)
     return len(ids)
 
 
@@ -736,7 +746,7 @@ def retry_failed_since(window: dt.timedelta) -> int:
     if not candidates:
         return 0
     ids = _admin.retry(engine, candidates, lifetime_s=get_settings().message_lifetime_s)
-    dispatch(ids)
+    _dispatch_requeued(ids)
     return len(ids)
 
 

@@ -180,7 +180,7 @@ def _truncate(url: str) -> None:
     with engine.begin() as conn:
         conn.execute(sa.text("DELETE FROM mq_recipient"))
         conn.execute(sa.text("DELETE FROM mq_message"))
-        conn.execute(sa.text("DELETE FROM mq_relay"))  # a pause one test left must not hold the next
+        conn.execute(sa.text("DELETE FROM mq_relay"))  # no pause left over by an earlier test
 
 
 def _base_settings(database_url: str, broker_url: str, relay_url: str, queue: str) -> Settings:

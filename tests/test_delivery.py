@@ -342,3 +342,35 @@ def check_recording_rules(stack) -> None:
     for r in rows:
         if by_id[str(r.id)] % 2:
             assert abs((r.next_attempt_at - later).total_seconds()) < 0.001
+
+
+def test_a_retry_whose_broker_cannot_be_built_returns_and_leaves_it_to_the_scheduler(
+    stack, smtp_server, monkeypatch, caplog
+):
+    """The requeue is committed before the broker is told: a broker that fails then
+    (here its transport cannot even be imported) is a WARNING, never an exception a
+    caller would answer with a second retry (ARCHITECTURE, invariant 10)."""
+    import mailqueue.worker.app as worker_app
+    from mailqueue.scheduler import Scheduler
+
+    smtp_server.reject = ["no@*"]
+    mid = mailqueue.enqueue(Message(sender="a@example.com", to="no@example.com", text="t"))
+    deliver(stack, [mid])
+    assert mailqueue.get_status(mid).status == "failed"
+    smtp_server.reject = []
+
+    def broken_app() -> None:
+        raise ModuleNotFoundError("No module named 'packaging'")
+
+    monkeypatch.setattr(worker_app, "get_app", broken_app)
+    caplog.set_level("WARNING")
+    assert mailqueue.retry(mid) == 1
+    assert mailqueue.retry_failed() == 0  # already requeued
+    assert mailqueue.get_status(mid).status == "queued"
+    assert any("scheduler will pick" in r.getMessage() for r in caplog.records)
+    monkeypatch.undo()
+
+    assert Scheduler(stack.settings).tick().dispatched == 1  # flagged: the very next tick
+    deliver(stack, [mid])
+    assert copies(smtp_server, "no@example.com") == 1  # refused once, then delivered once
+    assert mailqueue.get_status(mid).status == "sent"
