@@ -5,6 +5,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+DOCSTAMP := $(VENV)/.installed-docs
 
 # Django 6.x needs Python 3.12+: its tests run in a second venv (see test-django61).
 # The first candidate that really runs 3.12 (a pyenv shim may exist but refuse).
@@ -19,7 +20,7 @@ VENVLOW   := .venv-lowest
 STAMPLOW  := $(VENVLOW)/.installed
 LOWEST_PYTEST_ARGS ?= -m "not slow"
 
-.PHONY: demo test test-django61 test-lowest lint typecheck clean
+.PHONY: demo test test-django61 test-lowest lint docs typecheck clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -81,11 +82,21 @@ test-lowest: $(STAMPLOW)
 	    | grep -iE '^(celery|kombu|redis|sqlalchemy|alembic|tenacity|aiosmtplib|aiosmtpd|email-validator|starlette|hypothesis) ' || true
 	$(VENVLOW)/bin/python -m pytest $(LOWEST_PYTEST_ARGS)
 
-lint: $(STAMP)
+lint: $(STAMP) $(DOCSTAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/lint-imports
+	$(BIN)/mkdocs build --strict --quiet
+
+# The documentation site (docs/, mkdocs.yml) into build/site/; the docs extra
+# (MkDocs, Material theme) goes into .venv beside the dev extra.
+$(DOCSTAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[dev,docs]'
+	touch $(DOCSTAMP)
+
+docs: $(DOCSTAMP)
+	$(BIN)/mkdocs build --strict
 
 clean:
 	rm -rf $(VENV) $(VENV61) $(VENVLOW) mailqueue-demo *.db
