@@ -677,7 +677,7 @@ def check_names(names: Any, source: str) -> None:
         hint = (
             f"did you mean {suggestion}?"
             if suggestion
-            else "the README's Configuration table lists every name"
+            else "docs/configuration.md lists every name"
         )
         raise ConfigError(
             f"{name} ({source}) is not a mailqueue setting; {hint}",

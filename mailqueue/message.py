@@ -94,7 +94,7 @@ Addresses = str | Address | Sequence[AddressInput] | None
 
 @dataclass(frozen=True, kw_only=True)
 class Limits:
-    """What one message may hold; each is a setting (README, "Security").
+    """What one message may hold; each is a setting (docs/security.md).
 
     The defaults are generous for real mail and small enough that a hostile
     request is refused before any work grows with it.

@@ -104,8 +104,8 @@ def test_an_unknown_name_in_the_environment_names_the_closest_known_one(name, su
     assert isinstance(error, ValueError)
 
 
-def test_an_unknown_name_far_from_any_points_at_the_readme():
-    with pytest.raises(ConfigError, match="Configuration table lists every name") as caught:
+def test_an_unknown_name_far_from_any_points_at_the_reference():
+    with pytest.raises(ConfigError, match="docs/configuration.md lists every name") as caught:
         settings_from_env({"MAILQUEUE_XYZZY": "1"})
     assert caught.value.suggestion is None
 

@@ -1,7 +1,7 @@
 """Integrations with web frameworks: Django (``contrib.django``) and Flask (``contrib.flask``).
 
-Both read the same ``MAILQUEUE_*`` names as the environment (see the README's
-configuration table), from Django's settings or Flask's ``app.config``, and
+Both read the same ``MAILQUEUE_*`` names as the environment (see the
+configuration table, docs/configuration.md), from Django's settings or Flask's ``app.config``, and
 install them with :func:`mailqueue.configure`: every setting, the named relays
 (``MAILQUEUE_RELAY__<NAME>__<OPTION>``) and ``MAILQUEUE_CONFIG`` (the TOML
 file) alike. Values in the framework's configuration win over the

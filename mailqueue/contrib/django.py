@@ -202,7 +202,7 @@ def _parse_option(name: str, value: Any) -> Any:
 def _check_django_input(message: EmailMessage, headers: dict[str, Any], limits: Limits) -> None:
     """What Django will put in headers and parts, checked before Django composes it.
 
-    The same rules and limits as ``mailqueue.Message`` (README, "Security"), so
+    The same rules and limits as ``mailqueue.Message`` (docs/security.md), so
     that a hostile value is refused here, not half-handled by Django's composer
     (which also takes many seconds on a megabyte subject).
     """
@@ -535,7 +535,7 @@ class EmailBackend(BaseEmailBackend):
             try:
                 try:
                     # As Django's SMTP backend: a bare name with no domain is handed
-                    # to the relay, which qualifies or refuses it (README, Django).
+                    # to the relay, which qualifies or refuses it (docs/django.md).
                     with bare_names_allowed():
                         mq_message, options = to_mailqueue(message)
                         options.setdefault("relay", self.relay)

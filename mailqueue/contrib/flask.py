@@ -20,8 +20,8 @@
     mail.send(msg)                  # returns the message id
     db.session.commit()
 
-``init_app`` reads every ``MAILQUEUE_*`` name of the README's configuration
-table from ``app.config`` (over the environment) and installs them with
+``init_app`` reads every ``MAILQUEUE_*`` name of the configuration table
+(docs/configuration.md) from ``app.config`` (over the environment) and installs them with
 :func:`mailqueue.configure`. With ``db=`` (Flask-SQLAlchemy) and no
 ``MAILQUEUE_DATABASE_URL``, mailqueue uses ``SQLALCHEMY_DATABASE_URI``, and
 ``send`` writes the rows in ``db.session``: they commit or roll back with
