@@ -438,3 +438,24 @@ def test_rows_hold_the_message_unsigned(sqlite_stack, smtp_server, keys, tmp_pat
         rows = conn.execute(sa.text("SELECT * FROM mq_message")).all()
     assert rows and "DKIM-Signature" not in repr(rows)
     assert b"DKIM-Signature" in smtp_server.messages[0].data
+
+
+def test_the_openssl_rsa_signature_is_the_one_dkimpy_would_write(keys, tmp_path, monkeypatch):
+    """The worker has OpenSSL make the RSA signature; PKCS #1 v1.5 gives the same bytes."""
+    monkeypatch.setattr(dkim.time, "time", lambda: 1_800_000_000.0)  # one t= for both
+    signer = load_signer(settings_from_env(dkim_env(keys, tmp_path, ed25519=False)))
+    assert signer is not None
+    data = (
+        b"From: news@example.com\r\nTo: a@example.org\r\nSubject: same\r\n"
+        b"Date: Sat, 05 Dec 2026 22:00:00 +0000\r\n\r\nbody\r\n"
+    )
+    ours = signer.sign(data).data
+    theirs = dkim.sign(
+        data,
+        RSA_SELECTOR.encode(),
+        b"example.com",
+        keys.rsa_pem.encode(),
+        canonicalize=(b"relaxed", b"relaxed"),
+        include_headers=[b"from", b"to", b"subject", b"date", b"from"],
+    )
+    assert ours == theirs + data
