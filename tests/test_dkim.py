@@ -174,6 +174,14 @@ MESSAGES = {
         text="body\n" * 500,
         headers={"X-Campaign": "word " * 200},
     ),
+    # Over the size the worker signs in a thread instead of on its event loop.
+    "big, signed in a thread": Message(
+        sender="news@example.com",
+        to=["ann@example.org"],
+        subject="a big one",
+        text="see attached",
+        attachments=[Attachment(filename="big.bin", content=bytes(range(256)) * 1600)],
+    ),
 }
 
 
