@@ -119,6 +119,10 @@ class RelayConfig:
     behind catch up, so the long-run rate reaches the limit."""
     cluster_wait_s: float = 120.0
     """Longest wait for a cluster-wide connection slot before the attempt is deferred."""
+    dkim: str = "optional"
+    """``required``: a message whose From domain has no DKIM key (``MAILQUEUE_DKIM__*``)
+    is not sent through this relay; its recipients fail with an error that says so.
+    ``optional``: it is sent unsigned."""
 
     def __post_init__(self) -> None:
         parts = urlsplit(self.url)
@@ -164,6 +168,8 @@ class RelayConfig:
             )
         if (self.tls_client_key is not None) and self.tls_client_cert is None:
             raise ValueError(f"relay {self.name!r}: tls_client_key needs tls_client_cert")
+        if self.dkim not in ("optional", "required"):
+            raise ValueError(f"relay {self.name!r}: dkim must be optional or required")
         if self.pool_size < 1:
             raise ValueError(f"relay {self.name!r}: pool_size must be at least 1")
         if self.cluster_max_connections is not None and self.cluster_max_connections < 1:
@@ -287,6 +293,7 @@ _RELAY_TYPES = {
     "rate_limit": "optfloat",
     "rate_limit_burst": "optint",
     "cluster_wait_s": "float",
+    "dkim": "str",
 }
 _RELAY_FIELDS = set(_RELAY_TYPES)
 _RELAY_OPTIONS = _RELAY_FIELDS - {"name"}

@@ -467,3 +467,39 @@ def test_the_openssl_rsa_signature_is_the_one_dkimpy_would_write(keys, tmp_path,
         include_headers=[b"from", b"to", b"subject", b"date", b"from"],
     )
     assert ours == theirs + data
+
+
+@pytest.mark.both_paths
+def test_a_relay_that_requires_dkim_fails_what_it_cannot_sign(
+    sqlite_stack, smtp_server, keys, tmp_path
+):
+    """``dkim=required`` on a relay: no key for the From domain, nothing sent, a clear error."""
+    settings = with_dkim(sqlite_stack, keys, tmp_path)
+    strict = replace(settings.relays["bulk"], dkim="required")
+    settings = sqlite_stack.reconfigure(relays={"bulk": strict})
+    signed = mailqueue.enqueue(MESSAGES["plain"], relay="bulk")
+    unsigned = mailqueue.enqueue(
+        Message(sender="app@other.example", to=["ann@example.org"], subject="s", text="t"),
+        relay="bulk",
+    )
+
+    deliver(settings, sqlite_stack.store, [signed, unsigned])
+
+    assert [verify_each(m.data, keys.dns()) for m in smtp_server.messages] == [[True, True]]
+    info = mailqueue.get_status(unsigned)
+    assert info.status == "failed"
+    assert "requires DKIM (dkim=required)" in (info.last_reply or "")
+    assert "other.example has no DKIM key" in (info.last_reply or "")
+    assert "MAILQUEUE_DKIM__OTHER_EXAMPLE__SELECTOR" in (info.last_reply or "")
+    assert mailqueue.get_status(signed).status == "sent"
+
+
+def test_the_relay_option_is_checked():
+    with pytest.raises(ConfigError, match="dkim must be optional or required"):
+        settings_from_env(
+            {"MAILQUEUE_RELAY__BULK__URL": "smtp://x", "MAILQUEUE_RELAY__BULK__DKIM": "yes"}
+        )
+    settings = settings_from_env(
+        {"MAILQUEUE_RELAY__BULK__URL": "smtp://x", "MAILQUEUE_RELAY__BULK__DKIM": "required"}
+    )
+    assert settings.relays["bulk"].dkim == "required" and settings.relay.dkim == "optional"

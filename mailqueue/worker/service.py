@@ -288,16 +288,21 @@ class Deliverer:
                         content = await asyncio.to_thread(
                             self.store.load_content, message.id, message.size
                         )
-                    if self._dkim is not None:
-                        content = await self._sign(message, content)
-                    result = await deliver(
-                        pool,
-                        message.mail_from,
-                        addresses,
-                        content,
-                        smtputf8=message.smtputf8,
-                        eightbit=message.eightbit,
-                    )
+                    required = pool.relay.dkim == "required"
+                    unsigned: SMTPError | None = None
+                    if self._dkim is not None or required:
+                        content, unsigned = await self._sign(message, content, pool.relay)
+                    if unsigned is not None and required:
+                        result = failed_everyone(addresses, "failed", unsigned)
+                    else:
+                        result = await deliver(
+                            pool,
+                            message.mail_from,
+                            addresses,
+                            content,
+                            smtputf8=message.smtputf8,
+                            eightbit=message.eightbit,
+                        )
                 except (AuthError, TLSError) as exc:
                     await self._pause(pool.relay, exc)
                     await self._release(message, self._paused[pool.relay.name], exc)
@@ -317,13 +322,23 @@ class Deliverer:
             await notify_if_terminal(self.settings.on_terminal, self.store, message.id)
         return outcome
 
-    async def _sign(self, message: ClaimedMessage, content: bytes | bytearray) -> bytes | bytearray:
-        """``content`` with its DKIM signature(s): the exact bytes ``deliver`` sends.
+    async def _sign(
+        self, message: ClaimedMessage, content: bytes | bytearray, relay: RelayConfig
+    ) -> tuple[bytes | bytearray, SMTPError | None]:
+        """``content`` with its DKIM signature(s): the exact bytes ``deliver`` sends,
+        and why it is unsigned (``None`` when it is signed).
 
         A big message is signed in a thread (hashing its body takes a while);
-        a message dkimpy cannot parse goes unsigned, with a warning.
+        a message dkimpy cannot parse is unsigned, with a warning. The caller
+        sends it unsigned, or fails it when the relay says ``dkim=required``.
         """
-        assert self._dkim is not None
+        if self._dkim is None:
+            return content, SMTPError(
+                f"relay {relay.name!r} requires DKIM (dkim=required) and this worker has no "
+                "DKIM key: set MAILQUEUE_DKIM__<DOMAIN>__SELECTOR and __KEY_FILE where the "
+                "workers run, then retry the message",
+                retryable=False,
+            )
         sign = self._dkim.sign
         try:
             if len(content) > _SIGN_INLINE_MAX:
@@ -331,20 +346,31 @@ class Deliverer:
             else:
                 signed = sign(content)
         except Exception as exc:  # noqa: BLE001 - sending unsigned beats not sending
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            reason = f"dkimpy refused it ({type(exc).__name__}: {first})"
             log.warning(
-                "message %s: not DKIM-signed, dkimpy refused it (%s: %s); sent unsigned",
+                "message %s: not DKIM-signed, %s; %s",
                 message.id,
-                type(exc).__name__,
-                str(exc).splitlines()[0] if str(exc) else "",
+                reason,
+                "not sent (dkim=required)" if relay.dkim == "required" else "sent unsigned",
             )
-            return content
+            return content, SMTPError(f"not DKIM-signed: {reason}", retryable=False)
         if not signed.algorithms:
             log.debug(
-                "message %s: no DKIM key for its From domain %s; sent unsigned",
+                "message %s: no DKIM key for its From domain %s; %s",
                 message.id,
                 signed.domain,
+                "not sent (dkim=required)" if relay.dkim == "required" else "sent unsigned",
             )
-        return signed.data
+            where = (signed.domain or "").upper().replace(".", "_").replace("-", "_")
+            return signed.data, SMTPError(
+                f"relay {relay.name!r} requires DKIM (dkim=required) and the From domain "
+                f"{signed.domain or '(none)'} has no DKIM key: set "
+                f"MAILQUEUE_DKIM__{where or '<DOMAIN>'}__SELECTOR and __KEY_FILE where the "
+                "workers run, then retry the message",
+                retryable=False,
+            )
+        return signed.data, None
 
     async def _paused_until(self, name: str, now: dt.datetime) -> dt.datetime | None:
         """This relay's pause, as SQL says (read at most every few seconds per process)."""
