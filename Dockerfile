@@ -12,7 +12,7 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY mailqueue ./mailqueue
 COPY migrations ./migrations
-RUN pip install ".[postgres,web]" \
+RUN pip install ".[postgres,web,dkim]" \
     && useradd --system --uid 10001 --home-dir /app --shell /usr/sbin/nologin mailqueue \
     && mkdir -p /var/lib/mailqueue && chown mailqueue /var/lib/mailqueue
 

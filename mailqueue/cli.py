@@ -497,6 +497,9 @@ def worker(
     logging.getLogger("mailqueue").setLevel(loglevel.upper())
     log_startup("worker", settings)
     _check_broker(settings.broker_url)
+    from .smtp.dkim import load_signer
+
+    load_signer(settings)  # a DKIM key that cannot be read is exit 2 here, not in a child
     _ensure_schema()
     _serve_metrics(multiprocess=True)
     argv = ["worker", f"--loglevel={loglevel}", f"--pool={pool_kind}", "-Q", settings.queue_name]

@@ -24,6 +24,7 @@ from .message import Limits
 __all__ = [
     "KNOWN_NAMES",
     "ConfigError",
+    "DkimKey",
     "RelayConfig",
     "Settings",
     "configure",
@@ -118,6 +119,10 @@ class RelayConfig:
     behind catch up, so the long-run rate reaches the limit."""
     cluster_wait_s: float = 120.0
     """Longest wait for a cluster-wide connection slot before the attempt is deferred."""
+    dkim: str = "optional"
+    """``required``: a message whose From domain has no DKIM key (``MAILQUEUE_DKIM__*``)
+    is not sent through this relay; its recipients fail with an error that says so.
+    ``optional``: it is sent unsigned."""
 
     def __post_init__(self) -> None:
         parts = urlsplit(self.url)
@@ -163,6 +168,8 @@ class RelayConfig:
             )
         if (self.tls_client_key is not None) and self.tls_client_cert is None:
             raise ValueError(f"relay {self.name!r}: tls_client_key needs tls_client_cert")
+        if self.dkim not in ("optional", "required"):
+            raise ValueError(f"relay {self.name!r}: dkim must be optional or required")
         if self.pool_size < 1:
             raise ValueError(f"relay {self.name!r}: pool_size must be at least 1")
         if self.cluster_max_connections is not None and self.cluster_max_connections < 1:
@@ -286,6 +293,7 @@ _RELAY_TYPES = {
     "rate_limit": "optfloat",
     "rate_limit_burst": "optint",
     "cluster_wait_s": "float",
+    "dkim": "str",
 }
 _RELAY_FIELDS = set(_RELAY_TYPES)
 _RELAY_OPTIONS = _RELAY_FIELDS - {"name"}
@@ -321,6 +329,135 @@ def relay_from_options(name: str, options: Mapping[str, Any]) -> RelayConfig:
                 f"relay {name!r}: {key}={value!r} is not {what.get(kind, kind)}", name=key
             ) from None
     return RelayConfig(name=name, **converted)
+
+
+DKIM_PREFIX = "MAILQUEUE_DKIM__"
+
+_DKIM_OPTIONS = frozenset(
+    {
+        "domain",
+        "selector",
+        "key_file",
+        "key",
+        "ed25519_selector",
+        "ed25519_key_file",
+        "ed25519_key",
+    }
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DkimKey:
+    """Where the worker finds one sender domain's DKIM keys (``smtp/dkim.py`` signs).
+
+    Set as ``MAILQUEUE_DKIM__<NAME>__<OPTION>``: ``<NAME>`` is the domain with
+    ``_`` for ``.`` (``EXAMPLE_COM``), or any name with a ``DOMAIN`` option
+    (for a domain holding ``-``). The RSA key (PEM) is required, from
+    ``KEY_FILE`` or ``KEY``; an Ed25519 key (base64 of the 32-byte seed, as
+    dkimpy's ``dknewkey`` writes it) adds a second signature (RFC 8463).
+    Keys are read only by the worker, and never shown: not in ``repr``, logs
+    or ``--json``.
+    """
+
+    name: str
+    domain: str
+    selector: str
+    key_file: str | None = None
+    key: str | None = field(default=None, repr=False)
+    ed25519_selector: str | None = None
+    ed25519_key_file: str | None = None
+    ed25519_key: str | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        where = f"{DKIM_PREFIX}{self.name.upper()}__"
+        if not re.fullmatch(
+            r"[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)+", self.domain
+        ):
+            raise ConfigError(
+                f"DKIM domain {self.domain!r} ({where}DOMAIN) is not a domain name "
+                "(e.g. example.com; an internationalized one in its xn-- form)",
+                name=f"{where}DOMAIN",
+            )
+        if not self.selector:
+            raise ConfigError(
+                f"DKIM for {self.domain}: set {where}SELECTOR", name=f"{where}SELECTOR"
+            )
+        for option, value in (
+            ("SELECTOR", self.selector),
+            ("ED25519_SELECTOR", self.ed25519_selector),
+        ):
+            if value is not None and not re.fullmatch(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*", value):
+                raise ConfigError(
+                    f"{where}{option}={value!r} is not a DKIM selector "
+                    "(letters, digits, '-', '_', '.')",
+                    name=f"{where}{option}",
+                )
+        if (self.key_file is None) == (self.key is None):
+            raise ConfigError(
+                f"DKIM for {self.domain}: set one of {where}KEY_FILE (a PEM file, mode 0600) "
+                f"or {where}KEY (the PEM text)",
+                name=f"{where}KEY_FILE",
+            )
+        ed25519 = (self.ed25519_selector, self.ed25519_key_file, self.ed25519_key)
+        if any(v is not None for v in ed25519):
+            if not self.ed25519_selector:
+                raise ConfigError(
+                    f"DKIM for {self.domain}: an Ed25519 key needs {where}ED25519_SELECTOR",
+                    name=f"{where}ED25519_SELECTOR",
+                )
+            if (self.ed25519_key_file is None) == (self.ed25519_key is None):
+                raise ConfigError(
+                    f"DKIM for {self.domain}: set one of {where}ED25519_KEY_FILE "
+                    f"or {where}ED25519_KEY",
+                    name=f"{where}ED25519_KEY_FILE",
+                )
+
+    @property
+    def env_prefix(self) -> str:
+        """The ``MAILQUEUE_DKIM__<NAME>__`` its options are set under (for messages)."""
+        return f"{DKIM_PREFIX}{self.name.upper()}__"
+
+    def describe(self) -> dict[str, Any]:
+        """What operators may see: domain, selectors and where the keys come from."""
+        return {
+            "domain": self.domain,
+            "selector": self.selector,
+            "key": f"file {self.key_file}" if self.key_file else "environment",
+            "ed25519_selector": self.ed25519_selector,
+            "ed25519_key": (
+                None
+                if self.ed25519_selector is None
+                else f"file {self.ed25519_key_file}"
+                if self.ed25519_key_file
+                else "environment"
+            ),
+        }
+
+    def __repr__(self) -> str:  # never print a key
+        return (
+            f"DkimKey(domain={self.domain!r}, selector={self.selector!r}, "
+            f"ed25519_selector={self.ed25519_selector!r})"
+        )
+
+
+def dkim_from_options(name: str, options: Mapping[str, str]) -> DkimKey:
+    """Build one domain's DKIM settings from text options (``MAILQUEUE_DKIM__<NAME>__*``)."""
+    unknown = set(options) - _DKIM_OPTIONS
+    if unknown:
+        bad = sorted(unknown)[0]
+        close = _closest(bad, _DKIM_OPTIONS)
+        hint = f"; did you mean {close}?" if close else ""
+        raise ConfigError(
+            f"DKIM {name!r}: unknown option(s) {', '.join(sorted(unknown))}{hint} "
+            f"(options: {', '.join(sorted(_DKIM_OPTIONS))})",
+            name=bad,
+            suggestion=close,
+        )
+    values = {
+        k: (v.strip() if k not in ("key", "ed25519_key") else v) or None for k, v in options.items()
+    }
+    domain = (values.pop("domain", None) or name.replace("_", ".")).lower().rstrip(".")
+    return DkimKey(name=name, domain=domain, selector=values.pop("selector", None) or "", **values)
 
 
 def _default_database_url() -> str:
@@ -383,6 +520,9 @@ class Settings:
     """A status page login lasts this long (sessions live in the web process)."""
     web_auth_failures_per_min: int = 10
     """Wrong tokens (login or bearer) one client address may send per minute."""
+    dkim: Mapping[str, DkimKey] = field(default_factory=dict)
+    """DKIM keys by sender domain (``MAILQUEUE_DKIM__<NAME>__<OPTION>``): the worker
+    signs a message whose From domain is here, and sends the others unsigned."""
 
     def __post_init__(self) -> None:
         if self.dispatch not in ("background", "inline"):
@@ -627,8 +767,9 @@ RELAY_PREFIX = "MAILQUEUE_RELAY__"
 
 KNOWN_NAMES = frozenset(_ENV) | frozenset(OTHER_NAMES)
 """Every ``MAILQUEUE_*`` name some part of mailqueue reads (the one list; a test
-greps the repository to keep it whole), besides ``MAILQUEUE_RELAY__<NAME>__<OPTION>``
-and the free prefixes. Any other ``MAILQUEUE_*`` name is a :class:`ConfigError`."""
+greps the repository to keep it whole), besides ``MAILQUEUE_RELAY__<NAME>__<OPTION>``,
+``MAILQUEUE_DKIM__<DOMAIN>__<OPTION>`` and the free prefixes. Any other
+``MAILQUEUE_*`` name is a :class:`ConfigError`."""
 
 
 def _closest(name: str, candidates: Any) -> str | None:
@@ -646,6 +787,9 @@ def check_names(names: Any, source: str) -> None:
     """
     for name in sorted(n for n in names if isinstance(n, str) and n.startswith("MAILQUEUE_")):
         if name in KNOWN_NAMES or name.startswith(FREE_PREFIXES):
+            continue
+        if name.startswith(DKIM_PREFIX):
+            _check_dkim_name(name, source)
             continue
         if name.startswith(RELAY_PREFIX):
             relay_name, sep, option = name.removeprefix(RELAY_PREFIX).partition("__")
@@ -685,6 +829,32 @@ def check_names(names: Any, source: str) -> None:
             suggestion=suggestion,
             source=source,
         )
+
+
+def _check_dkim_name(name: str, source: str) -> None:
+    key_name, sep, option = name.removeprefix(DKIM_PREFIX).partition("__")
+    if not sep or not key_name or not option:
+        raise ConfigError(
+            f"{name} ({source}): expected MAILQUEUE_DKIM__<DOMAIN>__<OPTION>, "
+            "e.g. MAILQUEUE_DKIM__EXAMPLE_COM__KEY_FILE",
+            name=name,
+            source=source,
+        )
+    if option.lower() in _DKIM_OPTIONS:
+        return
+    close = _closest(option.lower(), _DKIM_OPTIONS)
+    suggestion = f"{DKIM_PREFIX}{key_name}__{close.upper()}" if close else None
+    hint = (
+        f"did you mean {suggestion}?"
+        if suggestion
+        else f"the options are {', '.join(sorted(o.upper() for o in _DKIM_OPTIONS))}"
+    )
+    raise ConfigError(
+        f"{name} ({source}): unknown DKIM option {option.lower()!r}; {hint}",
+        name=name,
+        suggestion=suggestion,
+        source=source,
+    )
 
 
 _WHAT = {int: "a whole number (e.g. 10)", float: "a number (e.g. 2.5)", str: "text"}
@@ -752,8 +922,25 @@ def _build(env: Mapping[str, str]) -> Settings:
             if not sep or not relay_name or not option:
                 raise ConfigError(f"{key}: expected MAILQUEUE_RELAY__<NAME>__<OPTION>", name=key)
             relays.setdefault(relay_name.lower(), {})[option.lower()] = raw
+    dkim: dict[str, dict[str, str]] = {}
+    for key, raw in env.items():
+        if key.startswith(DKIM_PREFIX) and raw != "":
+            key_name, _, option = key.removeprefix(DKIM_PREFIX).partition("__")
+            dkim.setdefault(key_name.lower(), {})[option.lower()] = raw
     built = {name: relay_from_options(name, options) for name, options in relays.items()}
     default_relay = built.pop("default")
+    keys: dict[str, DkimKey] = {}
+    for name, options in sorted(dkim.items()):
+        entry = dkim_from_options(name, options)
+        if entry.domain in keys:
+            raise ConfigError(
+                f"DKIM domain {entry.domain} is set twice ({keys[entry.domain].env_prefix}* "
+                f"and {entry.env_prefix}*); keep one",
+                name=entry.env_prefix + "DOMAIN",
+            )
+        keys[entry.domain] = entry
+    if keys:
+        top["dkim"] = keys
     return Settings(relay=default_relay, relays=built, **top)
 
 
@@ -789,7 +976,7 @@ def _read_config_file(path: str) -> tuple[dict[str, Any], dict[str, dict[str, An
                 suggestion=close,
                 source=path,
             )
-    known = {f.name for f in fields(Settings)} - {"relay", "relays"}
+    known = {f.name for f in fields(Settings)} - {"relay", "relays", "dkim"}
     top = dict(data.get("mailqueue", {}))
     for key in sorted(set(top) - known):
         close = _closest(key, known)

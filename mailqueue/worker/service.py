@@ -34,6 +34,7 @@ from ..config import RelayConfig, Settings
 from ..errors import AuthError, ConnectError, SMTPError, TLSError
 from ..logging_setup import log_attempt
 from ..smtp.delivery import TransactionResult, deliver, failed_everyone
+from ..smtp.dkim import DkimSigner, load_signer
 from ..smtp.pool import Pool, pool_for_relay
 from ..statuses import ErrorWord
 from ..store.models import RecipientStatus, utcnow
@@ -46,6 +47,8 @@ __all__ = ["Deliverer", "BatchReport", "plan_outcome"]
 log = logging.getLogger("mailqueue.worker")
 
 _PAUSE_RECHECK_S = 5.0
+_SIGN_INLINE_MAX = 256 * 1024
+"""Bigger messages are DKIM-signed in a thread, not on the event loop."""
 
 
 def plan_outcome(
@@ -218,6 +221,9 @@ class Deliverer:
         self._paused: dict[str, dt.datetime] = {}  # relay name -> until (auth/TLS trouble)
         self._paused_checked: dict[str, float] = {}  # relay name -> when we last read SQL
         self._content_budget = _ContentBudget(BIG_CONTENT_BUDGET)
+        # Keys are read here, once per process (the CLI reads them before the
+        # worker starts too, so that a bad key is exit 2, not a crashing child).
+        self._dkim: DkimSigner | None = load_signer(settings)
 
     def pool_for(self, relay_name: str) -> Pool:
         """The pool of the named relay (KeyError when no such relay is configured)."""
@@ -282,14 +288,21 @@ class Deliverer:
                         content = await asyncio.to_thread(
                             self.store.load_content, message.id, message.size
                         )
-                    result = await deliver(
-                        pool,
-                        message.mail_from,
-                        addresses,
-                        content,
-                        smtputf8=message.smtputf8,
-                        eightbit=message.eightbit,
-                    )
+                    required = pool.relay.dkim == "required"
+                    unsigned: SMTPError | None = None
+                    if self._dkim is not None or required:
+                        content, unsigned = await self._sign(message, content, pool.relay)
+                    if unsigned is not None and required:
+                        result = failed_everyone(addresses, "failed", unsigned)
+                    else:
+                        result = await deliver(
+                            pool,
+                            message.mail_from,
+                            addresses,
+                            content,
+                            smtputf8=message.smtputf8,
+                            eightbit=message.eightbit,
+                        )
                 except (AuthError, TLSError) as exc:
                     await self._pause(pool.relay, exc)
                     await self._release(message, self._paused[pool.relay.name], exc)
@@ -308,6 +321,56 @@ class Deliverer:
         if self.settings.on_terminal:  # MAILQUEUE_ON_TERMINAL (see hooks.py)
             await notify_if_terminal(self.settings.on_terminal, self.store, message.id)
         return outcome
+
+    async def _sign(
+        self, message: ClaimedMessage, content: bytes | bytearray, relay: RelayConfig
+    ) -> tuple[bytes | bytearray, SMTPError | None]:
+        """``content`` with its DKIM signature(s): the exact bytes ``deliver`` sends,
+        and why it is unsigned (``None`` when it is signed).
+
+        A big message is signed in a thread (hashing its body takes a while);
+        a message dkimpy cannot parse is unsigned, with a warning. The caller
+        sends it unsigned, or fails it when the relay says ``dkim=required``.
+        """
+        if self._dkim is None:
+            return content, SMTPError(
+                f"relay {relay.name!r} requires DKIM (dkim=required) and this worker has no "
+                "DKIM key: set MAILQUEUE_DKIM__<DOMAIN>__SELECTOR and __KEY_FILE where the "
+                "workers run, then retry the message",
+                retryable=False,
+            )
+        sign = self._dkim.sign
+        try:
+            if len(content) > _SIGN_INLINE_MAX:
+                signed = await asyncio.to_thread(sign, content)
+            else:
+                signed = sign(content)
+        except Exception as exc:  # noqa: BLE001 - sending unsigned beats not sending
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            reason = f"dkimpy refused it ({type(exc).__name__}: {first})"
+            log.warning(
+                "message %s: not DKIM-signed, %s; %s",
+                message.id,
+                reason,
+                "not sent (dkim=required)" if relay.dkim == "required" else "sent unsigned",
+            )
+            return content, SMTPError(f"not DKIM-signed: {reason}", retryable=False)
+        if not signed.algorithms:
+            log.debug(
+                "message %s: no DKIM key for its From domain %s; %s",
+                message.id,
+                signed.domain,
+                "not sent (dkim=required)" if relay.dkim == "required" else "sent unsigned",
+            )
+            where = (signed.domain or "").upper().replace(".", "_").replace("-", "_")
+            return signed.data, SMTPError(
+                f"relay {relay.name!r} requires DKIM (dkim=required) and the From domain "
+                f"{signed.domain or '(none)'} has no DKIM key: set "
+                f"MAILQUEUE_DKIM__{where or '<DOMAIN>'}__SELECTOR and __KEY_FILE where the "
+                "workers run, then retry the message",
+                retryable=False,
+            )
+        return signed.data, None
 
     async def _paused_until(self, name: str, now: dt.datetime) -> dt.datetime | None:
         """This relay's pause, as SQL says (read at most every few seconds per process)."""
