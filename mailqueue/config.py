@@ -15,6 +15,7 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, unquote, unquote_plus, urlsplit
 
@@ -27,9 +28,12 @@ __all__ = [
     "RelayConfig",
     "Settings",
     "configure",
+    "default_urls",
     "get_settings",
     "hide_password",
     "is_secret_parameter",
+    "legacy_default_files",
+    "mailqueue_home",
     "check_names",
     "settings_from_env",
     "setting_sources",
@@ -323,12 +327,85 @@ def relay_from_options(name: str, options: Mapping[str, Any]) -> RelayConfig:
     return RelayConfig(name=name, **converted)
 
 
+HOME_NAME = "MAILQUEUE_HOME"
+LEGACY_DATABASE_FILE = "mailqueue.db"
+"""The relative default of versions before issue #19, in the working directory."""
+LEGACY_BROKER_FILE = "mailqueue-broker.db"
+
+
+def mailqueue_home(environ: Mapping[str, str] | None = None) -> Path:
+    """The folder of the default SQLite database and broker: ``MAILQUEUE_HOME``, else the
+    platform's user data folder (``platformdirs.user_data_dir("mailqueue")``, e.g.
+    ``~/.local/share/mailqueue`` on Linux). Always absolute, so that every process of
+    one user finds the same files whatever its working directory."""
+    env = os.environ if environ is None else environ
+    given = env.get(HOME_NAME)
+    if given:
+        home = Path(given).expanduser()
+        if not home.is_absolute():
+            raise ConfigError(
+                f"{HOME_NAME}={given!r} is not an absolute path: a relative folder differs "
+                "between processes started in different directories; give a full path",
+                name=HOME_NAME,
+            )
+        return home
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("mailqueue", appauthor=False))
+
+
+def legacy_default_files(environ: Mapping[str, str] | None = None) -> dict[str, Path]:
+    """``{"database": …, "broker": …}``: the files of the old relative default found in
+    the working directory, which the default keeps using (see :func:`default_urls`).
+
+    Only without ``MAILQUEUE_HOME`` (setting it is a choice), and only files that are
+    not already the files in the home folder."""
+    env = os.environ if environ is None else environ
+    if env.get(HOME_NAME):
+        return {}
+    home = mailqueue_home(env)
+    found = {}
+    for what, name in (("database", LEGACY_DATABASE_FILE), ("broker", LEGACY_BROKER_FILE)):
+        here = Path(name).absolute()
+        if here.is_file() and here != home / name:
+            found[what] = here
+    return found
+
+
+def default_urls(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The default database and broker URLs: absolute SQLite files in
+    :func:`mailqueue_home` (created here, mode 0700), or an older version's
+    ``./mailqueue.db`` / ``./mailqueue-broker.db`` still in the working directory
+    (kept, so its mail is not abandoned; every start line warns about it)."""
+    env = os.environ if environ is None else environ
+    home = mailqueue_home(env)
+    legacy = legacy_default_files(env)
+    paths = {
+        "database": legacy.get("database", home / LEGACY_DATABASE_FILE),
+        "broker": legacy.get("broker", home / LEGACY_BROKER_FILE),
+    }
+    if set(legacy) != set(paths):
+        try:
+            home.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot create mailqueue's default folder {home} ({exc.strerror}): set "
+                f"{HOME_NAME} to a writable folder, or MAILQUEUE_DATABASE_URL and "
+                "MAILQUEUE_BROKER_URL",
+                name=HOME_NAME,
+            ) from None
+    return {
+        "database": f"sqlite:///{paths['database']}",
+        "broker": f"sqla+sqlite:///{paths['broker']}",
+    }
+
+
 def _default_database_url() -> str:
-    return "sqlite:///mailqueue.db"
+    return default_urls()["database"]
 
 
 def _default_broker_url() -> str:
-    return "sqla+sqlite:///mailqueue-broker.db"
+    return default_urls()["broker"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -603,6 +680,7 @@ _ENV: dict[str, tuple[str, Any]] = {
 
 OTHER_NAMES: dict[str, str] = {
     "MAILQUEUE_CONFIG": "a TOML file with the same settings (config.settings_from_env)",
+    "MAILQUEUE_HOME": "the folder of the default SQLite database and broker (config)",
     "MAILQUEUE_LOG_JSON": "log JSON lines (logging_setup)",
     "MAILQUEUE_METRICS_PORT": "Prometheus metrics port of worker and scheduler (metrics)",
     "MAILQUEUE_METRICS_ADDR": "the address the metrics listen on (metrics)",
@@ -754,6 +832,10 @@ def _build(env: Mapping[str, str]) -> Settings:
             relays.setdefault(relay_name.lower(), {})[option.lower()] = raw
     built = {name: relay_from_options(name, options) for name, options in relays.items()}
     default_relay = built.pop("default")
+    if "database_url" not in top or "broker_url" not in top:
+        defaults = default_urls(env)
+        top.setdefault("database_url", defaults["database"])
+        top.setdefault("broker_url", defaults["broker"])
     return Settings(relay=default_relay, relays=built, **top)
 
 
