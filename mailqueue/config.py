@@ -27,6 +27,7 @@ __all__ = [
     "ConfigError",
     "RelayConfig",
     "Settings",
+    "compare_databases",
     "configure",
     "default_urls",
     "get_settings",
@@ -398,6 +399,51 @@ def default_urls(environ: Mapping[str, str] | None = None) -> dict[str, str]:
         "database": f"sqlite:///{paths['database']}",
         "broker": f"sqla+sqlite:///{paths['broker']}",
     }
+
+
+_LOCAL_HOSTS = {"", "localhost", "127.0.0.1", "::1"}
+
+
+def _database_place(url: str) -> tuple[str, str, str] | None:
+    """``(backend, server, database)`` of a database URL, comparable across spellings:
+    the driver dropped, a SQLite file made absolute (symlinks resolved), the local
+    host's names and sockets as one, the default port filled in. ``None`` for an
+    in-memory SQLite database (never shared)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return None
+    backend = scheme.split("+", 1)[0].lower()
+    backend = {"postgres": "postgresql", "sqla": "sqlite"}.get(backend, backend)
+    if backend == "sqlite":
+        path = unquote(rest.removeprefix("/").split("?", 1)[0])
+        if not path or path == ":memory:" or path.startswith("file:"):
+            return None
+        return ("sqlite", "", os.path.realpath(path))
+    parts = urlsplit(url)
+    query = dict(parse_qsl(parts.query))
+    host = (query.get("host") or parts.hostname or "").lower()
+    server = "local" if host in _LOCAL_HOSTS or host.startswith("/") else host
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    default_port = {"postgresql": 5432, "mysql": 3306, "mariadb": 3306}.get(backend)
+    port_text = str(query.get("port") or port or default_port or "")
+    return (backend, f"{server}:{port_text}", unquote(parts.path.lstrip("/")))
+
+
+def compare_databases(a: str, b: str) -> str:
+    """Whether two database URLs name one database: ``"same"``, ``"different"``, or
+    ``"unsure"`` (same kind and database name on servers spelled differently, which
+    may be one server under two names). For the frameworks' same-database mode."""
+    place_a, place_b = _database_place(a), _database_place(b)
+    if place_a is None or place_b is None:
+        return "different"
+    if place_a == place_b:
+        return "same"
+    if place_a[0] == place_b[0] and place_a[2] == place_b[2] and place_a[0] != "sqlite":
+        return "unsure"
+    return "different"
 
 
 def _default_database_url() -> str:
