@@ -2,6 +2,10 @@
 
 Every field has a documented default that runs the embedded stack (SQLite
 file, kombu's SQLAlchemy transport on SQLite, the dev server on port 2525).
+The two SQLite files are absolute paths in one folder per user
+(``MAILQUEUE_HOME``, else the platform's user data folder: see
+:func:`default_urls`), so that processes started in different working
+directories share them.
 Production sets ``MAILQUEUE_DATABASE_URL`` (PostgreSQL) and
 ``MAILQUEUE_BROKER_URL`` (Redis). Passwords belong in the relay URL's
 environment variable or a file, never in rows or task payloads.
