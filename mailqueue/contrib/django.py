@@ -504,6 +504,7 @@ def _django_database_url(alias: str) -> str | None:
 
 
 _same_database_checked: set[tuple[str, str]] = set()
+"""``(Django's URL, mailqueue's URL)`` pairs already checked (a backend is made per send)."""
 
 
 def _check_same_database(alias: str) -> None:
@@ -516,7 +517,7 @@ def _check_same_database(alias: str) -> None:
     """
     django_url = _django_database_url(alias)
     mailqueue_url = get_settings().database_url
-    if django_url is None or (alias, mailqueue_url) in _same_database_checked:
+    if django_url is None or (django_url, mailqueue_url) in _same_database_checked:
         return
     verdict = compare_databases(mailqueue_url, django_url)
     if verdict != "same":
@@ -538,7 +539,7 @@ def _check_same_database(alias: str) -> None:
                 f"{what}: mail written there would never be delivered; {advice}"
             )
         log.warning("%s: unless both name one database, mail is never delivered; %s", what, advice)
-    _same_database_checked.add((alias, mailqueue_url))
+    _same_database_checked.add((django_url, mailqueue_url))
 
 
 class EmailBackend(BaseEmailBackend):
