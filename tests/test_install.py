@@ -358,3 +358,20 @@ def test_the_web_extra_serves_the_status_page(wheel, tmp_path, spawn_venv):
 
     wait_until(lambda: stats() is not None, timeout=60, what=f"mailqueue web ({log})")
     assert "queued" in json.dumps(stats())
+
+
+def test_make_demo_says_what_its_first_install_does(tmp_path):
+    """The first ``make demo`` installs for a minute or two (issue #19, item 8): each
+    step is announced before it runs, and the long install is not ``--quiet`` (pip
+    prints each package and its progress). ``make -n`` lists the steps without running
+    them, in a folder with no ``.venv`` yet."""
+    (tmp_path / "pyproject.toml").touch()
+    planned = _run(["make", "-n", "-f", str(ROOT / "Makefile"), "demo"], cwd=tmp_path)
+    assert planned.returncode == 0, planned.stderr
+    steps = [line for line in planned.stdout.splitlines() if not line.startswith("make")]
+    install = next(i for i, line in enumerate(steps) if "-e '.[dev]'" in line)
+    assert "--quiet" not in steps[install]
+    assert "installing mailqueue" in steps[install - 1] and steps[install - 1].startswith("echo")
+    announced = [line for line in steps if line.startswith('echo "==> [')]
+    assert len(announced) == 3  # venv, pip, the install
+    assert steps[-1].endswith("mailqueue demo")
