@@ -22,11 +22,17 @@ LOWEST_PYTEST_ARGS ?= -m "not slow"
 
 .PHONY: demo test test-django61 test-lowest lint docs typecheck clean
 
+# The first run installs for a minute or two: say so, and let pip show its progress
+# (one line per package and its download bars) rather than sit silent.
 $(STAMP): pyproject.toml
+	@echo "==> [1/3] creating $(VENV) with $(PYTHON) (first run only)"
 	$(PYTHON) -m venv $(VENV)
+	@echo "==> [2/3] upgrading pip in $(VENV)"
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@echo "==> [3/3] installing mailqueue and its test tools into $(VENV) (a minute or two the first time)"
+	$(BIN)/python -m pip install --progress-bar on -e '.[dev]'
 	touch $(STAMP)
+	@echo "==> $(VENV) is ready"
 
 demo: $(STAMP)
 	$(BIN)/mailqueue demo

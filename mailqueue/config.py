@@ -2,6 +2,10 @@
 
 Every field has a documented default that runs the embedded stack (SQLite
 file, kombu's SQLAlchemy transport on SQLite, the dev server on port 2525).
+The two SQLite files are absolute paths in one folder per user
+(``MAILQUEUE_HOME``, else the platform's user data folder: see
+:func:`default_urls`), so that processes started in different working
+directories share them.
 Production sets ``MAILQUEUE_DATABASE_URL`` (PostgreSQL) and
 ``MAILQUEUE_BROKER_URL`` (Redis). Passwords belong in the relay URL's
 environment variable or a file, never in rows or task payloads.
@@ -15,6 +19,7 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, unquote, unquote_plus, urlsplit
 
@@ -27,10 +32,14 @@ __all__ = [
     "DkimKey",
     "RelayConfig",
     "Settings",
+    "compare_databases",
     "configure",
+    "default_urls",
     "get_settings",
     "hide_password",
     "is_secret_parameter",
+    "legacy_default_files",
+    "mailqueue_home",
     "check_names",
     "settings_from_env",
     "setting_sources",
@@ -460,12 +469,130 @@ def dkim_from_options(name: str, options: Mapping[str, str]) -> DkimKey:
     return DkimKey(name=name, domain=domain, selector=values.pop("selector", None) or "", **values)
 
 
+HOME_NAME = "MAILQUEUE_HOME"
+LEGACY_DATABASE_FILE = "mailqueue.db"
+"""The relative default of versions before issue #19, in the working directory."""
+LEGACY_BROKER_FILE = "mailqueue-broker.db"
+
+
+def mailqueue_home(environ: Mapping[str, str] | None = None) -> Path:
+    """The folder of the default SQLite database and broker: ``MAILQUEUE_HOME``, else the
+    platform's user data folder (``platformdirs.user_data_dir("mailqueue")``, e.g.
+    ``~/.local/share/mailqueue`` on Linux). Always absolute, so that every process of
+    one user finds the same files whatever its working directory."""
+    env = os.environ if environ is None else environ
+    given = env.get(HOME_NAME)
+    if given:
+        home = Path(given).expanduser()
+        if not home.is_absolute():
+            raise ConfigError(
+                f"{HOME_NAME}={given!r} is not an absolute path: a relative folder differs "
+                "between processes started in different directories; give a full path",
+                name=HOME_NAME,
+            )
+        return home
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("mailqueue", appauthor=False))
+
+
+def legacy_default_files(environ: Mapping[str, str] | None = None) -> dict[str, Path]:
+    """``{"database": …, "broker": …}``: the files of the old relative default found in
+    the working directory, which the default keeps using (see :func:`default_urls`).
+
+    Only without ``MAILQUEUE_HOME`` (setting it is a choice), and only files that are
+    not already the files in the home folder."""
+    env = os.environ if environ is None else environ
+    if env.get(HOME_NAME):
+        return {}
+    home = mailqueue_home(env)
+    found = {}
+    for what, name in (("database", LEGACY_DATABASE_FILE), ("broker", LEGACY_BROKER_FILE)):
+        here = Path(name).absolute()
+        if here.is_file() and here != home / name:
+            found[what] = here
+    return found
+
+
+def default_urls(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The default database and broker URLs: absolute SQLite files in
+    :func:`mailqueue_home` (created here, mode 0700), or an older version's
+    ``./mailqueue.db`` / ``./mailqueue-broker.db`` still in the working directory
+    (kept, so its mail is not abandoned; every start line warns about it)."""
+    env = os.environ if environ is None else environ
+    home = mailqueue_home(env)
+    legacy = legacy_default_files(env)
+    paths = {
+        "database": legacy.get("database", home / LEGACY_DATABASE_FILE),
+        "broker": legacy.get("broker", home / LEGACY_BROKER_FILE),
+    }
+    if set(legacy) != set(paths):
+        try:
+            home.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot create mailqueue's default folder {home} ({exc.strerror}): set "
+                f"{HOME_NAME} to a writable folder, or MAILQUEUE_DATABASE_URL and "
+                "MAILQUEUE_BROKER_URL",
+                name=HOME_NAME,
+            ) from None
+    return {
+        "database": f"sqlite:///{paths['database']}",
+        "broker": f"sqla+sqlite:///{paths['broker']}",
+    }
+
+
+_LOCAL_HOSTS = {"", "localhost", "127.0.0.1", "::1"}
+
+
+def _database_place(url: str) -> tuple[str, str, str] | None:
+    """``(backend, server, database)`` of a database URL, comparable across spellings:
+    the driver dropped, a SQLite file made absolute (symlinks resolved), the local
+    host's names and sockets as one, the default port filled in. ``None`` for an
+    in-memory SQLite database (never shared)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return None
+    backend = scheme.split("+", 1)[0].lower()
+    backend = {"postgres": "postgresql", "sqla": "sqlite"}.get(backend, backend)
+    if backend == "sqlite":
+        path = unquote(rest.removeprefix("/").split("?", 1)[0])
+        if not path or path == ":memory:" or path.startswith("file:"):
+            return None
+        return ("sqlite", "", os.path.realpath(path))
+    parts = urlsplit(url)
+    query = dict(parse_qsl(parts.query))
+    host = (query.get("host") or parts.hostname or "").lower()
+    server = "local" if host in _LOCAL_HOSTS or host.startswith("/") else host
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    default_port = {"postgresql": 5432, "mysql": 3306, "mariadb": 3306}.get(backend)
+    port_text = str(query.get("port") or port or default_port or "")
+    return (backend, f"{server}:{port_text}", unquote(parts.path.lstrip("/")))
+
+
+def compare_databases(a: str, b: str) -> str:
+    """Whether two database URLs name one database: ``"same"``, ``"different"``, or
+    ``"unsure"`` (same kind and database name on servers spelled differently, which
+    may be one server under two names). For the frameworks' same-database mode."""
+    place_a, place_b = _database_place(a), _database_place(b)
+    if place_a is None or place_b is None:
+        return "different"
+    if place_a == place_b:
+        return "same"
+    if place_a[0] == place_b[0] and place_a[2] == place_b[2] and place_a[0] != "sqlite":
+        return "unsure"
+    return "different"
+
+
 def _default_database_url() -> str:
-    return "sqlite:///mailqueue.db"
+    return default_urls()["database"]
 
 
 def _default_broker_url() -> str:
-    return "sqla+sqlite:///mailqueue-broker.db"
+    return default_urls()["broker"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -743,6 +870,7 @@ _ENV: dict[str, tuple[str, Any]] = {
 
 OTHER_NAMES: dict[str, str] = {
     "MAILQUEUE_CONFIG": "a TOML file with the same settings (config.settings_from_env)",
+    "MAILQUEUE_HOME": "the folder of the default SQLite database and broker (config)",
     "MAILQUEUE_LOG_JSON": "log JSON lines (logging_setup)",
     "MAILQUEUE_METRICS_PORT": "Prometheus metrics port of worker and scheduler (metrics)",
     "MAILQUEUE_METRICS_ADDR": "the address the metrics listen on (metrics)",
@@ -941,6 +1069,10 @@ def _build(env: Mapping[str, str]) -> Settings:
         keys[entry.domain] = entry
     if keys:
         top["dkim"] = keys
+    if "database_url" not in top or "broker_url" not in top:
+        defaults = default_urls(env)
+        top.setdefault("database_url", defaults["database"])
+        top.setdefault("broker_url", defaults["broker"])
     return Settings(relay=default_relay, relays=built, **top)
 
 

@@ -14,9 +14,18 @@ import logging
 import os
 import re
 import sys
+from collections.abc import Mapping
 from typing import Any
 
-from .config import Settings, hide_password, is_secret_parameter, setting_sources
+from .config import (
+    HOME_NAME,
+    Settings,
+    hide_password,
+    is_secret_parameter,
+    legacy_default_files,
+    mailqueue_home,
+    setting_sources,
+)
 
 __all__ = ["configure_logging", "json_enabled", "log_attempt", "log_startup", "SecretFilter"]
 
@@ -126,8 +135,6 @@ def log_attempt(message: Any, outcome: Any) -> None:
 
 startup_log = logging.getLogger("mailqueue.startup")
 
-_DEFAULT_RELATIVE = ("sqlite:///mailqueue.db", "sqla+sqlite:///mailqueue-broker.db")
-
 
 def _sqlite_file(url: str) -> str | None:
     """The file a ``sqlite:///`` or ``sqla+sqlite:///`` URL names, made absolute."""
@@ -139,15 +146,30 @@ def _sqlite_file(url: str) -> str | None:
 
 
 def startup_lines(
-    process: str, settings: Settings, environ: dict[str, str] | None = None
+    process: str, settings: Settings, environ: Mapping[str, str] | None = None
 ) -> list[tuple[int, str]]:
     """What ``process`` logs as it starts: the database, broker and relays it uses
-    (passwords hidden), where each came from, and a warning for a worker on the
-    default relative SQLite files. ``(level, text)`` pairs."""
-    sources = setting_sources(environ)
+    (passwords hidden), where each came from, the file of a SQLite URL, and a
+    WARNING for each default that is an older version's file in the working
+    directory (see ``config.default_urls``). ``(level, text)`` pairs."""
+    env = os.environ if environ is None else environ
+    sources = setting_sources(env)
+    legacy = {
+        what: path
+        for what, path in legacy_default_files(env).items()
+        if sources[what] == "default"
+        and _sqlite_file(getattr(settings, f"{what}_url")) == str(path)
+    }
 
-    def where(url: str, source: str) -> str:
+    def where(what: str, url: str) -> str:
         file = _sqlite_file(url)
+        source = sources[what]
+        if what in legacy:
+            source = "default of an older version, in the working directory"
+        elif source == "default" and file and os.path.dirname(file) == str(mailqueue_home(env)):
+            source = (
+                f"default, in {HOME_NAME}" if env.get(HOME_NAME) else "default, user data folder"
+            )
         return f"{hide_password(url)} ({source}{', file ' + file if file else ''})"
 
     relays = ", ".join(
@@ -157,25 +179,25 @@ def startup_lines(
     lines = [
         (
             logging.INFO,
-            f"{process} starting: database {where(settings.database_url, sources['database'])}; "
-            f"broker {where(settings.broker_url, sources['broker'])}; relays {relays}",
+            f"{process} starting: database {where('database', settings.database_url)}; "
+            f"broker {where('broker', settings.broker_url)}; relays {relays}",
         )
     ]
-    relative = [
-        (name, url)
-        for name, url in (("database", settings.database_url), ("broker", settings.broker_url))
-        if url in _DEFAULT_RELATIVE
-    ]
-    if process == "worker" and relative:
-        what = " and ".join(f"{name} {url}" for name, url in relative)
-        names = " and ".join(f"MAILQUEUE_{name.upper()}_URL" for name, _ in relative)
+    if legacy:
+        home = mailqueue_home(env)
+        files = " and ".join(str(p) for p in legacy.values())
+        names = " and ".join(
+            f"MAILQUEUE_{what.upper()}_URL={'sqla+' if what == 'broker' else ''}sqlite:///{p}"
+            for what, p in legacy.items()
+        )
         lines.append(
             (
                 logging.WARNING,
-                f"worker runs on the default {what}, relative to the working directory "
-                f"{os.getcwd()}: an app or scheduler started in another directory uses other "
-                f"files and its mail never reaches this worker; set {names} (absolute paths) in "
-                "every process",
+                f"{process} uses {files}, left in the working directory by an older "
+                f"mailqueue whose default was relative: a process started in another "
+                f"directory uses {home} instead and never sees this mail. Either move "
+                f"the file(s) into {home} (with every mailqueue process stopped), or "
+                f"pin them in every process with {names}",
             )
         )
     return lines

@@ -134,6 +134,12 @@ RELAY_PATHS = ("sequential", "pipelined")
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    """The default database and broker live in the user data folder (issue #19):
+    the suite (and the processes it starts) keeps its own, never the real home's."""
+    if "XDG_DATA_HOME" not in os.environ:
+        import tempfile
+
+        os.environ["XDG_DATA_HOME"] = tempfile.mkdtemp(prefix="mq-test-data-")
     config.addinivalue_line(
         "markers",
         "both_paths: run with the dev server without and with PIPELINING (both send paths)",

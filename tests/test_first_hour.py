@@ -39,6 +39,8 @@ def mq(
 ) -> subprocess.CompletedProcess[str]:
     """``mailqueue ARGS`` in ``cwd`` with only the given ``MAILQUEUE_*`` variables."""
     child_env = {k: v for k, v in os.environ.items() if not k.startswith("MAILQUEUE_")}
+    # The default folder is the user data folder: keep it inside the test's folder.
+    child_env["XDG_DATA_HOME"] = str(cwd / "xdg")
     child_env.update(env)
     code = f"{prelude}\nfrom mailqueue.cli import main\nmain()"
     return subprocess.run(
@@ -103,13 +105,14 @@ def empty_pg() -> Iterator[str]:
 )
 def test_read_commands_in_a_folder_without_the_database_say_to_migrate(tmp_path, args):
     result = mq(*args, cwd=tmp_path)
+    file = tmp_path / "xdg" / "mailqueue" / "mailqueue.db"
     only_line(
         result,
-        f"the database at sqlite:///mailqueue.db ({tmp_path / 'mailqueue.db'}) does not exist",
+        f"the database at sqlite:///{file} ({file}) does not exist",
         "run `mailqueue migrate`",
         "MAILQUEUE_DATABASE_URL",
     )
-    assert not (tmp_path / "mailqueue.db").exists()  # nothing left behind
+    assert not file.exists()  # nothing left behind
 
 
 @pytest.mark.parametrize(
@@ -207,11 +210,14 @@ def test_the_scheduler_logs_one_error_line_per_tick_when_the_tables_are_gone(tmp
 # -- 2. every long-running process says what it uses --------------------------------
 
 
-def test_a_worker_logs_its_database_broker_and_relay_and_warns_about_relative_defaults(
+def test_a_worker_logs_its_database_broker_and_relay_and_warns_about_an_old_relative_file(
     tmp_path,
 ):
+    (tmp_path / "mailqueue.db").touch()  # what an older version left in the working directory
     child_env = {k: v for k, v in os.environ.items() if not k.startswith("MAILQUEUE_")}
     child_env["MAILQUEUE_RELAY_URL"] = "smtp://mailer:hunter2@127.0.0.1:2599"
+    child_env["XDG_DATA_HOME"] = str(tmp_path / "xdg")
+    home = tmp_path / "xdg" / "mailqueue"
     log = tmp_path / "worker.log"
     with log.open("wb") as out:
         worker = subprocess.Popen(
@@ -229,17 +235,20 @@ def test_a_worker_logs_its_database_broker_and_relay_and_warns_about_relative_de
     text = log.read_text()
     assert "hunter2" not in text
     assert (
-        "INFO mailqueue.startup: worker starting: database sqlite:///mailqueue.db "
-        f"(default, file {tmp_path / 'mailqueue.db'}); broker sqla+sqlite:///mailqueue-broker.db "
-        f"(default, file {tmp_path / 'mailqueue-broker.db'}); relays "
+        f"INFO mailqueue.startup: worker starting: database sqlite:///{tmp_path / 'mailqueue.db'} "
+        f"(default of an older version, in the working directory, file {tmp_path / 'mailqueue.db'}"
+        f"); broker sqla+sqlite:///{home / 'mailqueue-broker.db'} "
+        f"(default, user data folder, file {home / 'mailqueue-broker.db'}); relays "
         "default=smtp://mailer:***@127.0.0.1:2599 (environment)"
     ) in text
     assert (
-        "WARNING mailqueue.startup: worker runs on the default database sqlite:///mailqueue.db "
-        "and broker sqla+sqlite:///mailqueue-broker.db, relative to the working directory "
-        f"{tmp_path}"
+        f"WARNING mailqueue.startup: worker uses {tmp_path / 'mailqueue.db'}, left in the "
+        "working directory by an older mailqueue whose default was relative"
     ) in text
-    assert "set MAILQUEUE_DATABASE_URL and MAILQUEUE_BROKER_URL (absolute paths)" in text
+    assert (
+        f"move the file(s) into {home} (with every mailqueue process stopped), or pin them in "
+        f"every process with MAILQUEUE_DATABASE_URL=sqlite:///{tmp_path / 'mailqueue.db'}"
+    ) in text
 
 
 def test_start_lines_hide_passwords_and_name_every_relay():
@@ -259,7 +268,7 @@ def test_start_lines_hide_passwords_and_name_every_relay():
             "default=smtp://127.0.0.1:2525 (default), bulk=smtps://bulk:***@bulk.example.net "
             "(default)",
         )
-    ]  # no warning: nothing relative, and only workers warn
+    ]  # no warning: no default left over from an older version
 
 
 # -- 3. configuration and connection mistakes: one line, exit 2 ----------------------

@@ -40,7 +40,9 @@ be queued is logged (WARNING, ``mailqueue.django``), never dropped unseen.
   through Django's own connection, in the current ``transaction.atomic()``.
   They commit or roll back with your data: exactly-once hand-off. The broker
   is woken in ``transaction.on_commit``; if that is lost, the scheduler finds
-  the rows anyway. PostgreSQL and SQLite.
+  the rows anyway. PostgreSQL and SQLite. ``MAILQUEUE_DATABASE_URL`` must name
+  that same database (the workers read it): another one is
+  ``ImproperlyConfigured`` when the backend is made.
 * otherwise (separate databases): the message is validated at once (bad
   input raises in your view), and written to mailqueue's own database in
   ``transaction.on_commit``. A rolled-back transaction sends nothing; once
@@ -67,10 +69,11 @@ import datetime as dt
 import email.policy
 import json
 import logging
+import os
 import uuid
 from collections.abc import Sequence
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 import django
 from django.conf import settings as django_settings
@@ -91,7 +94,7 @@ from ..api import (
     wake,
     write_and_dispatch,
 )
-from ..config import get_settings
+from ..config import compare_databases, get_settings, hide_password, setting_sources
 from ..errors import HeaderInjectionError, InvalidMessageError
 from ..message import (
     Limits,
@@ -479,6 +482,66 @@ def _django_config() -> FrameworkConfig:
     return FrameworkConfig("Django settings", ((n, getattr(django_settings, n)) for n in names))
 
 
+def _django_database_url(alias: str) -> str | None:
+    """Django's database ``alias`` as a URL without its password (``sqlite://`` for an
+    in-memory SQLite database; ``None`` for a backend mailqueue cannot share)."""
+    connection = connections[alias]
+    config = connection.settings_dict
+    name = str(config.get("NAME") or "")
+    if connection.vendor == "sqlite":
+        if not name or name == ":memory:" or name.startswith("file:"):
+            return "sqlite://"
+        return f"sqlite:///{os.path.abspath(name)}"
+    if connection.vendor == "postgresql":
+        user, host = str(config.get("USER") or ""), str(config.get("HOST") or "")
+        port = str(config.get("PORT") or "")
+        server = "" if host.startswith("/") else host
+        netloc = (f"{quote(user, safe='')}@" if user else "") + server
+        netloc += f":{port}" if port else ""
+        socket = f"?host={quote(host)}" if host.startswith("/") else ""
+        return f"postgresql://{netloc}/{quote(name, safe='')}{socket}"
+    return None
+
+
+_same_database_checked: set[tuple[str, str]] = set()
+"""``(Django's URL, mailqueue's URL)`` pairs already checked (a backend is made per send)."""
+
+
+def _check_same_database(alias: str) -> None:
+    """same_database mode writes the rows through Django's connection: mailqueue's
+    ``database_url`` (what its workers and CLI read) must name that database.
+
+    Another database: ``ImproperlyConfigured`` naming both (no password) and what to
+    set. The same database name on servers spelled differently, or an in-memory
+    SQLite database (a test run): a WARNING. Checked once per pair of URLs.
+    """
+    django_url = _django_database_url(alias)
+    mailqueue_url = get_settings().database_url
+    if django_url is None or (django_url, mailqueue_url) in _same_database_checked:
+        return
+    verdict = compare_databases(mailqueue_url, django_url)
+    if verdict != "same":
+        if hasattr(django_settings, "MAILQUEUE_DATABASE_URL"):
+            source = "Django settings"
+        else:
+            source = setting_sources()["database"]
+        what = (
+            f"mailqueue's same_database mode writes mail rows through Django's database "
+            f"{alias!r} ({django_url}), but mailqueue's database is "
+            f"{hide_password(mailqueue_url)} ({source}), the one its workers and CLI read"
+        )
+        advice = (
+            f'set MAILQUEUE_DATABASE_URL = "{django_url}" (with its password, if any) in '
+            "Django's settings and in every worker's environment, or turn same_database off"
+        )
+        if verdict == "different" and django_url != "sqlite://":
+            raise ImproperlyConfigured(
+                f"{what}: mail written there would never be delivered; {advice}"
+            )
+        log.warning("%s: unless both name one database, mail is never delivered; %s", what, advice)
+    _same_database_checked.add((django_url, mailqueue_url))
+
+
 class EmailBackend(BaseEmailBackend):
     """Enqueue Django mail in mailqueue (see the module's documentation).
 
@@ -521,6 +584,8 @@ class EmailBackend(BaseEmailBackend):
             same_database = getattr(django_settings, "MAILQUEUE_DJANGO_SAME_DATABASE", False)
         self.same_database = bool(same_database)
         apply_config(_django_config())
+        if self.same_database:
+            _check_same_database(self.database)
 
     def send_messages(self, email_messages: Sequence[EmailMessage]) -> int:
         """Validate and enqueue; the number of messages accepted (Django's contract)."""

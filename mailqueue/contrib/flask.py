@@ -25,7 +25,10 @@
 :func:`mailqueue.configure`. With ``db=`` (Flask-SQLAlchemy) and no
 ``MAILQUEUE_DATABASE_URL``, mailqueue uses ``SQLALCHEMY_DATABASE_URI``, and
 ``send`` writes the rows in ``db.session``: they commit or roll back with
-your data and the broker is woken after the commit. Without ``db=``,
+your data and the broker is woken after the commit. A
+``MAILQUEUE_DATABASE_URL`` (Flask config or environment) that names another
+database than ``db``'s is a ``ConfigError`` at ``init_app``: the workers
+would never see the rows. Without ``db=``,
 ``send`` writes and commits at once. ``send(msg, session=...)`` picks for
 one call: any SQLAlchemy ``Session``, or ``False`` for mailqueue's own
 transaction.
@@ -61,6 +64,7 @@ import datetime as dt
 import email.utils
 import logging
 import mimetypes
+import os
 import re
 import time
 import unicodedata
@@ -72,7 +76,8 @@ from typing import Any
 import blinker
 
 from ..api import MessageInfo, enqueue, get_status, get_status_by_key
-from ..errors import HeaderInjectionError, InvalidMessageError
+from ..config import compare_databases, hide_password
+from ..errors import ConfigError, HeaderInjectionError, InvalidMessageError
 from ..message import Attachment as _Attachment
 from ..message import Message as _Message
 from ..message import build_envelope
@@ -535,6 +540,64 @@ class Connection:
         return self.send(Message(*args, **kwargs))
 
 
+def _flask_database_url(app: Any, db: Any) -> str | None:
+    """The URL of ``db``'s engine for ``app`` (Flask-SQLAlchemy puts a relative SQLite
+    file in the instance folder), else ``SQLALCHEMY_DATABASE_URI`` as written (before
+    ``db.init_app(app)``)."""
+    try:
+        with app.app_context():
+            return str(db.engine.url.render_as_string(hide_password=False))
+    except Exception:  # noqa: BLE001 - db not set up for this app yet: the URI as written
+        uri = app.config.get("SQLALCHEMY_DATABASE_URI")
+        if hasattr(uri, "render_as_string"):  # an sqlalchemy URL object
+            return str(uri.render_as_string(hide_password=False))
+        return str(uri) if uri else None
+
+
+def _join_app_database(app: Any, db: Any, config: dict[str, Any]) -> None:
+    """With ``db=`` the rows go through ``db.session``: mailqueue's database must be the
+    app's, or the workers (which read ``MAILQUEUE_DATABASE_URL``) never see the mail.
+
+    No ``MAILQUEUE_DATABASE_URL`` (Flask config, then environment): it becomes the
+    app's. One that names another database: :class:`~mailqueue.ConfigError` naming
+    both (passwords hidden) and what to set. The same database name on servers
+    spelled differently (maybe one server under two names): a WARNING.
+    """
+    app_url = _flask_database_url(app, db)
+    given, source = config.get("MAILQUEUE_DATABASE_URL"), "Flask config"
+    if not given:
+        given, source = os.environ.get("MAILQUEUE_DATABASE_URL"), "environment"
+    if not given:
+        if app_url:
+            config["MAILQUEUE_DATABASE_URL"] = app_url
+        return
+    if not app_url:
+        return
+    verdict = compare_databases(str(given), app_url)
+    if verdict == "same":
+        return
+    what = (
+        f"MailQueue(app, db=db) writes mail rows through db.session into the app's database "
+        f"{hide_password(app_url)} (SQLALCHEMY_DATABASE_URI), but MAILQUEUE_DATABASE_URL "
+        f"({source}) is {hide_password(str(given))}, the database mailqueue's workers and "
+        "CLI read"
+    )
+    if verdict == "unsure":
+        log.warning(
+            "%s: if both name one server, nothing is wrong; otherwise mail written by this "
+            "app is never delivered (set MAILQUEUE_DATABASE_URL to the app's database)",
+            what,
+        )
+        return
+    raise ConfigError(
+        f"{what}: mail written there would never be delivered. Set MAILQUEUE_DATABASE_URL to "
+        "the app's database (in the Flask config and in every worker's environment), or "
+        "give no db= to keep mailqueue's rows in a database of their own",
+        name="MAILQUEUE_DATABASE_URL",
+        source=source,
+    )
+
+
 class MailQueue:
     """The Flask extension: ``MailQueue(app)`` or ``mail = MailQueue(); mail.init_app(app)``.
 
@@ -571,8 +634,8 @@ class MailQueue:
         if db is not None:
             self.db = db
         config = dict(app.config)
-        if self.db is not None and not config.get("MAILQUEUE_DATABASE_URL"):
-            config["MAILQUEUE_DATABASE_URL"] = config.get("SQLALCHEMY_DATABASE_URI")
+        if self.db is not None:
+            _join_app_database(app, self.db, config)
         apply_config(config, source="Flask config")
         if config.get("MAIL_SERVER") and not config.get("MAILQUEUE_RELAY_URL"):
             log.info(
