@@ -8,6 +8,7 @@ the mail part of your transaction: no commit, no mail.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -68,12 +69,15 @@ __all__ = [
     "ping",
     "prepare",
     "purge",
+    "probe_relay",
     "queue_depth",
+    "resolve_id",
     "retry_failed_since",
     "search",
     "series",
     "utcnow",
     "wake",
+    "without_secrets",
     "write_and_dispatch",
 ]
 
@@ -450,6 +454,10 @@ def _without_secrets(text: str, url: str) -> str:
     return text
 
 
+without_secrets = _without_secrets
+"""``without_secrets(text, url)``: an error's text fit to show (``mailqueue check``)."""
+
+
 def insert_prepared(prepared: Sequence[PreparedMessage], *, conn: Any) -> None:
     """Write prepared messages through ``conn``, the caller's executor; no dispatch.
 
@@ -763,6 +771,104 @@ def purge(older_than: dt.timedelta) -> int:
 def ping() -> None:
     """One round trip to the database; raises what the driver raises."""
     _ops.ping(_store().engine)
+
+
+MIN_ID_PREFIX = 8
+"""The fewest hex digits :func:`resolve_id` takes as a prefix of a message id."""
+
+
+class AmbiguousIdError(InvalidMessageError):
+    """An id prefix that names more than one message; ``matches`` holds (some of) them."""
+
+    def __init__(self, prefix: str, matches: Sequence[str]) -> None:
+        more = ", …" if len(matches) > 10 else ""
+        super().__init__(
+            f"{prefix!r} matches {'more than 10' if more else len(matches)} messages: "
+            f"{', '.join(matches[:10])}{more}; give more of the id",
+            field="id",
+        )
+        self.matches = list(matches)
+
+
+def resolve_id(value: str) -> str:
+    """The full id of the one message whose id is ``value`` or starts with it.
+
+    ``value`` is a full id or at least :data:`MIN_ID_PREFIX` hex digits (dashes
+    and case ignored). ``NotFoundError`` if no message matches,
+    ``AmbiguousIdError`` (an ``InvalidMessageError``) listing them if several do,
+    ``InvalidMessageError`` if ``value`` cannot be an id or is too short.
+    """
+    text = value.strip().lower()
+    if len(text) in (32, 36):
+        with contextlib.suppress(ValueError):
+            return str(uuid.UUID(text))  # a whole id: the command says if it is unknown
+    return _by_prefix(value, text)
+
+
+def _by_prefix(value: str, text: str) -> str:
+    digits = text.replace("-", "")
+    if not digits or any(c not in "0123456789abcdef" for c in digits) or len(digits) > 32:
+        raise InvalidMessageError(
+            f"{value!r} is not a message id (32 hex digits, dashes optional) or a prefix of one",
+            field="id",
+        )
+    if len(digits) < MIN_ID_PREFIX:
+        raise InvalidMessageError(
+            f"{value!r} is too short: give at least {MIN_ID_PREFIX} hex digits of the id",
+            field="id",
+        )
+    from sqlalchemy import select
+
+    from .store.models import MessageRow
+
+    low = uuid.UUID(digits.ljust(32, "0"))
+    high = uuid.UUID(digits.ljust(32, "f"))
+    stmt = (
+        select(MessageRow.id)
+        .where(MessageRow.id >= low, MessageRow.id <= high)
+        .order_by(MessageRow.id)
+        .limit(11)
+    )
+    with _store().engine.connect() as conn:
+        found = [str(i) for i in conn.execute(stmt).scalars()]
+    if not found:
+        raise NotFoundError(value)
+    if len(found) > 1:
+        raise AmbiguousIdError(value, found)
+    return found[0]
+
+
+def probe_relay(name: str | None = None) -> dict[str, Any]:
+    """Open a session to a relay as a delivery would (connect, EHLO, STARTTLS or
+    implicit TLS, AUTH), then QUIT: no message is sent.
+
+    Returns what was seen (``tls``: the TLS version or ``None``, ``auth``: the
+    user logged in as or ``None``, ``extensions``); raises the same errors a
+    delivery would (``ConnectError``, ``TLSError``, ``AuthError``,
+    ``UnknownAuthError``), their text without secrets. ``KeyError`` for an
+    unknown relay name.
+    """
+    import asyncio
+
+    from .smtp.session import close_session, open_session
+
+    relay = get_settings().relay_named(name)
+
+    async def probe() -> dict[str, Any]:
+        smtp = await open_session(relay)
+        try:
+            ssl_object = smtp.get_transport_info("ssl_object")
+            return {
+                "relay": relay.name,
+                "url": relay.safe_url,
+                "tls": ssl_object.version() if ssl_object is not None else None,
+                "auth": relay.username if (relay.username or relay.token_provider) else None,
+                "extensions": sorted(smtp.esmtp_extensions),
+            }
+        finally:
+            await close_session(smtp, say_quit=True)
+
+    return asyncio.run(probe())
 
 
 # The names the Django backend and older tests used before these were public.

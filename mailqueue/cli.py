@@ -34,7 +34,7 @@ from typing import IO, Any
 import click
 
 from . import api
-from .config import get_settings
+from .config import DEV_PORT, get_settings
 from .errors import ConfigError, InvalidMessageError, NotFoundError, SMTPError
 from .present import (
     messages_table,
@@ -44,6 +44,7 @@ from .present import (
     stats_table,
     stats_watch_view,
 )
+from .statuses import MessageStatus
 
 __all__ = ["main", "shown"]
 
@@ -62,6 +63,9 @@ class _NotFound(_Failed):
 
     exit_code = 1
 
+
+_NOTHING_TO_DO = 1
+"""``retry`` and ``cancel`` that changed nothing (as for an id that is not found)."""
 
 _debug = False
 """``--debug``: configuration and connection errors keep their traceback."""
@@ -125,6 +129,9 @@ class _Group(click.Group):
             return super().invoke(ctx)
 
 
+_PORT = click.IntRange(0, 65535)
+"""A TCP port (0: any free one)."""
+
 _BIND_ERRORS = (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES)
 
 
@@ -151,6 +158,27 @@ def _port_free(host: str, port: int, option: str) -> None:
         with socket.socket(family, socket.SOCK_STREAM) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             probe.bind((host, port))
+
+
+def _full_id(value: str) -> str:
+    """A message id given whole or by a unique prefix (at least 8 hex digits)."""
+    return api.resolve_id(value)
+
+
+def _relay_name(value: str | None, option: str) -> str | None:
+    """A relay name that is configured or still has waiting messages, else exit 2
+    naming the ones that are."""
+    if value is None:
+        return None
+    settings = get_settings()
+    known = {r.name for r in settings.all_relays} | {"default"}
+    if value in known:
+        return value
+    waiting = {d.relay for d in api.queue_depth()}
+    if value in waiting:
+        return value
+    names = ", ".join(sorted(known | waiting))
+    raise click.BadParameter(f"no relay named {value!r} (known: {names})", param_hint=option)
 
 
 def _echo_json(data: Any) -> None:
@@ -355,6 +383,10 @@ def send(
         raise click.UsageError(
             "--eml sends the file as it is: drop --subject/--text/--html/--attach/--inline"
         )
+    if eml is None and not (subject or text or html or attach or inline):
+        raise click.UsageError(
+            "nothing to send: give --subject and a body (--text, --html, --attach), or --eml FILE"
+        )
     raw_eml = None
     if eml is not None:
         with _reading(eml, "eml"):
@@ -441,7 +473,11 @@ def _send_now(message: Any, as_json: bool, relay: str | None) -> None:
 
 @cli.command()
 @click.option(
-    "-c", "--concurrency", type=int, default=None, help="Worker processes (default: CPUs)."
+    "-c",
+    "--concurrency",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Worker processes (default: CPUs).",
 )
 @click.option(
     "-P",
@@ -451,7 +487,13 @@ def _send_now(message: Any, as_json: bool, relay: str | None) -> None:
     type=click.Choice(["prefork", "solo", "threads"]),
     help="Celery execution pool.",
 )
-@click.option("-l", "--loglevel", default="INFO", help="Celery log level.")
+@click.option(
+    "-l",
+    "--loglevel",
+    default="INFO",
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], case_sensitive=False),
+    help="Celery log level.",
+)
 @click.option(
     "--check-health",
     is_flag=True,
@@ -460,7 +502,7 @@ def _send_now(message: Any, as_json: bool, relay: str | None) -> None:
 )
 @click.option(
     "--max-age",
-    type=float,
+    type=click.FloatRange(min=0, min_open=True),
     default=30.0,
     show_default=True,
     help="With --check-health: oldest heartbeat (seconds) still healthy.",
@@ -572,6 +614,7 @@ def status(message_id: str, as_json: bool, history: bool) -> None:
     from rich.console import Console
 
     _require_schema()
+    message_id = _full_id(message_id)
     info = api.get_status(message_id)
     attempts = api.get_attempts(message_id) if history else []
     if as_json:
@@ -584,9 +627,14 @@ def status(message_id: str, as_json: bool, history: bool) -> None:
 
 
 @cli.command("list")
-@click.option("--status", "status_", help="Only messages with this status.")
-@click.option("--limit", type=int, default=50, show_default=True)
-@click.option("--before", help="Page: messages older than this id.")
+@click.option(
+    "--status",
+    "status_",
+    type=click.Choice([s.value for s in MessageStatus]),
+    help="Only messages with this status.",
+)
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--before", help="Page: messages older than this id (or a unique prefix of it).")
 @click.option("--relay", help="Only messages for this relay.")
 @click.option("--sender", help="Only messages with this envelope sender.")
 @click.option("--recipient", help="Only messages to this address.")
@@ -602,10 +650,13 @@ def list_(
     tag: str | None,
     as_json: bool,
 ) -> None:
-    """List messages, newest first."""
+    """List messages, newest first (ids in full: give any unique 8+ digit prefix elsewhere)."""
     from rich.console import Console
 
     _require_schema()
+    if before is not None:
+        before = _full_id(before)
+    relay = _relay_name(relay, "--relay")
     if relay or sender or recipient or tag:
         filters = api.Filters(
             status=status_, relay=relay, sender=sender, recipient=recipient, tag=tag
@@ -616,16 +667,22 @@ def list_(
     if as_json:
         _echo_json([r.to_dict() for r in rows])
         return
-    Console().print(messages_table(rows))
+    Console().print(messages_table(rows), soft_wrap=False)
 
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--watch", is_flag=True, help="Refresh until interrupted (Ctrl-C).")
 @click.option(
-    "--interval", type=float, default=2.0, show_default=True, help="Seconds between refreshes."
+    "--interval",
+    type=click.FloatRange(min=0, min_open=True),
+    default=2.0,
+    show_default=True,
+    help="Seconds between refreshes.",
 )
-@click.option("--count", type=int, default=None, hidden=True, help="Stop after N refreshes.")
+@click.option(
+    "--count", type=click.IntRange(min=1), default=None, hidden=True, help="Stop after N refreshes."
+)
 def stats(as_json: bool, watch: bool, interval: float, count: int | None) -> None:
     """Counts per message status and per recipient status (--watch refreshes)."""
     _require_schema()
@@ -667,8 +724,19 @@ def _watch_stats(as_json: bool, interval: float, count: int | None) -> None:
     n = 0
     if as_json:  # one JSON object per line, for scripts that follow along
         while count is None or n < count:
-            data, _ = view()
-            click.echo(json.dumps({"time": time.time(), **data}, sort_keys=True))
+            data = dict(api.stats())
+            depth = [
+                {
+                    "relay": d.relay,
+                    "waiting": d.waiting,
+                    "due": d.due,
+                    "oldest_due_age_s": round(d.oldest_due_age_s, 3),
+                }
+                for d in api.queue_depth()
+            ]
+            click.echo(
+                json.dumps({"time": time.time(), **data, "queue_depth": depth}, sort_keys=True)
+            )
             n += 1
             if count is None or n < count:
                 time.sleep(interval)
@@ -729,11 +797,13 @@ def retry(message_id: str | None, all_failed: bool, since: str | None) -> None:
     _require_schema()
     if window is not None:
         count = api.retry_failed_since(window)
+    elif all_failed:
+        count = api.retry_failed()
     else:
-        count = api.retry_failed() if all_failed else api.retry(message_id or "")
+        count = api.retry(_full_id(message_id or ""))
     click.echo(f"requeued {count} message(s)")
-    if not count and message_id:
-        sys.exit(1)
+    if not count:
+        sys.exit(_NOTHING_TO_DO)
 
 
 @cli.command()
@@ -745,11 +815,28 @@ def cancel(message_id: str | None, relay: str | None) -> None:
         raise click.UsageError("give a message id or --relay")
     _require_schema()
     if relay:
+        relay = _relay_name(relay, "--relay") or ""
         count = api.cancel_relay(relay)
         click.echo(f"cancelled {count} message(s) on relay {relay}")
+        if not count:
+            sys.exit(_NOTHING_TO_DO)
         return
-    info = api.cancel(message_id or "")
+    message_id = _full_id(message_id or "")
+    before = api.get_status(message_id)
+    info = api.cancel(message_id)
     click.echo(f"{info.id} {info.status}")
+    if not _cancelled_any(before, info):
+        click.echo(f"nothing to cancel: {info.id} is {info.status}", err=True)
+        sys.exit(_NOTHING_TO_DO)
+
+
+def _cancelled_any(before: Any, after: Any) -> bool:
+    """Did ``cancel`` change a recipient (from open to cancelled)?"""
+
+    def cancelled(info: Any) -> int:
+        return sum(r.status == "cancelled" for r in info.recipients)
+
+    return cancelled(after) > cancelled(before)
 
 
 @cli.command()
@@ -767,15 +854,203 @@ def purge(older_than: str) -> None:
     click.echo(f"purged {count} message(s)")
 
 
+CHECK_FAILED = 2
+"""``mailqueue check`` found a problem (as for any configuration or connection mistake)."""
+
+_RELAY_FIXES = {
+    "AuthError": "check the relay's user name and password (password_file, or the URL's)",
+    "UnknownAuthError": "set auth_mechanisms to one the relay offers, or ask its admin",
+    "TLSError": "check starttls, tls_ca_file and the relay's certificate (its name and issuer)",
+    "ConnectError": "check the relay's host and port, and that it is running and reachable",
+    "ClusterLimitError": "check MAILQUEUE_LIMITS_REDIS_URL",
+}
+
+
+class _Check:
+    """One line of ``mailqueue check``."""
+
+    def __init__(self, name: str, ok: bool, detail: str, fix: str | None = None) -> None:
+        self.name, self.ok, self.detail, self.fix = name, ok, detail, fix
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"check": self.name, "ok": self.ok, "detail": self.detail, "fix": self.fix}
+
+    def line(self) -> str:
+        fix = f": {self.fix}" if self.fix else ""
+        return shown(f"{'ok' if self.ok else 'PROBLEM':<8} {self.name}: {self.detail}{fix}")
+
+
+def _check_settings() -> tuple[_Check, Any]:
+    from .config import hide_password
+
+    try:
+        settings = get_settings()
+    except ConfigError as exc:
+        return _Check("settings", False, str(exc)), None
+    names = ", ".join(r.name for r in settings.all_relays)
+    return _Check(
+        "settings",
+        True,
+        f"database {hide_password(settings.database_url)}, broker "
+        f"{hide_password(settings.broker_url)}, relays {names}",
+    ), settings
+
+
+def _check_database(settings: Any) -> _Check:
+    from .config import hide_password
+    from .migrate import SchemaError, require_schema
+
+    shown_url = hide_password(settings.database_url)
+    try:
+        require_schema(settings.database_url)
+    except SchemaError as exc:
+        return _Check("database", False, str(exc), None)
+    except ConfigError as exc:
+        return _Check("database", False, str(exc), "check MAILQUEUE_DATABASE_URL")
+    return _Check("database", True, f"{shown_url} reachable, tables at the code's revision")
+
+
+def _check_broker_reachable(settings: Any) -> _Check:
+    import os
+
+    from kombu import Connection
+    from sqlalchemy.engine import make_url
+
+    from .config import hide_password
+
+    url = settings.broker_url
+    shown_url = hide_password(url)
+    try:
+        _check_broker(url)
+    except ConfigError as exc:
+        return _Check("broker", False, str(exc), None)
+    if url.startswith("sqla+sqlite"):  # a file: check its folder, create nothing
+        path = make_url(url[len("sqla+") :]).database or ""
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.access(folder, os.W_OK):
+            return _Check(
+                "broker",
+                False,
+                f"{shown_url}: the folder {folder} does not exist or cannot be written",
+                "create it or set MAILQUEUE_BROKER_URL",
+            )
+        state = "exists" if os.path.exists(path) else "will be created by the first worker"
+        return _Check("broker", True, f"{shown_url} ({os.path.abspath(path)} {state})")
+    try:
+        with Connection(url, connect_timeout=5) as conn:
+            conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0, timeout=5)
+    except Exception as exc:  # noqa: BLE001 - any failure to connect is the answer
+        return _Check(
+            "broker",
+            False,
+            f"cannot reach {shown_url}: {type(exc).__name__}: {api.without_secrets(str(exc), url)}",
+            "check MAILQUEUE_BROKER_URL and that the broker is running",
+        )
+    return _Check("broker", True, f"{shown_url} reachable")
+
+
+def _check_relay(relay: Any) -> _Check:
+    name = f"relay {relay.name}"
+    try:
+        seen = api.probe_relay(relay.name)
+    except SMTPError as exc:
+        said = f" (server said: {exc.code} {exc.reply or ''}".rstrip() + ")" if exc.code else ""
+        return _Check(
+            name,
+            False,
+            f"{type(exc).__name__}: {exc.reason}{said}",
+            _RELAY_FIXES.get(type(exc).__name__, exc.hint),
+        )
+    except ConfigError as exc:
+        return _Check(name, False, str(exc), None)
+    how = "implicit TLS" if relay.implicit_tls else "STARTTLS"
+    tls = f"{how} {seen['tls']}" if seen["tls"] else "no TLS"
+    auth = f"AUTH as {seen['auth']!r}" if seen["auth"] else "no AUTH"
+    return _Check(name, True, f"{seen['url']}: EHLO, {tls}, {auth}, QUIT (no message sent)")
+
+
+def _check_cluster_redis(settings: Any) -> _Check | None:
+    from .config import hide_password
+
+    limited = [r.name for r in settings.all_relays if r.cluster_max_connections or r.rate_limit]
+    url = settings.cluster_redis_url
+    if not limited or url is None:  # (limits without Redis are refused by the settings)
+        return None
+    shown_url = hide_password(url)
+    try:
+        import redis
+
+        client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5)
+        try:
+            client.ping()
+        finally:
+            client.close()
+    except ModuleNotFoundError:
+        return _Check(
+            "cluster limits",
+            False,
+            "the module 'redis' is not installed",
+            "pip install 'mailqueue[redis]'",
+        )
+    except Exception as exc:  # noqa: BLE001 - any failure to connect is the answer
+        return _Check(
+            "cluster limits",
+            False,
+            f"cannot reach Redis at {shown_url}: {type(exc).__name__}: "
+            f"{api.without_secrets(str(exc), url)}",
+            "check MAILQUEUE_LIMITS_REDIS_URL and that Redis is running",
+        )
+    return _Check(
+        "cluster limits", True, f"Redis at {shown_url} reachable (relays {', '.join(limited)})"
+    )
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+def check(as_json: bool) -> None:
+    """Check the settings, the database, the broker, each relay and Redis; send nothing.
+
+    Each relay gets EHLO, STARTTLS or implicit TLS and AUTH as configured, then
+    QUIT. One line per check; exit 0 when all pass, 2 when any does not.
+    """
+    first, settings = _check_settings()
+    checks = [first]
+    if settings is not None:
+        checks.append(_check_database(settings))
+        checks.append(_check_broker_reachable(settings))
+        checks.extend(_check_relay(relay) for relay in settings.all_relays)
+        redis_check = _check_cluster_redis(settings)
+        if redis_check is not None:
+            checks.append(redis_check)
+    ok = all(c.ok for c in checks)
+    if as_json:
+        _echo_json({"ok": ok, "checks": [c.to_dict() for c in checks]})
+    else:
+        for c in checks:
+            click.echo(c.line())
+    if not ok:
+        sys.exit(CHECK_FAILED)
+
+
 @cli.command()
 @click.option(
     "--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback by default)."
 )
-@click.option("--port", type=int, default=2525, show_default=True)
+@click.option(
+    "--port",
+    type=_PORT,
+    default=DEV_PORT,
+    show_default=True,
+    help="Port to listen on (the default relay's port; 2525 was the default before).",
+)
 @click.option("--reject", multiple=True, help="Answer 550 to recipients matching this glob.")
 @click.option("--defer", multiple=True, help="Answer 450 to recipients matching this glob.")
 @click.option(
-    "--max-size", type=int, default=33554432, show_default=True, help="Largest message (SIZE)."
+    "--max-size",
+    type=click.IntRange(min=1),
+    default=33554432,
+    show_default=True,
+    help="Largest message (SIZE).",
 )
 @click.option(
     "--maildir", type=click.Path(file_okay=False, path_type=Path), help="Also store mail here."
@@ -786,7 +1061,7 @@ def purge(older_than: str) -> None:
     help="Certificate (PEM) for STARTTLS and --tls-port.",
 )
 @click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), help="Its private key.")
-@click.option("--tls-port", type=int, help="Also listen with implicit TLS (smtps) here.")
+@click.option("--tls-port", type=_PORT, help="Also listen with implicit TLS (smtps) here.")
 @click.option(
     "--require-auth",
     "users",
@@ -839,7 +1114,7 @@ def devserver(
 @click.option(
     "--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback by default)."
 )
-@click.option("--port", type=int, default=8025, show_default=True)
+@click.option("--port", type=_PORT, default=8025, show_default=True)
 @click.option(
     "--token",
     envvar="MAILQUEUE_WEB_TOKEN",
@@ -882,7 +1157,13 @@ def web(host: str, port: int, token: str | None, no_auth: bool) -> None:
 
 
 @cli.command()
-@click.option("--messages", type=int, default=300, show_default=True, help="How many to enqueue.")
+@click.option(
+    "--messages",
+    type=click.IntRange(min=1),
+    default=300,
+    show_default=True,
+    help="How many to enqueue.",
+)
 @click.option(
     "--workdir",
     type=click.Path(file_okay=False, path_type=Path),
@@ -890,9 +1171,19 @@ def web(host: str, port: int, token: str | None, no_auth: bool) -> None:
     show_default=True,
     help="Fresh state goes here.",
 )
-@click.option("--concurrency", type=int, default=2, show_default=True, help="Worker processes.")
 @click.option(
-    "--timeout", type=float, default=180.0, show_default=True, help="Give up after seconds."
+    "--concurrency",
+    type=click.IntRange(min=1),
+    default=2,
+    show_default=True,
+    help="Worker processes.",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=180.0,
+    show_default=True,
+    help="Give up after seconds.",
 )
 def demo(messages: int, workdir: Path, concurrency: int, timeout: float) -> None:
     """The whole loop on the embedded default: dev server, worker, scheduler, mail."""

@@ -1,7 +1,7 @@
 """Settings: one typed object, read from ``MAILQUEUE_*`` environment variables.
 
 Every field has a documented default that runs the embedded stack (SQLite
-file, kombu's SQLAlchemy transport on SQLite, the dev server on port 2525).
+file, kombu's SQLAlchemy transport on SQLite, the dev server on port 1025).
 The two SQLite files are absolute paths in one folder per user
 (``MAILQUEUE_HOME``, else the platform's user data folder: see
 :func:`default_urls`), so that processes started in different working
@@ -27,6 +27,7 @@ from .errors import ConfigError
 from .message import Limits
 
 __all__ = [
+    "DEV_PORT",
     "KNOWN_NAMES",
     "ConfigError",
     "DkimKey",
@@ -63,6 +64,12 @@ def _to_bool(value: str | bool) -> bool:
     raise ValueError(f"{value!r} is not a boolean (use true or false)")
 
 
+DEV_PORT = 1025
+"""The dev server's port and the default relay's (Mailpit's and Django's docs' choice).
+Until issue #19 both were 2525, where a real MTA may listen; ``MAILQUEUE_RELAY_URL=
+smtp://127.0.0.1:2525`` and ``mailqueue devserver --port 2525`` give the old pair."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class RelayConfig:
     """Where and how to hand mail over: one SMTP relay, its TLS, AUTH and pool bounds.
@@ -75,7 +82,7 @@ class RelayConfig:
     """
 
     name: str = "default"
-    url: str = "smtp://127.0.0.1:2525"
+    url: str = f"smtp://127.0.0.1:{DEV_PORT}"
     pool_size: int = 5
     """Most connections one worker process opens to this relay."""
     max_messages_per_connection: int = 100

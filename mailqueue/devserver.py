@@ -32,6 +32,8 @@ from typing import Any, cast
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
+from .config import DEV_PORT
+
 __all__ = ["DevServer", "Faults", "Received", "serve"]
 
 HookResult = bool | str | None
@@ -519,7 +521,7 @@ class DevServer:
 
 def serve(
     host: str = "127.0.0.1",
-    port: int = 2525,
+    port: int = DEV_PORT,
     *,
     reject: Iterable[str] = (),
     defer: Iterable[str] = (),

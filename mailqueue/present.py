@@ -147,10 +147,23 @@ def print_status(console: Any, info: Any, attempts: Sequence[Any] | None) -> Non
 
 
 def messages_table(rows: Iterable[Any]) -> Any:
-    """``mailqueue list``: one row per message."""
+    """``mailqueue list``: one row per message, its id always in full.
+
+    The id column never wraps or shrinks (an id is what the operator copies
+    into ``status``, ``retry`` or ``cancel``); on a narrow terminal the other
+    columns fold instead, and the borders are left out to give them room.
+    """
+    from rich import box
     from rich.table import Table
 
-    table = Table("id", "status", "created", "from", "subject", "attempts", "last error")
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("id", no_wrap=True, min_width=36)
+    table.add_column("status", no_wrap=True)
+    table.add_column("created")
+    for name in ("from", "subject"):
+        table.add_column(name, overflow="fold")
+    table.add_column("attempts", justify="right")
+    table.add_column("last error", overflow="fold")
     for r in rows:
         table.add_row(
             cell(r.id),

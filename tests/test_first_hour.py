@@ -265,7 +265,7 @@ def test_start_lines_hide_passwords_and_name_every_relay():
             logging.INFO,
             "scheduler starting: database postgresql://app:***@db.internal/mail (environment); "
             "broker redis://:***@redis.internal:6379/0 (default); relays "
-            "default=smtp://127.0.0.1:2525 (default), bulk=smtps://bulk:***@bulk.example.net "
+            "default=smtp://127.0.0.1:1025 (default), bulk=smtps://bulk:***@bulk.example.net "
             "(default)",
         )
     ]  # no warning: no default left over from an older version
