@@ -154,7 +154,7 @@ def test_django_settings_reach_named_relays_and_the_config_file(tmp_path, toml_f
     )
     assert result == {
         "relays": {
-            "default": ["smtp://127.0.0.1:2525", 5],
+            "default": ["smtp://127.0.0.1:1025", 5],
             "bulk": ["smtp://bulk.example.net:2525", 5],
             "ses": ["smtp://ses.example.net:587", 7],
         },
