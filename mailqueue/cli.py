@@ -924,6 +924,17 @@ def _check_broker_reachable(settings: Any) -> _Check:
         _check_broker(url)
     except ConfigError as exc:
         return _Check("broker", False, str(exc), None)
+    except Exception as exc:  # noqa: BLE001 - kombu's transport would not load (a missing extra)
+        missing = exc.name if isinstance(exc, ImportError) else None
+        module = missing or url.split(":", 1)[0].split("+")[0]
+        extra = _EXTRAS.get(module.split(".")[0], "all")
+        return _Check(
+            "broker",
+            False,
+            f"{shown_url}: kombu cannot load its transport ({type(exc).__name__}: "
+            f"{api.without_secrets(str(exc), url)})",
+            f"pip install 'mailqueue[{extra}]' (from a checkout: pip install '.[{extra}]')",
+        )
     if url.startswith("sqla+sqlite"):  # a file: check its folder, create nothing
         path = make_url(url[len("sqla+") :]).database or ""
         folder = os.path.dirname(os.path.abspath(path))

@@ -209,3 +209,22 @@ def test_bad_settings_are_one_problem_and_nothing_else_is_tried(tmp_path):
     (line,) = no_redis.stdout.splitlines()
     assert line.startswith("PROBLEM  settings: ") and "set MAILQUEUE_LIMITS_REDIS_URL" in line
     assert list(tmp_path.iterdir()) == []  # no database, no broker file
+
+
+def test_a_broker_transport_that_cannot_load_names_the_extra(tmp_path):
+    """As after ``pip install '.[postgres]'`` with a Redis broker (issue #19, item 4)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILQUEUE_")}
+    env["MAILQUEUE_BROKER_URL"] = "redis://127.0.0.1:6379/0"
+    code = "import sys\nsys.modules['redis'] = None\nfrom mailqueue.cli import main\nmain()"
+    result = subprocess.run(
+        [sys.executable, "-c", code, "check"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "Traceback" not in result.stderr and result.returncode == 2
+    line = lines(result)["broker"]
+    assert line.startswith("PROBLEM  broker: redis://127.0.0.1:6379/0: kombu cannot load")
+    assert line.endswith("pip install 'mailqueue[redis]' (from a checkout: pip install '.[redis]')")
