@@ -1,14 +1,18 @@
 """The ``mailqueue`` command: a stable interface that scripts and ops rely on.
 
 Commands parse input, call one service, and turn domain errors into exit
-codes: 0 done, 1 not found or failed, 2 bad input (``InvalidMessageError``
-or a usage error) or a configuration or connection mistake (``ConfigError``:
-an unknown ``MAILQUEUE_*`` name, a bad value or URL, a database that cannot be
-reached, has no tables or needs a driver that is not installed, a port in
-use), 3 ``send --now`` and a recipient was refused, each with one line on
+codes: 0 done, 1 not found or nothing to do (``retry`` and ``cancel`` that
+changed nothing), 2 bad input (``InvalidMessageError``, a usage error, a value
+outside the allowed ones, an ambiguous id prefix) or a configuration or
+connection mistake (``ConfigError``: an unknown ``MAILQUEUE_*`` name, a bad
+value or URL, a database that cannot be reached, has no tables or needs a
+driver that is not installed, a port in use; and ``check`` that found a
+problem), 3 ``send --now`` and a recipient was refused, each with one line on
 stderr (``error: <field>: <reason>``), never a traceback (``--debug`` shows
-it). ``--json`` output is meant for scripts and never holds a
-secret.
+it). ``--json`` output is meant for scripts and never holds a secret.
+
+Wherever a message id goes (``status``, ``retry``, ``cancel``, ``list
+--before``) a unique prefix of at least 8 hex digits will do.
 
 Whatever came from a message, a recipient, a relay or the database is shown
 through :func:`shown` and as Rich ``Text``, never as Rich markup: a subject
