@@ -234,8 +234,8 @@ def test_the_production_stack_from_the_wheel(
     wheel, tmp_path, smtp_server, fresh_pg_database, spawn_venv, extras
 ):
     """PostgreSQL + Redis, with the extras a user of that stack picks (``postgres``
-    brings the Redis transport too): migrate, send, and a worker from the same venv
-    delivers it."""
+    brings the Redis transport too): ``check`` (unmigrated, then all ok), migrate,
+    send, and a worker from the same venv delivers it."""
     import redis
 
     require("redis")
@@ -247,8 +247,14 @@ def test_the_production_stack_from_the_wheel(
         MAILQUEUE_QUEUE=queue,
         MAILQUEUE_RELAY_URL=smtp_server.url,
     )
+    unmigrated = venv.run("mailqueue", "check", cwd=tmp_path, env=env)
+    assert unmigrated.returncode == 2, unmigrated.stdout + unmigrated.stderr
+    assert "mailqueue migrate" in unmigrated.stdout + unmigrated.stderr
     message_id = send_and_check(venv, tmp_path, env)
-    assert redis.Redis.from_url(REDIS_URL).llen(queue) == 1  # the task is in Redis
+    checked = venv.run("mailqueue", "check", cwd=tmp_path, env=env)  # the user's first check
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "PROBLEM" not in checked.stdout, checked.stdout
+    assert redis.Redis.from_url(REDIS_URL).llen(queue) == 1  # the task is in Redis; check sent none
     spawn_venv(venv, tmp_path, env, "worker", "-P", "solo", "--loglevel", "WARNING")
     wait_until(lambda: smtp_server.messages, timeout=60, what="the worker's delivery")
     assert [m.rcpt_tos for m in smtp_server.messages] == [("ana@example.com",)]

@@ -18,7 +18,7 @@ app.config.update(
     ),
     # Any MAILQUEUE_* name of mailqueue's configuration table works here.
     MAILQUEUE_BROKER_URL=os.environ.get("MAILQUEUE_BROKER_URL", f"sqla+sqlite:///{HERE}/broker.db"),
-    MAILQUEUE_RELAY_URL=os.environ.get("MAILQUEUE_RELAY_URL", "smtp://127.0.0.1:2525"),
+    MAILQUEUE_RELAY_URL=os.environ.get("MAILQUEUE_RELAY_URL", "smtp://127.0.0.1:1025"),
     MAILQUEUE_DEFAULT_SENDER=("Example Shop", "shop@example.com"),
 )
 db = SQLAlchemy(app)

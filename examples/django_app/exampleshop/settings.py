@@ -30,7 +30,7 @@ MAILQUEUE_DATABASE_URL = os.environ.get(
 MAILQUEUE_BROKER_URL = os.environ.get(
     "MAILQUEUE_BROKER_URL", f"sqla+sqlite:///{BASE_DIR / 'broker.db'}"
 )
-MAILQUEUE_RELAY_URL = os.environ.get("MAILQUEUE_RELAY_URL", "smtp://127.0.0.1:2525")
+MAILQUEUE_RELAY_URL = os.environ.get("MAILQUEUE_RELAY_URL", "smtp://127.0.0.1:1025")
 
 if django.VERSION >= (6, 1):
     MAILERS = {
