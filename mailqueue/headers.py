@@ -160,7 +160,37 @@ def _phrase_tokens(name: str, first_room: int = _EW_ROOM) -> list[str]:
         quoted = '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
         # Folding inside a quoted string only ever replaces a space by CRLF+space.
         return quoted.split(" ")
-    return _encoded_words(name, first_room)
+    return _mixed_phrase_tokens(name, first_room)
+
+
+def _mixed_phrase_tokens(name: str, first_room: int = _EW_ROOM) -> list[str]:
+    """Words that are atoms as they are, each run of the others as encoded words.
+
+    ``Firstname Sürname`` becomes ``Firstname =?utf-8?q?S=C3=BCrname?=``, as the
+    email package writes it (and Django's SMTP backend sends it). A run of words
+    that need encoding is one encoded text with its spaces inside (``_``), since
+    readers drop the space between two encoded words. Any other spacing (double,
+    leading, trailing) is encoded whole, so that it survives as written.
+    """
+    words = name.split(" ")
+    if "" in words:
+        return _encoded_words(name, first_room)
+    tokens: list[str] = []
+    run: list[str] = []
+
+    def flush() -> None:
+        if run:
+            tokens.extend(_encoded_words(" ".join(run), first_room if not tokens else _EW_ROOM))
+            run.clear()
+
+    for word in words:
+        if _PHRASE.fullmatch(word) and "=?" not in word:
+            flush()
+            tokens.append(word)
+        else:
+            run.append(word)
+    flush()
+    return tokens
 
 
 def _mailbox_tokens(address: Address, first_room: int = _EW_ROOM) -> list[str]:
