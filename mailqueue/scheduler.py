@@ -7,9 +7,11 @@ dispatch never reached the broker (it was down, or restarted empty). Run
 one (or more: on PostgreSQL they skip each other's rows).
 
 ``mailqueue scheduler`` refuses to start on a database without mailqueue's
-tables (``migrate.require_schema``). Should the tables vanish while it runs
-(a database restored from before ``migrate``), each tick logs one ERROR line
-saying so, without a traceback, and the loop goes on.
+tables (``migrate.require_schema``). Once running, a tick that fails (the
+database or the broker unreachable, the tables gone after a restore) is
+logged once per state change, one ERROR when it starts and one INFO when
+ticks succeed again, and the loop backs off (doubling, up to a minute)
+instead of logging every tick.
 """
 
 from __future__ import annotations
@@ -61,30 +63,74 @@ class Scheduler:
                 return report
 
     def run(self) -> None:
-        log.info("scheduler started (every %.1fs)", self.settings.scheduler_interval_s)
+        """Tick until stopped. A failing tick (database or broker unreachable, tables
+        gone) is logged once per state change, not once per tick: one ERROR when a
+        new kind of failure starts (with its traceback if unexpected), one INFO when
+        ticks succeed again; in between the wait doubles, up to ``_MAX_BACKOFF_S``."""
+        interval = self.settings.scheduler_interval_s
+        log.info("scheduler started (every %.1fs)", interval)
+        failing: str | None = None  # the kind of failure in progress, if any
+        failures = 0
         while not self._stop.is_set():
             try:
                 report = self.tick()
                 _metrics.scheduler_tick(report, self.store.engine)
+                if failing is not None:
+                    log.info("ticking again after %d failed tick(s): %s", failures, failing)
+                    failing, failures = None, 0
                 if report.dispatched or report.undispatched:
                     log.info(
                         "dispatched %d, broker refused %d", report.dispatched, report.undispatched
                     )
             except Exception as exc:  # noqa: BLE001 - a database blip must not end the scheduler
-                if _missing_tables(exc):
-                    log.error(
-                        "the database at %s has no mailqueue tables: run `mailqueue migrate`; "
-                        "trying again in %.1fs",
-                        hide_password(self.settings.database_url),
-                        self.settings.scheduler_interval_s,
-                    )
+                kind = _failure_kind(exc)
+                failures += 1
+                if kind != failing:
+                    self._log_failure(exc, kind)
+                    failing = kind
                 else:
-                    log.exception("scheduler tick failed; trying again")
-            self._stop.wait(self.settings.scheduler_interval_s)
+                    log.debug("scheduler tick failed again (%d in a row): %s", failures, kind)
+            wait = interval if failing is None else _backoff(interval, failures)
+            self._stop.wait(wait)
         log.info("scheduler stopped")
+
+    def _log_failure(self, exc: Exception, kind: str) -> None:
+        if _missing_tables(exc):
+            log.error(
+                "the database at %s has no mailqueue tables: run `mailqueue migrate`; "
+                "trying again with backoff (logged again only when this changes)",
+                hide_password(self.settings.database_url),
+            )
+        else:
+            log.error(
+                "scheduler tick failed (%s); trying again with backoff up to %.0fs "
+                "(logged again only when this changes)",
+                kind,
+                _MAX_BACKOFF_S,
+                exc_info=exc,
+            )
 
     def stop(self) -> None:
         self._stop.set()
+
+
+_MAX_BACKOFF_S = 60.0
+"""The longest wait between two failing ticks."""
+
+
+def _backoff(interval: float, failures: int) -> float:
+    """The wait after ``failures`` failed ticks in a row: the interval, doubled each time."""
+    return float(min(max(interval, _MAX_BACKOFF_S), interval * 2 ** min(failures, 16)))
+
+
+def _failure_kind(exc: BaseException) -> str:
+    """What went wrong, in words that stay the same while the same thing stays wrong."""
+    if _missing_tables(exc):
+        return "no mailqueue tables"
+    orig = getattr(exc, "orig", None)
+    cause = orig if orig is not None else exc
+    first_line = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+    return f"{type(cause).__name__}: {first_line[:200]}"
 
 
 def _missing_tables(exc: BaseException) -> bool:

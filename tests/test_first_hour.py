@@ -178,7 +178,10 @@ def test_migrate_and_send_on_a_database_a_newer_mailqueue_migrated(tmp_path):
         only_line(result, f"cannot migrate the database at {url}", "upgrade mailqueue")
 
 
-def test_the_scheduler_logs_one_error_line_per_tick_when_the_tables_are_gone(tmp_path, caplog):
+def test_the_scheduler_logs_a_failure_once_backs_off_and_says_when_it_recovers(tmp_path, caplog):
+    """Tables gone under a running scheduler: one ERROR line (no traceback), not one
+    per tick; the waits between failing ticks grow; once ``migrate`` has run, one
+    INFO line says it ticks again, and the wait is the interval again."""
     url = f"sqlite:///{tmp_path / 'mq.db'}"
     engine = sa.create_engine(url)
     with engine.begin() as conn:  # a database file without mailqueue's tables
@@ -186,24 +189,38 @@ def test_the_scheduler_logs_one_error_line_per_tick_when_the_tables_are_gone(tmp
     engine.dispose()
     settings = replace(settings_from_env({}), database_url=url, scheduler_interval_s=0.01)
     scheduler = Scheduler(settings)
-    caplog.set_level(logging.INFO, logger="mailqueue.scheduler")
-    runner = threading.Thread(target=scheduler.run)
-    runner.start()
-    try:
-        wait_until(
-            lambda: sum(r.levelno == logging.ERROR for r in caplog.records) >= 3,
-            what="three failed ticks",
-        )
-    finally:
-        scheduler.stop()
-        runner.join(30)
+    waits: list[float] = []
+    migrated = threading.Event()
+
+    class Clock:
+        """The scheduler's stop event, recording each wait instead of sleeping it."""
+
+        def is_set(self) -> bool:
+            return len(waits) >= 12
+
+        def wait(self, timeout: float) -> bool:
+            waits.append(timeout)
+            if len(waits) == 6:
+                upgrade(url)  # the operator runs `mailqueue migrate`
+                migrated.set()
+            return False
+
+    scheduler._stop = Clock()  # type: ignore[assignment]
+    caplog.set_level(logging.DEBUG, logger="mailqueue.scheduler")
+    scheduler.run()
+    assert migrated.is_set()
     errors = [r for r in caplog.records if r.levelno == logging.ERROR]
-    assert all(r.exc_info is None for r in errors)  # no traceback, tick after tick
+    assert len(errors) == 1, [r.getMessage() for r in errors]  # six failed ticks, one line
+    assert errors[0].exc_info is None  # a known state: no traceback
     assert (
         errors[0]
         .getMessage()
         .startswith(f"the database at {url} has no mailqueue tables: run `mailqueue migrate`")
     )
+    assert waits[:6] == sorted(waits[:6]) and waits[5] > waits[0]  # backing off
+    recovered = [r.getMessage() for r in caplog.records if "ticking again" in r.getMessage()]
+    assert recovered == ["ticking again after 6 failed tick(s): no mailqueue tables"]
+    assert waits[6:] == [0.01] * 6  # the interval again
     dispose_engines()
 
 
