@@ -150,8 +150,12 @@ def _encoded_words(text: str, first_room: int = _EW_ROOM) -> list[str]:
     return words
 
 
-def _phrase_tokens(name: str, first_room: int = _EW_ROOM) -> list[str]:
-    """A display name as tokens joined by spaces, each fold between them harmless."""
+def _phrase_tokens(name: str, first_room: int = _EW_ROOM, *, whole: bool = False) -> list[str]:
+    """A display name as tokens joined by spaces, each fold between them harmless.
+
+    A name that needs encoding keeps its atoms as they are (the modern ``email``
+    policies' way), or with ``whole`` is encoded as one text (``compat32``'s way,
+    what Django 5.2's SMTP backend sends)."""
     if _PHRASE.fullmatch(name) and "=?" not in name:
         return name.split(" ")
     words = name.split(" ")
@@ -160,7 +164,7 @@ def _phrase_tokens(name: str, first_room: int = _EW_ROOM) -> list[str]:
         quoted = '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
         # Folding inside a quoted string only ever replaces a space by CRLF+space.
         return quoted.split(" ")
-    return _mixed_phrase_tokens(name, first_room)
+    return _encoded_words(name, first_room) if whole else _mixed_phrase_tokens(name, first_room)
 
 
 def _mixed_phrase_tokens(name: str, first_room: int = _EW_ROOM) -> list[str]:
@@ -193,11 +197,13 @@ def _mixed_phrase_tokens(name: str, first_room: int = _EW_ROOM) -> list[str]:
     return tokens
 
 
-def _mailbox_tokens(address: Address, first_room: int = _EW_ROOM) -> list[str]:
+def _mailbox_tokens(
+    address: Address, first_room: int = _EW_ROOM, *, whole: bool = False
+) -> list[str]:
     spec = address.addr_spec
     if not address.display_name:
         return [spec]
-    return [*_phrase_tokens(address.display_name, first_room), f"<{spec}>"]
+    return [*_phrase_tokens(address.display_name, first_room, whole=whole), f"<{spec}>"]
 
 
 def _fold(name: str, tokens: Sequence[str]) -> str:
@@ -219,11 +225,15 @@ def _fold(name: str, tokens: Sequence[str]) -> str:
     return "\r\n".join(lines)
 
 
-def address_field(name: str, addresses: Sequence[Address]) -> str:
-    """An address list field, folded only between tokens (never inside one)."""
+def address_field(name: str, addresses: Sequence[Address], *, whole_names: bool = False) -> str:
+    """An address list field, folded only between tokens (never inside one).
+
+    ``whole_names``: a display name that needs encoding is one encoded text, as the
+    ``email`` package's ``compat32`` policy writes it (see ``_phrase_tokens``)."""
     tokens: list[str] = []
     for index, address in enumerate(addresses):
-        mailbox = _mailbox_tokens(address, _first_room(name) if index == 0 else _EW_ROOM)
+        room = _first_room(name) if index == 0 else _EW_ROOM
+        mailbox = _mailbox_tokens(address, room, whole=whole_names)
         if index < len(addresses) - 1:
             mailbox[-1] += ","
         tokens.extend(mailbox)

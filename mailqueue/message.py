@@ -1129,8 +1129,12 @@ def _serialize_checked(obj: _StdMessage, limits: Limits) -> tuple[bytes, _StdMes
     raw_fields = _raw_fields(head.decode("utf-8", "surrogateescape"))
     if len(raw_fields) != len(fields):
         check_block(head.decode("utf-8", "surrogateescape"), fields)  # raises, naming the change
+    # Names written as the object's own policy would (Django 5.2's SafeMIME: compat32).
+    whole_names = not isinstance(getattr(obj, "policy", None), email.policy.EmailPolicy)
     rewritten = [
-        address_field(name, f.addresses) if f.addresses is not None else raw
+        address_field(name, f.addresses, whole_names=whole_names)
+        if f.addresses is not None
+        else raw
         for (name, raw), f in zip(raw_fields, fields, strict=True)
     ]
     new_head = "\r\n".join(rewritten)

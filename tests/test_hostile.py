@@ -509,7 +509,7 @@ def test_harness_judge_catches_what_it_must():
 
 def _unquoting_writer(real):
     """CPython gh-80222, as a writer bug: a folded quoted name loses its quotes."""
-    return lambda name, addresses: real(name, addresses).replace('"', "")
+    return lambda name, addresses, **options: real(name, addresses, **options).replace('"', "")
 
 
 def _line_adding_writer(real):
