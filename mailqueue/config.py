@@ -17,7 +17,7 @@ import contextlib
 import difflib
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -924,33 +924,11 @@ def check_names(names: Any, source: str) -> None:
         if name in KNOWN_NAMES or name.startswith(FREE_PREFIXES):
             continue
         if name.startswith(DKIM_PREFIX):
-            _check_dkim_name(name, source)
+            _check_option_name(name, source, DKIM_PREFIX, _DKIM_OPTIONS, "DKIM")
             continue
         if name.startswith(RELAY_PREFIX):
-            relay_name, sep, option = name.removeprefix(RELAY_PREFIX).partition("__")
-            if not sep or not relay_name or not option:
-                raise ConfigError(
-                    f"{name} ({source}): expected MAILQUEUE_RELAY__<NAME>__<OPTION>, "
-                    "e.g. MAILQUEUE_RELAY__BULK__URL",
-                    name=name,
-                    source=source,
-                )
-            if option.lower() in _RELAY_OPTIONS:
-                continue
-            close = _closest(option.lower(), _RELAY_OPTIONS)
-            suggestion = f"{RELAY_PREFIX}{relay_name}__{close.upper()}" if close else None
-            hint = (
-                f"did you mean {suggestion}?"
-                if suggestion
-                else f"the options are {', '.join(sorted(_RELAY_OPTIONS))}"
-            )
-            raise ConfigError(
-                f"{name} ({source}): unknown option {option.lower()!r} of relay "
-                f"{relay_name.lower()!r}; {hint}",
-                name=name,
-                suggestion=suggestion,
-                source=source,
-            )
+            _check_option_name(name, source, RELAY_PREFIX, _RELAY_OPTIONS, "relay")
+            continue
         stem = _closest(name.removeprefix("MAILQUEUE_"), {n[10:] for n in KNOWN_NAMES})
         suggestion = f"MAILQUEUE_{stem}" if stem else None
         hint = (
@@ -966,30 +944,39 @@ def check_names(names: Any, source: str) -> None:
         )
 
 
-def _check_dkim_name(name: str, source: str) -> None:
-    key_name, sep, option = name.removeprefix(DKIM_PREFIX).partition("__")
+def _check_option_name(
+    name: str, source: str, prefix: str, options: Collection[str], kind: str
+) -> None:
+    """``<prefix><NAME>__<OPTION>`` (a named relay or DKIM key): refuse a malformed
+    name, or an option not in ``options``, naming the closest option."""
+    key_name, sep, option = name.removeprefix(prefix).partition("__")
+    placeholder, example = _OPTION_NAME_FORMS[kind]
     if not sep or not key_name or not option:
         raise ConfigError(
-            f"{name} ({source}): expected MAILQUEUE_DKIM__<DOMAIN>__<OPTION>, "
-            "e.g. MAILQUEUE_DKIM__EXAMPLE_COM__KEY_FILE",
+            f"{name} ({source}): expected {prefix}{placeholder}__<OPTION>, e.g. {example}",
             name=name,
             source=source,
         )
-    if option.lower() in _DKIM_OPTIONS:
+    if option.lower() in options:
         return
-    close = _closest(option.lower(), _DKIM_OPTIONS)
-    suggestion = f"{DKIM_PREFIX}{key_name}__{close.upper()}" if close else None
-    hint = (
-        f"did you mean {suggestion}?"
-        if suggestion
-        else f"the options are {', '.join(sorted(o.upper() for o in _DKIM_OPTIONS))}"
+    close = _closest(option.lower(), options)
+    suggestion = f"{prefix}{key_name}__{close.upper()}" if close else None
+    listed = sorted(options) if kind == "relay" else sorted(o.upper() for o in options)
+    hint = f"did you mean {suggestion}?" if suggestion else f"the options are {', '.join(listed)}"
+    what = (
+        f"unknown option {option.lower()!r} of relay {key_name.lower()!r}"
+        if kind == "relay"
+        else f"unknown DKIM option {option.lower()!r}"
     )
     raise ConfigError(
-        f"{name} ({source}): unknown DKIM option {option.lower()!r}; {hint}",
-        name=name,
-        suggestion=suggestion,
-        source=source,
+        f"{name} ({source}): {what}; {hint}", name=name, suggestion=suggestion, source=source
     )
+
+
+_OPTION_NAME_FORMS = {
+    "relay": ("<NAME>", "MAILQUEUE_RELAY__BULK__URL"),
+    "DKIM": ("<DOMAIN>", "MAILQUEUE_DKIM__EXAMPLE_COM__KEY_FILE"),
+}
 
 
 _WHAT = {int: "a whole number (e.g. 10)", float: "a number (e.g. 2.5)", str: "text"}
