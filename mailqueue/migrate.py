@@ -22,7 +22,7 @@ from alembic.util import CommandError
 
 from .config import get_settings, hide_password
 from .errors import ConfigError
-from .store.db import get_engine, normalize_url
+from .store.db import get_engine, is_missing_tables, normalize_url
 
 __all__ = [
     "SchemaError",
@@ -136,14 +136,6 @@ def _parse(url: str) -> sa.engine.URL:
             "(e.g. sqlite:////var/lib/mailqueue/mailqueue.db or postgresql://user@host/db)",
             name="MAILQUEUE_DATABASE_URL",
         ) from None
-
-
-def is_missing_tables(exc: BaseException) -> bool:
-    """Whether ``exc`` is the database saying a mailqueue table does not exist."""
-    orig = getattr(exc, "orig", None)
-    if getattr(orig, "sqlstate", None) == "42P01":  # PostgreSQL: undefined_table
-        return True
-    return "no such table: mq_" in str(orig if orig is not None else exc)
 
 
 _DRIVERS = {"psycopg": "postgres", "psycopg2": "postgres"}

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from . import metrics as _metrics
 from .config import Settings, get_settings, hide_password
 from .store import Store, get_engine
+from .store.db import is_missing_tables
 from .worker.app import dispatch
 
 __all__ = ["Scheduler", "run_scheduler"]
@@ -95,7 +96,7 @@ class Scheduler:
         log.info("scheduler stopped")
 
     def _log_failure(self, exc: Exception, kind: str) -> None:
-        if _missing_tables(exc):
+        if is_missing_tables(exc):
             log.error(
                 "the database at %s has no mailqueue tables: run `mailqueue migrate`; "
                 "trying again with backoff (logged again only when this changes)",
@@ -125,21 +126,12 @@ def _backoff(interval: float, failures: int) -> float:
 
 def _failure_kind(exc: BaseException) -> str:
     """What went wrong, in words that stay the same while the same thing stays wrong."""
-    if _missing_tables(exc):
+    if is_missing_tables(exc):
         return "no mailqueue tables"
     orig = getattr(exc, "orig", None)
     cause = orig if orig is not None else exc
     first_line = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
     return f"{type(cause).__name__}: {first_line[:200]}"
-
-
-def _missing_tables(exc: BaseException) -> bool:
-    """The database said a mailqueue table does not exist (SQLite's words, or
-    PostgreSQL's undefined_table); ``migrate.is_missing_tables`` for the CLI."""
-    orig = getattr(exc, "orig", None)
-    if getattr(orig, "sqlstate", None) == "42P01":
-        return True
-    return "no such table: mq_" in str(orig if orig is not None else exc)
 
 
 def run_scheduler(settings: Settings | None = None) -> None:

@@ -19,12 +19,22 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 
-__all__ = ["get_engine", "normalize_url", "dispose_engines"]
+__all__ = ["get_engine", "normalize_url", "dispose_engines", "is_missing_tables"]
 
 _engines: dict[str, Engine] = {}
 _checkpointers: dict[str, _Checkpointer] = {}
 _lock = threading.Lock()
 log = logging.getLogger("mailqueue.store")
+
+
+def is_missing_tables(exc: BaseException) -> bool:
+    """Whether ``exc`` is the database saying a mailqueue table does not exist
+    (PostgreSQL's undefined_table, or SQLite's words): the CLI and the scheduler
+    both turn it into "run `mailqueue migrate`"."""
+    orig = getattr(exc, "orig", None)
+    if getattr(orig, "sqlstate", None) == "42P01":
+        return True
+    return "no such table: mq_" in str(orig if orig is not None else exc)
 
 
 def normalize_url(url: str) -> str:
