@@ -13,7 +13,6 @@ import datetime as dt
 import json
 import logging
 import math
-import urllib.parse
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeAlias
@@ -21,7 +20,7 @@ from typing import Any, TypeAlias
 from sqlalchemy import event
 from sqlalchemy.exc import IntegrityError
 
-from .config import Settings, get_settings, hide_password
+from .config import Settings, get_settings, hide_password, url_passwords
 from .errors import AuthError, InvalidMessageError, NotFoundError, TLSError, UnknownAuthError
 from .headers import CONTROL
 from .message import Envelope, Message, build_envelope
@@ -444,13 +443,8 @@ def _dispatch_requeued(ids: Sequence[uuid.UUID]) -> None:
 def _without_secrets(text: str, url: str) -> str:
     """``text`` with the broker URL masked, and its password wherever it appears alone."""
     text = text.replace(url, hide_password(url))
-    try:
-        password = urllib.parse.urlsplit(url).password
-    except ValueError:
-        password = None
-    if password:
-        text = text.replace(password, "***")
-        text = text.replace(urllib.parse.unquote(password), "***")
+    for secret in url_passwords(url):
+        text = text.replace(secret, "***")
     return text
 
 

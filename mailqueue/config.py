@@ -39,6 +39,7 @@ __all__ = [
     "get_settings",
     "hide_password",
     "is_secret_parameter",
+    "url_passwords",
     "legacy_default_files",
     "mailqueue_home",
     "check_names",
@@ -776,6 +777,16 @@ def is_secret_parameter(name: str) -> bool:
     """Whether a URL query parameter called ``name`` holds a secret."""
     key = unquote_plus(name).strip().lower().replace("-", "_")
     return key in SECRET_PARAMETERS or key.endswith(_SECRET_SUFFIXES)
+
+
+def url_passwords(url: str | None) -> list[str]:
+    """The password in ``url`` as written and percent-decoded (either may turn up in
+    an error's text), or nothing: for masking secrets in text that is not a URL."""
+    try:
+        password = urlsplit(str(url)).password if url else None
+    except ValueError:
+        return []
+    return [password, unquote(password)] if password else []
 
 
 def hide_password(url: str) -> str:

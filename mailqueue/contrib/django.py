@@ -73,7 +73,7 @@ import os
 import uuid
 from collections.abc import Sequence
 from typing import Any
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import quote
 
 import django
 from django.conf import settings as django_settings
@@ -94,7 +94,7 @@ from ..api import (
     wake,
     write_and_dispatch,
 )
-from ..config import compare_databases, get_settings, hide_password, setting_sources
+from ..config import compare_databases, get_settings, hide_password, setting_sources, url_passwords
 from ..errors import HeaderInjectionError, InvalidMessageError
 from ..message import (
     Limits,
@@ -441,12 +441,7 @@ def _secrets() -> list[str]:
     relays = [settings.relay, *settings.relays.values()]
     found: list[str] = []
     for url in [*urls, *(r.url for r in relays)]:
-        try:
-            password = urlsplit(str(url)).password if url else None
-        except ValueError:
-            password = None
-        if password:
-            found += [password, unquote(password)]
+        found += url_passwords(url)
     for relay in relays:
         try:
             password = relay.password
