@@ -154,6 +154,49 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("smtp_server", RELAY_PATHS, indirect=True)
 
 
+PASSWORD = "s3cret-Pa55!"
+"""The relay password of the TLS tests (``pki``'s password file, ``tls_server``'s user bob)."""
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """A private CA (trustme), a server certificate for 127.0.0.1/localhost, one for
+    another name, a client certificate, as PEM files, and a file holding ``PASSWORD``."""
+    import trustme
+
+    root = tmp_path_factory.mktemp("pki")
+    ca = trustme.CA()
+    files: dict[str, str] = {"ca": str(root / "ca.pem")}
+    ca.cert_pem.write_to_path(files["ca"])
+    for name, hosts in {
+        "server": ("127.0.0.1", "localhost"),
+        "other": ("mail.example.net",),
+        "client": ("client.example.com",),
+    }.items():
+        cert = ca.issue_cert(*hosts)
+        files[name] = str(root / f"{name}.pem")
+        files[f"{name}_key"] = str(root / f"{name}.key")
+        cert.cert_chain_pems[0].write_to_path(files[name])
+        cert.private_key_pem.write_to_path(files[f"{name}_key"])
+    files["password"] = str(root / "password")
+    Path(files["password"]).write_text(PASSWORD + "\n")
+    return files
+
+
+@pytest.fixture
+def tls_server(pki: dict[str, str]) -> Iterator[DevServer]:
+    """STARTTLS on ``port``, implicit TLS on ``tls_port``, AUTH required (bob)."""
+    server = DevServer(
+        tls_cert=pki["server"],
+        tls_key=pki["server_key"],
+        tls_port=0,
+        users={"bob": PASSWORD},
+        require_auth=True,
+    ).start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture
 def smtp_server(request: pytest.FixtureRequest) -> Iterator[DevServer]:
     """The dev server; it offers PIPELINING only when the test runs on the ``pipelined`` path."""

@@ -17,43 +17,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-import trustme
-
 from mailqueue.devserver import DevServer
 
 from .conftest import REDIS_URL, require
-
-PASSWORD = "s3cret-relay-pw"
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory) -> dict[str, str]:
-    """A private CA and a server certificate for 127.0.0.1, as PEM files, and a password file."""
-    root = tmp_path_factory.mktemp("pki")
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1", "localhost")
-    files = {name: str(root / f"{name}.pem") for name in ("ca", "server", "server_key")}
-    ca.cert_pem.write_to_path(files["ca"])
-    cert.cert_chain_pems[0].write_to_path(files["server"])
-    cert.private_key_pem.write_to_path(files["server_key"])
-    files["password"] = str(root / "password")
-    Path(files["password"]).write_text(PASSWORD + "\n")
-    return files
-
-
-@pytest.fixture
-def tls_server(pki):
-    """STARTTLS on ``port``, implicit TLS on ``tls_port``, AUTH required (bob)."""
-    server = DevServer(
-        tls_cert=pki["server"],
-        tls_key=pki["server_key"],
-        tls_port=0,
-        users={"bob": PASSWORD},
-        require_auth=True,
-    ).start()
-    yield server
-    server.stop()
 
 
 def closed_port() -> int:

@@ -15,11 +15,9 @@ import subprocess
 import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-import trustme
 from click.testing import CliRunner
 
 import mailqueue
@@ -29,47 +27,10 @@ from mailqueue.config import RelayConfig, configure, settings_from_env
 from mailqueue.devserver import DevServer
 from mailqueue.store.models import MessageRow, RecipientRow
 
-from .conftest import wait_until
+from .conftest import PASSWORD, wait_until
 from .test_delivery import deliver
 
-PASSWORD = "s3cret-Pa55!"
 MSG = dict(sender="app@example.com", to="ana@example.com", subject="s", text="t")
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory) -> dict[str, str]:
-    """A private CA, a server certificate for 127.0.0.1/localhost, one for another name,
-    and a client certificate, as PEM files."""
-    root = tmp_path_factory.mktemp("pki")
-    ca = trustme.CA()
-    files: dict[str, str] = {"ca": str(root / "ca.pem")}
-    ca.cert_pem.write_to_path(files["ca"])
-    for name, hosts in {
-        "server": ("127.0.0.1", "localhost"),
-        "other": ("mail.example.net",),
-        "client": ("client.example.com",),
-    }.items():
-        cert = ca.issue_cert(*hosts)
-        files[name] = str(root / f"{name}.pem")
-        files[f"{name}_key"] = str(root / f"{name}.key")
-        cert.cert_chain_pems[0].write_to_path(files[name])
-        cert.private_key_pem.write_to_path(files[f"{name}_key"])
-    files["password"] = str(root / "password")
-    Path(files["password"]).write_text(PASSWORD + "\n")
-    return files
-
-
-@pytest.fixture
-def tls_server(pki) -> DevServer:
-    server = DevServer(
-        tls_cert=pki["server"],
-        tls_key=pki["server_key"],
-        tls_port=0,
-        users={"bob": PASSWORD},
-        require_auth=True,
-    ).start()
-    yield server
-    server.stop()
 
 
 def use(relay: RelayConfig, *others: RelayConfig) -> None:
