@@ -10,10 +10,18 @@ connections, as a prefork child does) and reports
 * the worker process's CPU µs per message (all its threads), and
 * the PostgreSQL server's CPU µs per message (every postgres process),
 
-for each event loop asked for, interleaved over ``--rounds`` rounds so that
-machine drift hits every variant alike. Example::
+for each event loop and DKIM variant asked for, interleaved over ``--rounds``
+rounds so that machine drift hits every variant alike. Example::
 
     .venv/bin/python ops/bench/worker_cpu.py --messages 5000 --rounds 3 --loops asyncio,uvloop
+
+DKIM (``--dkim``): ``none`` sends unsigned; ``rsa`` signs every message with
+an RSA-2048 key for the sender's domain; ``rsa+ed25519`` adds the Ed25519
+signature (RFC 8463). The keys are made for the run, handed to the worker
+through ``MAILQUEUE_DKIM__BENCH__*`` as a deployment would. Example::
+
+    .venv/bin/python ops/bench/worker_cpu.py --messages 3000 --rounds 3 --loops uvloop \
+        --dkim none,rsa,rsa+ed25519
 
 ``EXPERIMENT_SQL="stmt; stmt"`` runs statements on the fresh database after
 it is migrated, e.g. dropping an index to see what its upkeep costs.
@@ -72,6 +80,52 @@ def start_sink() -> tuple[subprocess.Popen[bytes], int]:
         except OSError:
             time.sleep(0.05)
     return proc, port
+
+
+DKIM_VARIANTS = ("none", "rsa", "rsa+ed25519")
+
+
+def dkim_env(variant: str, keys: tuple[str, str]) -> dict[str, str]:
+    """The environment a worker signing ``variant`` has (empty: unsigned)."""
+    if variant == "none":
+        return {}
+    pem, seed = keys
+    env = {
+        "MAILQUEUE_DKIM__BENCH__DOMAIN": bench.SENDER.rsplit("@", 1)[1],
+        "MAILQUEUE_DKIM__BENCH__SELECTOR": "s2026",
+        "MAILQUEUE_DKIM__BENCH__KEY": pem,
+    }
+    if variant == "rsa+ed25519":
+        env["MAILQUEUE_DKIM__BENCH__ED25519_SELECTOR"] = "e2026"
+        env["MAILQUEUE_DKIM__BENCH__ED25519_KEY"] = seed
+    return env
+
+
+def make_keys() -> tuple[str, str]:
+    """An RSA-2048 PEM and an Ed25519 seed (base64), new for each run."""
+    import base64
+
+    import nacl.signing
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = private.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
+    ).decode("ascii")
+    return pem, base64.b64encode(bytes(nacl.signing.SigningKey.generate())).decode("ascii")
+
+
+def use_dkim(env: dict[str, str]) -> None:
+    """Settings for the next round: the base environment plus ``env``'s DKIM keys."""
+    from mailqueue.config import configure, settings_from_env
+
+    for name in [k for k in os.environ if k.startswith("MAILQUEUE_DKIM__")]:
+        del os.environ[name]
+    os.environ.update(env)
+    configure(settings_from_env())
 
 
 def one_round(loop_kind: str, n: int, batch: int) -> dict[str, float]:
@@ -150,6 +204,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=500)
     ap.add_argument("--pool-size", type=int, default=8)
     ap.add_argument("--loops", default="asyncio,uvloop", help="comma list: asyncio, uvloop")
+    ap.add_argument("--dkim", default="none", help="comma list: " + ", ".join(DKIM_VARIANTS))
     ap.add_argument(
         "--statements",
         action="store_true",
@@ -187,24 +242,39 @@ def main() -> None:
             with get_engine(url).begin() as conn:
                 for statement in setup:
                     conn.execute(sa.text(statement))
+        dkim_variants = args.dkim.split(",")
+        unknown = sorted(set(dkim_variants) - set(DKIM_VARIANTS))
+        if unknown:
+            raise SystemExit(f"--dkim: unknown {unknown}; choose from {', '.join(DKIM_VARIANTS)}")
+        keys = make_keys()
         results: dict[str, list[dict[str, float]]] = {}
         for r in range(args.rounds):
-            for kind in args.loops.split(","):
-                res = one_round(kind, args.messages, args.batch_size)
-                results.setdefault(kind, []).append(res)
-                print(
-                    f"round {r + 1}/{args.rounds} {kind:8s} {res['msg_per_s']:7.0f} msg/s  "
-                    f"worker {res['worker_us']:6.1f} µs/msg (user {res['user_us']:6.1f})  "
-                    f"postgres {res['postgres_us']:6.1f} µs/msg  "
-                    f"{res['outcomes_per_commit']:.1f} outcomes/commit",
-                    flush=True,
-                )
+            for loop_kind in args.loops.split(","):
+                for dkim in dkim_variants:
+                    kind = loop_kind if dkim_variants == ["none"] else f"{loop_kind}/{dkim}"
+                    use_dkim(dkim_env(dkim, keys))
+                    res = one_round(loop_kind, args.messages, args.batch_size)
+                    results.setdefault(kind, []).append(res)
+                    print(
+                        f"round {r + 1}/{args.rounds} {kind:8s} {res['msg_per_s']:7.0f} msg/s  "
+                        f"worker {res['worker_us']:6.1f} µs/msg (user {res['user_us']:6.1f})  "
+                        f"postgres {res['postgres_us']:6.1f} µs/msg  "
+                        f"{res['outcomes_per_commit']:.1f} outcomes/commit",
+                        flush=True,
+                    )
         print("medians:")
         for kind, rows in results.items():
             med: dict[str, Any] = {
                 k: round(statistics.median(x[k] for x in rows), 1) for k in rows[0]
             }
             print(f"  {kind:8s} {med}")
+        if len(dkim_variants) > 1:
+            print("DKIM cost, worker CPU per message over unsigned (same loop, medians):")
+            for loop_kind in args.loops.split(","):
+                base = statistics.median(x["worker_us"] for x in results[f"{loop_kind}/none"])
+                for dkim in dkim_variants:
+                    us = statistics.median(x["worker_us"] for x in results[f"{loop_kind}/{dkim}"])
+                    print(f"  {loop_kind}/{dkim:12s} {us:7.1f} µs/msg  ({us - base:+7.1f} µs)")
     finally:
         from mailqueue import _reset_caches
 
