@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -190,6 +191,14 @@ def test_each_committed_outcome_is_timed_from_its_reply(stack, smtp_server):
 
 
 MOMENTS = ("start", "idle", "mid-batch")
+UNIT = Path(__file__).resolve().parents[1] / "ops" / "systemd" / "mailqueue-worker@.service"
+
+
+def _unit_concurrency() -> str:
+    """The worker concurrency the shipped systemd unit runs: the stop tests use the same."""
+    found = re.search(r"^ExecStart=.*--concurrency[ =](\d+)", UNIT.read_text(), re.MULTILINE)
+    assert found, f"{UNIT} no longer names --concurrency: update this test with it"
+    return found.group(1)
 
 
 def _spawn_group_leader(env: dict[str, str], log: Path) -> Proc:
@@ -197,7 +206,7 @@ def _spawn_group_leader(env: dict[str, str], log: Path) -> Proc:
     group: the group is what systemd's default KillMode and supervisors signal."""
     with log.open("wb") as out:
         popen = subprocess.Popen(
-            [sys.executable, "-m", "mailqueue", "worker", "--concurrency", "2"]
+            [sys.executable, "-m", "mailqueue", "worker", "--concurrency", _unit_concurrency()]
             + ["--loglevel", "INFO"],
             env=env,
             stdout=out,
