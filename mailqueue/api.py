@@ -619,8 +619,10 @@ def list_messages(
 
 
 def stats() -> dict[str, dict[str, int]]:
-    """Counts per message status and per recipient status."""
-    return _admin.stats(_store().engine)
+    """Counts per message status and per recipient status, and suppression list
+    entries per reason (``suppressions``)."""
+    store = _store()
+    return {**_admin.stats(store.engine), "suppressions": store.count_suppressions()}
 
 
 def retry(message_id: str) -> int:

@@ -71,6 +71,8 @@ class ClaimedMessage:
     expires_at: dt.datetime
     recipients: tuple[ClaimedRecipient, ...]
     size: int = 0
+    suppressed: int = 0
+    """Recipients this claim found on the suppression list (now ``suppressed``)."""
 
     @property
     def open_recipients(self) -> list[ClaimedRecipient]:
@@ -158,7 +160,7 @@ class ClaimStatements:
                 .order_by(R.c.id)
             ):
                 by_message[mid].append(ClaimedRecipient(rid, address, status))
-            self._suppress(conn, rows, by_message, owner=owner, now=now)
+            newly = self._suppress(conn, rows, by_message, owner=owner, now=now)
         return [
             ClaimedMessage(
                 id=row.id,
@@ -171,6 +173,7 @@ class ClaimStatements:
                 attempts=row.attempts,
                 expires_at=row.expires_at,
                 recipients=tuple(by_message[row.id]),
+                suppressed=newly.get(row.id, 0),
             )
             for row in rows
         ]
@@ -183,12 +186,13 @@ class ClaimStatements:
         *,
         owner: str,
         now: dt.datetime,
-    ) -> None:
+    ) -> dict[uuid.UUID, int]:
         """Mark the claimed batch's open recipients that the suppression list names
         ``suppressed`` (with a history row saying which entry), in ``by_message`` too.
 
         One indexed query for the whole batch; the recipients' keys are computed
         here, not stored, so an entry added at any time is seen at the next claim.
+        Returns how many were suppressed per message.
         """
         fold = self.fold_local_case
         keyed = [
@@ -199,7 +203,7 @@ class ClaimStatements:
         ]
         found = suppressed_in(conn, (k for _, _, k in keyed), is_postgres=self.is_postgres)
         if not found:
-            return
+            return {}
         hits: list[tuple[uuid.UUID, int, str]] = []
         scopes: dict[uuid.UUID, frozenset[str]] = {}
         for row, rcpt, key in keyed:
@@ -212,7 +216,7 @@ class ClaimStatements:
             if match is not None:
                 hits.append((row.id, rcpt.id, describe(match[1], match[0])))
         if not hits:
-            return
+            return {}
         suppressed = RecipientStatus.SUPPRESSED
         conn.execute(
             update(R)
@@ -242,11 +246,15 @@ class ClaimStatements:
             ],
         )
         done = {rid for _, rid, _ in hits}
-        for mid in {mid for mid, _, _ in hits}:
+        newly: dict[uuid.UUID, int] = {}
+        for mid, _, _ in hits:
+            newly[mid] = newly.get(mid, 0) + 1
+        for mid in newly:
             by_message[mid] = [
                 ClaimedRecipient(r.id, r.address, suppressed) if r.id in done else r
                 for r in by_message[mid]
             ]
+        return newly
 
     def load_content(self, message_id: uuid.UUID, size: int) -> bytearray:
         """A claimed message's content, read ``CONTENT_SLICE`` bytes at a time.
