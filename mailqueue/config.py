@@ -655,6 +655,11 @@ class Settings:
     """A status page login lasts this long (sessions live in the web process)."""
     web_auth_failures_per_min: int = 10
     """Wrong tokens (login or bearer) one client address may send per minute."""
+    suppression_local_case_insensitive: bool = False
+    """Compare suppressed addresses' local parts ignoring case (``Bob@x`` = ``bob@x``).
+    Off by default: RFC 5321 leaves the local part's case to the receiving host.
+    Keys are computed when an entry is written, so after changing this, export
+    the list and import it again (``mailqueue suppress export|import``)."""
     dkim: Mapping[str, DkimKey] = field(default_factory=dict)
     """DKIM keys by sender domain (``MAILQUEUE_DKIM__<NAME>__<OPTION>``): the worker
     signs a message whose From domain is here, and sends the others unsigned."""
@@ -883,6 +888,10 @@ _ENV: dict[str, tuple[str, Any]] = {
     "MAILQUEUE_API_MAX_DEPTH": ("api_max_depth", int),
     "MAILQUEUE_WEB_SESSION_S": ("web_session_s", float),
     "MAILQUEUE_WEB_AUTH_FAILURES_PER_MIN": ("web_auth_failures_per_min", int),
+    "MAILQUEUE_SUPPRESSION_LOCAL_CASE_INSENSITIVE": (
+        "suppression_local_case_insensitive",
+        _to_bool,
+    ),
 }
 
 

@@ -7,12 +7,18 @@ itself (``RecipientStatus.SENT == "sent"``), in SQL, JSON and templates.
 Recipient: ``pending`` (not tried yet), ``sent`` (the relay accepted it),
 ``deferred`` (a temporary failure; tried again at the message's
 ``next_attempt_at``), ``failed`` (refused for good, or expired),
-``cancelled``.
+``cancelled``, ``suppressed`` (its address is on the suppression list: found
+when a worker claimed the message, so never sent; not a failure).
 
 Message, derived from its recipients: ``queued``, ``sending`` (a worker holds
 its lease), ``deferred``, ``sent`` (all accepted), ``partial`` (terminal:
-some accepted, the rest failed or cancelled), ``failed`` (none accepted),
-``cancelled``.
+some accepted, the rest failed, cancelled or suppressed), ``failed`` (none
+accepted, some failed), ``cancelled`` (every recipient cancelled),
+``suppressed`` (none accepted, none failed, at least one suppressed: nothing
+went wrong, the list withheld it).
+
+Suppression reasons (:class:`SuppressionReason`): ``unsubscribed``,
+``bounced``, ``complained``, ``manual``.
 
 Errors: a recipient's ``error`` and a message's ``last_error`` hold the class
 name of the exception that ended the attempt (``AuthError``, ``TLSError``,
@@ -23,7 +29,13 @@ from __future__ import annotations
 
 from enum import StrEnum, nonmember
 
-__all__ = ["ErrorWord", "MessageStatus", "RecipientStatus", "TERMINAL_MESSAGE"]
+__all__ = [
+    "ErrorWord",
+    "MessageStatus",
+    "RecipientStatus",
+    "SuppressionReason",
+    "TERMINAL_MESSAGE",
+]
 
 
 class MessageStatus(StrEnum):
@@ -34,7 +46,8 @@ class MessageStatus(StrEnum):
     PARTIAL = "partial"
     FAILED = "failed"
     CANCELLED = "cancelled"
-    ALL = nonmember((QUEUED, SENDING, DEFERRED, SENT, PARTIAL, FAILED, CANCELLED))
+    SUPPRESSED = "suppressed"
+    ALL = nonmember((QUEUED, SENDING, DEFERRED, SENT, PARTIAL, FAILED, CANCELLED, SUPPRESSED))
     """Every message status, in the order the CLI and the status page list them."""
 
 
@@ -44,7 +57,8 @@ class RecipientStatus(StrEnum):
     DEFERRED = "deferred"
     FAILED = "failed"
     CANCELLED = "cancelled"
-    ALL = nonmember((PENDING, SENT, DEFERRED, FAILED, CANCELLED))
+    SUPPRESSED = "suppressed"
+    ALL = nonmember((PENDING, SENT, DEFERRED, FAILED, CANCELLED, SUPPRESSED))
     """Every recipient status, in the order the CLI and the status page list them."""
     OPEN = nonmember((PENDING, DEFERRED))
     """Recipients that a delivery attempt still carries."""
@@ -55,6 +69,7 @@ TERMINAL_MESSAGE = (
     MessageStatus.PARTIAL,
     MessageStatus.FAILED,
     MessageStatus.CANCELLED,
+    MessageStatus.SUPPRESSED,
 )
 """Message statuses that no attempt changes any more."""
 
@@ -66,3 +81,15 @@ class ErrorWord(StrEnum):
     """The message outlived its lifetime: its open recipients failed."""
     RELAY_PAUSED = "RelayPaused"
     """Its relay is paused after an auth or TLS failure: deferred, not tried."""
+    SUPPRESSED = "Suppressed"
+    """The recipient's address is on the suppression list (the reply says which entry)."""
+
+
+class SuppressionReason(StrEnum):
+    """Why an address is on the suppression list (stored in ``mq_suppression.reason``)."""
+
+    UNSUBSCRIBED = "unsubscribed"
+    BOUNCED = "bounced"
+    COMPLAINED = "complained"
+    MANUAL = "manual"
+    ALL = nonmember((UNSUBSCRIBED, BOUNCED, COMPLAINED, MANUAL))

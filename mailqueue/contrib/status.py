@@ -1,7 +1,7 @@
 """Status back to the app: lookups by key or metadata, and Anymail's vocabulary.
 
 mailqueue's own words (``pending``, ``sent``, ``deferred``, ``failed``,
-``cancelled`` per recipient) are precise about SMTP; apps that already speak
+``cancelled``, ``suppressed`` per recipient) are precise about SMTP; apps that already speak
 `Anymail <https://anymail.dev>`_'s vocabulary can translate them with
 :func:`anymail_status` (one recipient) or :func:`anymail_statuses` (a
 message: the set of its recipients' words, like Anymail's
@@ -17,6 +17,7 @@ mailqueue recipient    condition                                Anymail
 ``failed``             ``error == "Expired"`` (gave up)         ``bounced``
 ``failed``             anything else (TLS, auth, no code)       ``failed``
 ``cancelled``          cancelled before it was sent             ``failed``
+``suppressed``         on the suppression list, never sent      ``rejected``
 ===================== ======================================== ===========
 """
 
@@ -42,6 +43,8 @@ _SIMPLE: dict[str, str] = {
     RecipientStatus.DEFERRED: "deferred",
     RecipientStatus.SENT: "sent",
     RecipientStatus.CANCELLED: "failed",
+    # Anymail's own word for a recipient the ESP's suppression list withheld.
+    RecipientStatus.SUPPRESSED: "rejected",
 }
 
 
