@@ -522,7 +522,9 @@ def worker(
 ) -> None:
     """Start a Celery worker that delivers queued mail (extra args go to Celery).
 
-    It exits 0 only when asked to stop (SIGTERM, SIGINT); 1 when its broker
+    It consumes the three priority lanes' queues (<queue>.high, <queue>,
+    <queue>.bulk), higher lanes first. It exits 0 only when asked to stop
+    (SIGTERM, SIGINT); 1 when its broker
     consumer died or did not consume for MAILQUEUE_WORKER_STALL_S seconds
     (default 60), so that its supervisor restarts it.
     """
@@ -548,7 +550,11 @@ def worker(
     load_signer(settings)  # a DKIM key that cannot be read is exit 2 here, not in a child
     _ensure_schema()
     _serve_metrics(multiprocess=True)
-    argv = ["worker", f"--loglevel={loglevel}", f"--pool={pool_kind}", "-Q", settings.queue_name]
+    from .priority import lane_queues
+
+    # Every lane's queue; the order they are taken in is the transport's (worker/lanes.py).
+    queues = ",".join(lane_queues(settings.queue_name))
+    argv = ["worker", f"--loglevel={loglevel}", f"--pool={pool_kind}", "-Q", queues]
     if concurrency:
         argv.append(f"--concurrency={concurrency}")
     sys.exit(liveness.run_worker(get_app(), [*argv, *celery_args]))

@@ -48,6 +48,8 @@ class NewMessage:
     dispatched: bool
     idempotency_key: str | None = None
     meta: dict[str, Any] | None = None
+    priority: int = 1
+    """The lane (``mailqueue.priority``): 0 high, 1 normal, 2 bulk."""
 
 
 def _chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
@@ -73,6 +75,7 @@ _NEW_MESSAGE_COLUMNS = (
     "dispatched_at",
     "idempotency_key",
     "meta",
+    "priority",
 )
 """The columns ``Store.insert`` fills for a new message (its ``message_rows`` keys)."""
 # psycopg's own placeholders: ``enqueue()`` runs this on the driver connection
@@ -143,6 +146,7 @@ class InsertStatements:
                 "dispatched_at": now if m.dispatched else None,
                 "idempotency_key": m.idempotency_key,
                 "meta": m.meta,
+                "priority": m.priority,
             }
             for m in messages
         ]

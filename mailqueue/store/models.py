@@ -27,6 +27,7 @@ from sqlalchemy import (
     TypeDecorator,
     UniqueConstraint,
     Uuid,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -113,6 +114,8 @@ class MessageRow(Base):
     last_reply: Mapped[str | None] = mapped_column(Text, nullable=True)
     worker: Mapped[str | None] = mapped_column(String(64), nullable=True)
     """Which worker (host:pid) made the latest attempt."""
+    priority: Mapped[int] = mapped_column(SmallInteger, default=1, server_default=text("1"))
+    """The lane: 0 high, 1 normal, 2 bulk (``mailqueue.priority``); lower goes first."""
 
     __table_args__ = (
         # serves the scheduler's "what is due" and the per-status counts
