@@ -14,10 +14,17 @@ import mailqueue
 from mailqueue import InvalidMessageError, Message
 from mailqueue.store.models import MessageRow
 from mailqueue.worker.app import flush_dispatch
+from tests import test_django, test_flask, test_web_api
+from tests.contrib_helpers import deliver, row_count
 
 from .conftest import wait_until
 
 M = MessageRow.__table__
+AUTH = test_web_api.AUTH
+
+# The faces' fixtures, as their own tests set them up.
+dj, django_env = test_django.dj, test_django.django_env
+app, client = test_flask.app, test_web_api.client
 
 
 def _mail(to: str) -> Message:
@@ -114,3 +121,92 @@ def test_priority_words_are_stored_and_shown(sqlite_stack):
         "spaced": "high",
     }
     assert mailqueue.get_status(ids["bulk"]).to_dict()["priority"] == "bulk"
+
+
+# -- every entrance takes the lane ------------------------------------------------------
+
+
+def test_json_api_takes_a_priority_and_shows_it(stack, client):
+    body = {"sender": "app@example.com", "to": "a@example.com", "text": "x", "priority": "high"}
+    created = client.post("/api/v1/messages", json=body, headers=AUTH)
+    assert created.status_code in (200, 201, 202), created.text
+    mid = created.json()["id"]
+    assert client.get(f"/api/v1/messages/{mid}", headers=AUTH).json()["priority"] == "high"
+    assert mailqueue.get_status(mid).priority == "high"
+
+    refused = client.post("/api/v1/messages", json={**body, "priority": "asap"}, headers=AUTH)
+    assert refused.status_code == 400
+    assert "high, normal, bulk" in refused.text
+    refused = client.post("/api/v1/messages", json={**body, "priority": 0}, headers=AUTH)
+    assert refused.status_code == 400
+    with stack.engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(M)).scalar() == 1
+
+
+def test_cli_send_priority_and_status_show_it(sqlite_stack):
+    from click.testing import CliRunner
+
+    from mailqueue.cli import cli
+
+    runner = CliRunner()
+    args = ["send", "--from", "a@example.com", "--to", "b@example.com", "--subject", "s"]
+    sent = runner.invoke(cli, [*args, "--text", "t", "--priority", "bulk"])
+    assert sent.exit_code == 0, sent.output
+    mid = sent.output.strip()
+    assert mailqueue.get_status(mid).priority == "bulk"
+    shown = runner.invoke(cli, ["status", mid])
+    assert "priority=bulk" in shown.output, shown.output
+    wrong = runner.invoke(cli, [*args, "--text", "t", "--priority", "urgent"])
+    assert wrong.exit_code == 2 and "high" in wrong.output
+
+
+def test_django_header_and_backend_option_set_the_lane_and_the_header_stays_home(dj, smtp_server):
+    from django.core.mail import EmailMessage
+
+    from mailqueue.contrib.django import EmailBackend, QueuedEmailMessage
+
+    reset = EmailMessage(
+        "Reset", "your link", to=["ana@example.org"], headers={"X-Mailqueue-Priority": "high"}
+    )
+    assert reset.send() == 1
+    assert mailqueue.get_status(reset.mailqueue_id).priority == "high"
+    deliver(dj, [reset.mailqueue_id])
+    (received,) = smtp_server.messages
+    assert b"x-mailqueue" not in received.data.lower()  # consumed, never on the wire
+
+    news = QueuedEmailMessage("News", "n", to=["b@example.org"], priority="bulk")
+    assert news.send() == 1
+    assert mailqueue.get_status(news.mailqueue_id).priority == "bulk"
+
+    backend = EmailBackend(priority="bulk")
+    plain = EmailMessage("Digest", "d", to=["c@example.org"])
+    urgent = EmailMessage(
+        "Alarm", "a", to=["c@example.org"], headers={"X-Mailqueue-Priority": "HIGH"}
+    )
+    assert backend.send_messages([plain, urgent]) == 2
+    assert mailqueue.get_status(plain.mailqueue_id).priority == "bulk"
+    assert mailqueue.get_status(urgent.mailqueue_id).priority == "high"  # the message's wins
+
+    bad = EmailMessage("x", "y", to=["c@example.org"], headers={"X-Mailqueue-Priority": "soon"})
+    with pytest.raises(InvalidMessageError, match="high, normal, bulk"):
+        bad.send()
+    with pytest.raises(InvalidMessageError):
+        EmailBackend(priority="fast")
+
+
+def test_flask_message_priority(app, stack, smtp_server):
+    from mailqueue.contrib.flask import Message as FlaskMessage
+    from tests.flask_app.app import mail
+
+    with app.app_context():
+        mid = mail.send(
+            FlaskMessage("Reset", recipients=["a@example.com"], body="x", priority="high"),
+            session=False,
+        )
+        with pytest.raises(InvalidMessageError, match="high, normal, bulk"):
+            mail.send(
+                FlaskMessage("Reset", recipients=["a@example.com"], body="x", priority="now"),
+                session=False,
+            )
+    assert mailqueue.get_status(mid).priority == "high"
+    assert row_count(stack, "mq_message") == 1

@@ -81,6 +81,7 @@ from ..errors import ConfigError, HeaderInjectionError, InvalidMessageError
 from ..message import Attachment as _Attachment
 from ..message import Message as _Message
 from ..message import build_envelope
+from ..priority import priority_value
 from . import apply_config
 
 __all__ = [
@@ -230,7 +231,8 @@ class Message:
     fields; ``date`` is set when the message is sent if it is ``None``.
 
     mailqueue's per-message options are keyword arguments too: ``relay``,
-    ``send_at`` (an aware datetime), ``idempotency_key`` and ``metadata``.
+    ``send_at`` (an aware datetime), ``idempotency_key``, ``metadata`` and
+    ``priority`` (``"high"``, ``"normal"``, the default, or ``"bulk"``).
     After a send, ``mailqueue_id`` holds the queued message's id.
     """
 
@@ -256,6 +258,7 @@ class Message:
         send_at: dt.datetime | None = None,
         idempotency_key: str | None = None,
         metadata: dict[str, Any] | None = None,
+        priority: str | None = None,
     ) -> None:
         state = _current_state()
         if not sender and state is not None:
@@ -282,6 +285,7 @@ class Message:
         self.send_at = send_at
         self.idempotency_key = idempotency_key
         self.metadata = metadata
+        self.priority = priority
         self.mailqueue_id: str | None = None
 
     @property
@@ -720,6 +724,7 @@ class MailQueue:
         apply_config(self._config)
         if state.suppress:
             build_envelope(core)  # checked as if queued; nothing is written
+            priority_value(message.priority)
             mid = None
         else:
             mid = enqueue(
@@ -729,6 +734,7 @@ class MailQueue:
                 send_at=message.send_at,
                 idempotency_key=message.idempotency_key,
                 metadata=message.metadata,
+                priority=message.priority,
             )
         message.mailqueue_id = mid
         email_dispatched.send(self._app(), message=message)

@@ -65,6 +65,7 @@ ENQUEUE_FIELDS = (
     "send_at",
     "idempotency_key",
     "metadata",
+    "priority",
 )
 _ATTACHMENT_FIELDS = ("filename", "content_base64", "content_type")
 
@@ -388,7 +389,7 @@ def enqueue_args(body: Any, *, lifetime_s: float) -> dict[str, Any]:
         )
     strings = {
         name: _optional_str(body, name)
-        for name in ("sender", "subject", "text", "html", "relay", "idempotency_key")
+        for name in ("sender", "subject", "text", "html", "relay", "idempotency_key", "priority")
     }
     relay = strings["relay"]
     if relay is not None and not RELAY_NAME.fullmatch(relay):
@@ -417,4 +418,5 @@ def enqueue_args(body: Any, *, lifetime_s: float) -> dict[str, Any]:
         "send_at": _send_at(body, lifetime_s),
         "idempotency_key": key,
         "metadata": _metadata(body),
+        "priority": strings["priority"],  # the word is checked by api.enqueue, refused whole
     }
