@@ -26,6 +26,7 @@ from .config import Settings, get_settings, hide_password, url_passwords
 from .errors import AuthError, InvalidMessageError, NotFoundError, TLSError, UnknownAuthError
 from .headers import CONTROL
 from .message import Envelope, Message, build_envelope, validate_address
+from .priority import NORMAL, priority_value
 from .smtp.delivery import TransactionResult, deliver
 from .smtp.pool import Pool, pool_for_relay
 from .statuses import ErrorWord, SuppressionReason
@@ -100,6 +101,7 @@ __all__ = [
     "wake",
     "without_secrets",
     "write_and_dispatch",
+    "wake_prepared",
 ]
 
 log = logging.getLogger("mailqueue.enqueue")
@@ -311,6 +313,7 @@ def prepare(
     metadata: dict[str, Any] | None,
     now: dt.datetime,
     list_id: str | None = None,
+    priority: str | None = None,
 ) -> PreparedMessage:
     """Check and compose one message for writing; nothing is written.
 
@@ -319,6 +322,7 @@ def prepare(
     or ``now``, and expires a message lifetime after that.
     """
     settings = get_settings()
+    lane = priority_value(priority)
     _check_relay(relay)
     _check_send_at(send_at)
     _check_idempotency_key(idempotency_key)
@@ -345,6 +349,7 @@ def prepare(
         idempotency_key=idempotency_key,
         meta=metadata,
         list_id=list_id,
+        priority=lane,
     )
 
 
@@ -360,17 +365,31 @@ def write_and_dispatch(
     nothing after the commit: see :func:`wake`.
     """
     store = _store()
-    due_now = [m.id for m in prepared if m.dispatched]
     if session is None:
         store.insert(prepared)
-        wake(due_now)
+        wake_prepared(prepared)
     else:
         store.insert(prepared, conn=session)
-        _dispatch_after_commit(session, due_now)
+        _dispatch_after_commit(session, prepared)
     return [m.id for m in prepared]
 
 
-def _dispatch_after_commit(session: Any, ids: list[uuid.UUID]) -> None:
+def _lanes(prepared: Sequence[PreparedMessage]) -> list[tuple[int, list[uuid.UUID]]]:
+    """The ids due now, per priority lane, highest lane first."""
+    lanes: dict[int, list[uuid.UUID]] = {}
+    for m in prepared:
+        if m.dispatched:
+            lanes.setdefault(m.priority, []).append(m.id)
+    return sorted(lanes.items())
+
+
+def wake_prepared(prepared: Sequence[PreparedMessage]) -> None:
+    """:func:`wake` for written messages: those due now, each lane to its own queue."""
+    for priority, ids in _lanes(prepared):
+        wake(ids, priority=priority)
+
+
+def _dispatch_after_commit(session: Any, prepared: Sequence[PreparedMessage]) -> None:
     """Wake the broker when the caller's transaction commits, never before.
 
     With an ORM ``Session`` we hook its ``after_commit`` (and :func:`wake`
@@ -380,10 +399,11 @@ def _dispatch_after_commit(session: Any, ids: list[uuid.UUID]) -> None:
     """
     from sqlalchemy.orm import Session
 
+    ids = [m.id for m in prepared if m.dispatched]
     if not ids:
         return
     if isinstance(session, Session):
-        event.listen(session, "after_commit", lambda _s: wake(ids), once=True)
+        event.listen(session, "after_commit", lambda _s: wake_prepared(prepared), once=True)
         return
     # A Core connection: flip the rows to "needs dispatch" inside its transaction.
     _ops.mark_undispatched(session, ids)
@@ -414,8 +434,9 @@ def open_session() -> Any:
     return Session(_store().engine)
 
 
-def wake(ids: Sequence[uuid.UUID]) -> None:
-    """Tell the workers about messages whose rows are committed (after the caller's commit).
+def wake(ids: Sequence[uuid.UUID], *, priority: int = NORMAL) -> None:
+    """Tell the workers about messages whose rows are committed (after the caller's commit);
+    ``priority`` is their lane's number (``mailqueue.priority``), the same for all.
 
     Hands the ids to the broker (in the background unless ``MAILQUEUE_DISPATCH=inline``);
     if the broker cannot take them, the scheduler sends them at its next tick.
@@ -429,7 +450,7 @@ def wake(ids: Sequence[uuid.UUID]) -> None:
     if not ids:
         return
     try:
-        dispatch_committed(ids)
+        dispatch_committed(ids, priority=priority)
     except Exception as exc:  # noqa: BLE001 - any failure past the commit is the scheduler's
         _broker_failed(ids, exc)
 
@@ -458,9 +479,11 @@ def _broker_failed(ids: Sequence[uuid.UUID], exc: Exception) -> None:
 def _dispatch_requeued(ids: Sequence[uuid.UUID]) -> None:
     """The broker, told of messages a retry just requeued (their rows are committed):
     like :func:`wake`, never raises, so a caller that retried an error would not
-    requeue twice; what the broker did not take, the scheduler sends."""
+    requeue twice; what the broker did not take, the scheduler sends. Each lane
+    goes to its own queue."""
     try:
-        dispatch(ids)
+        for priority, lane_ids in _admin.by_priority(_store().engine, ids):
+            dispatch(lane_ids, priority=priority)
     except Exception as exc:  # noqa: BLE001 - any failure past the commit is the scheduler's
         _broker_failed(ids, exc)
 
@@ -497,8 +520,13 @@ def enqueue(
     idempotency_key: str | None = None,
     metadata: dict[str, Any] | None = None,
     list_id: str | None = None,
+    priority: str | None = None,
 ) -> str:
     """Store one message durably and queue it for delivery; returns its id.
+
+    ``priority`` is its lane: ``"high"`` (a password reset: taken before the
+    others), ``"normal"`` (the default) or ``"bulk"`` (a newsletter: taken
+    after the others, never starved; see docs/how-it-works.md).
 
     Raises ``InvalidMessageError`` (and writes nothing) for bad input: a
     ``message`` that is not a ``Message`` or cannot be composed, a ``send_at``
@@ -506,8 +534,8 @@ def enqueue(
     ``idempotency_key`` that is not a string, ``metadata`` that is not a JSON
     object (string keys; at most ``METADATA_MAX_DEPTH`` levels and
     ``METADATA_MAX_BYTES`` as JSON; ``metadata["tag"]`` a string of at most
-    ``TAG_MAX_LENGTH`` characters). Never a bare ``TypeError`` or
-    ``IndexError``. With
+    ``TAG_MAX_LENGTH`` characters), a ``priority`` that is not one of those
+    words. Never a bare ``TypeError`` or ``IndexError``. With
     ``session`` (a SQLAlchemy ``Session`` or ``Connection``) the rows are
     written in the caller's transaction and the broker is woken only after
     it commits. An ``idempotency_key`` already used returns the first
@@ -516,6 +544,7 @@ def enqueue(
     ``list:<id>`` suppressions apply to it.
     """
     _check_idempotency_key(idempotency_key)
+    priority_value(priority)  # refused before the key is looked up, like the other checks
     if idempotency_key is not None:
         existing = _find_key(idempotency_key, session)
         if existing is not None:
@@ -528,6 +557,7 @@ def enqueue(
         metadata=metadata,
         now=utcnow(),
         list_id=list_id,
+        priority=priority,
     )
     try:
         return str(write_and_dispatch([prepared], session)[0])
@@ -549,8 +579,10 @@ def enqueue_many(
     chunk_size: int = 1000,
     progress: Callable[[int], None] | None = None,
     list_id: str | None = None,
+    priority: str | None = None,
 ) -> list[str]:
-    """Store many messages; returns their ids in order.
+    """Store many messages, all in lane ``priority`` (as :func:`enqueue`); returns
+    their ids in order.
 
     All messages are validated first: one bad message (or an item that is
     not a ``Message``) refuses the whole call with ``InvalidMessageError``
@@ -563,6 +595,7 @@ def enqueue_many(
     _check_relay(relay)
     _check_send_at(send_at)
     list_id = check_list_id(list_id)
+    priority_value(priority)
     if isinstance(messages, Message | str | bytes | dict) or not isinstance(messages, Iterable):
         raise InvalidMessageError(
             f"expected an iterable of mailqueue.Message, got {_type_name(messages)}",
@@ -583,6 +616,7 @@ def enqueue_many(
                     metadata=None,
                     now=now,
                     list_id=list_id,
+                    priority=priority,
                 )
             )
         except InvalidMessageError as exc:

@@ -342,6 +342,13 @@ def _send_at(value: str | None) -> dt.datetime | None:
 )
 @click.option("--relay", help="Named relay to send through (default: the default relay).")
 @click.option(
+    "--priority",
+    type=click.Choice(["high", "normal", "bulk"], case_sensitive=False),
+    default=None,
+    help="Lane: high goes before the others (password resets), bulk after (newsletters); "
+    "default normal.",
+)
+@click.option(
     "--send-at",
     metavar="WHEN",
     help="Keep the message until then: ISO 8601 with a UTC offset (2026-05-01T09:00+02:00).",
@@ -367,6 +374,7 @@ def send(
     text_subtype: str,
     now: bool,
     relay: str | None,
+    priority: str | None,
     send_at: str | None,
     as_json: bool,
 ) -> None:
@@ -398,6 +406,8 @@ def send(
     when = _send_at(send_at)
     if now and when is not None:
         raise click.UsageError("--now sends at once: drop --send-at")
+    if now and priority is not None:
+        raise click.UsageError("--now sends at once, without the queue's lanes: drop --priority")
     message = Message(
         sender=sender,
         to=list(to),
@@ -420,7 +430,7 @@ def send(
         _send_now(message, as_json, relay)
         return
     _ensure_schema()
-    message_id = api.enqueue(message, relay=relay, send_at=when)
+    message_id = api.enqueue(message, relay=relay, send_at=when, priority=priority)
     _echo_json({"id": message_id}) if as_json else click.echo(message_id)
 
 
@@ -522,7 +532,9 @@ def worker(
 ) -> None:
     """Start a Celery worker that delivers queued mail (extra args go to Celery).
 
-    It exits 0 only when asked to stop (SIGTERM, SIGINT); 1 when its broker
+    It consumes the three priority lanes' queues (<queue>.high, <queue>,
+    <queue>.bulk), higher lanes first. It exits 0 only when asked to stop
+    (SIGTERM, SIGINT); 1 when its broker
     consumer died or did not consume for MAILQUEUE_WORKER_STALL_S seconds
     (default 60), so that its supervisor restarts it.
     """
@@ -548,7 +560,11 @@ def worker(
     load_signer(settings)  # a DKIM key that cannot be read is exit 2 here, not in a child
     _ensure_schema()
     _serve_metrics(multiprocess=True)
-    argv = ["worker", f"--loglevel={loglevel}", f"--pool={pool_kind}", "-Q", settings.queue_name]
+    from .priority import lane_queues
+
+    # Every lane's queue; the order they are taken in is the transport's (worker/lanes.py).
+    queues = ",".join(lane_queues(settings.queue_name))
+    argv = ["worker", f"--loglevel={loglevel}", f"--pool={pool_kind}", "-Q", queues]
     if concurrency:
         argv.append(f"--concurrency={concurrency}")
     sys.exit(liveness.run_worker(get_app(), [*argv, *celery_args]))

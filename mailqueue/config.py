@@ -907,6 +907,7 @@ OTHER_NAMES: dict[str, str] = {
     "MAILQUEUE_WEB_TOKEN": "the token of mailqueue web (cli)",
     "MAILQUEUE_DEFAULT_SENDER": "Flask: the default From (contrib.flask)",
     "MAILQUEUE_DJANGO_RELAY": "Django: the relay of the email backend (contrib.django)",
+    "MAILQUEUE_DJANGO_PRIORITY": "Django: the lane of the email backend's mail (contrib.django)",
     "MAILQUEUE_DJANGO_DATABASE": "Django: the database whose transaction decides (contrib.django)",
     "MAILQUEUE_DJANGO_SAME_DATABASE": "Django: rows through Django's connection (contrib.django)",
     "MAILQUEUE_DJANGO_ADMIN_DATABASE": "Django: the alias the admin reads (contrib.django_admin)",

@@ -119,7 +119,10 @@ def print_status(console: Any, info: Any, attempts: Sequence[Any] | None) -> Non
     from rich.table import Table
 
     line = cell(info.id, "bold")
-    line.append(f"  {shown(info.status)}  attempts={info.attempts}  relay={shown(info.relay)}")
+    line.append(
+        f"  {shown(info.status)}  attempts={info.attempts}  relay={shown(info.relay)}"
+        f"  priority={shown(info.priority)}"
+    )
     console.print(line)
     console.print(cell(f"from {info.mail_from}  subject {info.subject!r}  {info.size} bytes"))
     console.print(

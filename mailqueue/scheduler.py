@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import uuid
 from dataclasses import dataclass
 
 from . import metrics as _metrics
@@ -50,17 +51,22 @@ class Scheduler:
     def tick(self) -> TickReport:
         report = TickReport()
         while True:
-            ids = self.store.take_due(
+            taken = self.store.take_due(
                 limit=self.limit, redispatch_after_s=self.settings.redispatch_after_s
             )
-            if not ids:
+            if not taken:
                 return report
-            if dispatch(ids, settings=self.settings):
-                report.dispatched += len(ids)
-            else:
-                report.undispatched += len(ids)
-                return report
-            if len(ids) < self.limit:
+            for priority, ids in _by_lane(taken):
+                if dispatch(ids, settings=self.settings, priority=priority):
+                    report.dispatched += len(ids)
+                else:
+                    # the rest stay flagged for the next tick (dispatch flagged these)
+                    rest = [i for i, p in taken if p > priority]
+                    if rest:
+                        self.store.mark_undispatched(rest)
+                    report.undispatched += len(ids) + len(rest)
+                    return report
+            if len(taken) < self.limit:
                 return report
 
     def run(self) -> None:
@@ -113,6 +119,14 @@ class Scheduler:
 
     def stop(self) -> None:
         self._stop.set()
+
+
+def _by_lane(taken: list[tuple[uuid.UUID, int]]) -> list[tuple[int, list[uuid.UUID]]]:
+    """(priority, ids) per lane, highest lane first: one lane per dispatch batch."""
+    lanes: dict[int, list[uuid.UUID]] = {}
+    for message_id, priority in taken:
+        lanes.setdefault(priority, []).append(message_id)
+    return sorted(lanes.items())
 
 
 _MAX_BACKOFF_S = 60.0

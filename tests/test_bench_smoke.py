@@ -85,3 +85,49 @@ def test_bench_runs_on_each_stack(tmp_path, stack):
         "mailqueue_over_naive",
     }
     assert "mailqueue_over_bare" in proc.stderr  # the printed summary
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("stack", ["embedded", "pg"])
+def test_priority_bench_runs_on_each_stack(tmp_path, stack):
+    """ops/bench/priority.py: every run reports its figures and every message is sent."""
+    require_debian_packages(["postfix"], ["/usr/sbin/smtp-sink"], "Postfix's smtp-sink")
+    env = dict(os.environ)
+    if stack == "pg":
+        require("postgres")
+        require("redis")
+        env.update(MAILQUEUE_BENCH_POSTGRES_URL=POSTGRES_URL, MAILQUEUE_BENCH_REDIS_URL=REDIS_URL)
+    out = tmp_path / "results"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "ops" / "bench" / "priority.py"),
+            "--stack", stack,
+            "--bulk", "300",
+            "--high", "5",
+            "--concurrency", "1",
+            "--batch-size", "20",
+            "--timeout", "120",
+            "--output", str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=400,
+        env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [path] = list(out.glob("priority-*.json"))
+    report = json.loads(path.read_text())
+    runs = {name: run for name, (run,) in report["runs"].items()}
+    assert set(runs) == {"no_high", "lanes", "lanes_off"}
+    for name, run in runs.items():
+        assert run["bulk_msg_per_s"] > 0, name
+    for name in ("lanes", "lanes_off"):
+        waits = runs[name]["enqueue_to_250_s"]
+        assert 0 < waits["p50"] <= waits["p99"] <= waits["max"], name
+    assert (runs["lanes"]["high_priority"], runs["lanes_off"]["high_priority"]) == (
+        "high",
+        "normal",
+    )
+    assert report["summary"]["bulk_rate_lanes_over_no_high"] > 0

@@ -421,12 +421,14 @@ def test_enqueue_returns_before_the_hand_off_and_many_calls_share_tasks(stack, m
     release = threading.Event()
     real = worker_app.dispatch
 
-    def slow_dispatch(ids, *, settings=None):
+    def slow_dispatch(ids, *, settings=None, priority=1):
         release.wait(60)  # the broker hangs until the test lets it go
         sent.append(len(ids))
-        return real(ids, settings=settings)
+        return real(ids, settings=settings, priority=priority)
 
-    monkeypatch.setattr(worker_app._handoff, "_send", lambda ids, s: slow_dispatch(ids, settings=s))
+    monkeypatch.setattr(
+        worker_app._handoff, "_send", lambda ids, s, p: slow_dispatch(ids, settings=s, priority=p)
+    )
     ids = [
         mailqueue.enqueue(Message(sender="a@example.com", to=f"u{i}@example.com", text="x"))
         for i in range(5)

@@ -91,7 +91,7 @@ from ..api import (
     insert_prepared,
     prepare,
     utcnow,
-    wake,
+    wake_prepared,
     write_and_dispatch,
 )
 from ..config import compare_databases, get_settings, hide_password, setting_sources, url_passwords
@@ -107,6 +107,7 @@ from ..message import (
     one_address,
     too_many,
 )
+from ..priority import priority_value
 from . import FrameworkConfig, apply_config
 
 __all__ = [
@@ -126,6 +127,7 @@ OPTION_HEADERS = {
     "x-mailqueue-idempotency-key": "idempotency_key",
     "x-mailqueue-metadata": "metadata",
     "x-mailqueue-tags": "tags",
+    "x-mailqueue-priority": "priority",
 }
 """``extra_headers`` names (any case) read as options and stripped before sending."""
 
@@ -157,6 +159,7 @@ class _QueuedOptions:
         idempotency_key: str | None = None,
         metadata: dict[str, Any] | None = None,
         tags: Sequence[str] | None = None,
+        priority: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -166,6 +169,7 @@ class _QueuedOptions:
             idempotency_key=idempotency_key,
             metadata=metadata,
             tags=tags,
+            priority=priority,
         )
         self.mailqueue_options = {k: v for k, v in options.items() if v is not None}
 
@@ -391,7 +395,7 @@ def _write_in_django_transaction(alias: str, prepared: list[PreparedMessage]) ->
     """Rows through Django's connection, in its transaction; the broker after the commit."""
     executor = _DjangoExecutor(alias)
     ids: list[str] = []
-    due: list[uuid.UUID] = []
+    due: list[PreparedMessage] = []
     with transaction.atomic(using=alias):
         for message in prepared:
             existing = message.idempotency_key and executor.find_by_key(message.idempotency_key)
@@ -408,10 +412,9 @@ def _write_in_django_transaction(alias: str, prepared: list[PreparedMessage]) ->
                 ids.append(existing)
                 continue
             ids.append(str(message.id))
-            if message.dispatched:
-                due.append(message.id)
+            due.append(message)
         if due:
-            transaction.on_commit(lambda: wake(due), using=alias)
+            transaction.on_commit(lambda: wake_prepared(due), using=alias)
     return ids
 
 
@@ -544,6 +547,9 @@ class EmailBackend(BaseEmailBackend):
     keyword arguments), each defaulting to a Django setting:
 
     * ``relay`` (``MAILQUEUE_DJANGO_RELAY``): the relay name for this backend's mail;
+    * ``priority`` (``MAILQUEUE_DJANGO_PRIORITY``, default ``"normal"``): the lane
+      of this backend's mail, ``high``, ``normal`` or ``bulk`` (a message's
+      ``X-Mailqueue-Priority`` header or ``priority=`` option wins);
     * ``database`` (``MAILQUEUE_DJANGO_DATABASE``, default ``"default"``): the
       Django database whose transaction decides;
     * ``same_database`` (``MAILQUEUE_DJANGO_SAME_DATABASE``, default False):
@@ -560,6 +566,7 @@ class EmailBackend(BaseEmailBackend):
         fail_silently: bool = False,
         *,
         relay: str | None = None,
+        priority: str | None = None,
         database: str | None = None,
         same_database: bool | None = None,
         **kwargs: Any,
@@ -572,6 +579,12 @@ class EmailBackend(BaseEmailBackend):
         self.relay = (
             relay if relay is not None else getattr(django_settings, "MAILQUEUE_DJANGO_RELAY", None)
         )
+        self.priority = (
+            priority
+            if priority is not None
+            else getattr(django_settings, "MAILQUEUE_DJANGO_PRIORITY", None)
+        )
+        priority_value(self.priority, field="priority")  # a wrong word fails at startup
         self.database = str(
             database or getattr(django_settings, "MAILQUEUE_DJANGO_DATABASE", "default")
         )
@@ -599,6 +612,7 @@ class EmailBackend(BaseEmailBackend):
                     with bare_names_allowed():
                         mq_message, options = to_mailqueue(message)
                         options.setdefault("relay", self.relay)
+                        options.setdefault("priority", self.priority)
                         new = prepare(
                             mq_message,
                             relay=options.get("relay"),
@@ -606,6 +620,7 @@ class EmailBackend(BaseEmailBackend):
                             idempotency_key=options.get("idempotency_key"),
                             metadata=options.get("metadata"),
                             now=now,
+                            priority=options.get("priority"),
                         )
                 except HeaderInjectionError as exc:
                     raise BadHeader(exc.reason, field=exc.field) from None

@@ -90,6 +90,7 @@ from ..errors import ConfigError, HeaderInjectionError, InvalidMessageError
 from ..message import Attachment as _Attachment
 from ..message import Message as _Message
 from ..message import build_envelope
+from ..priority import priority_value
 from . import apply_config
 
 __all__ = [
@@ -241,6 +242,7 @@ class Message:
     mailqueue's per-message options are keyword arguments too: ``relay``,
     ``send_at`` (an aware datetime), ``idempotency_key``, ``metadata`` and
     ``list_id`` (the mailing list, for ``list:`` suppressions).
+    ``priority`` (``"high"``, ``"normal"``, the default, or ``"bulk"``).
     After a send, ``mailqueue_id`` holds the queued message's id.
     """
 
@@ -267,6 +269,7 @@ class Message:
         idempotency_key: str | None = None,
         metadata: dict[str, Any] | None = None,
         list_id: str | None = None,
+        priority: str | None = None,
     ) -> None:
         state = _current_state()
         if not sender and state is not None:
@@ -294,6 +297,7 @@ class Message:
         self.idempotency_key = idempotency_key
         self.metadata = metadata
         self.list_id = list_id
+        self.priority = priority
         self.mailqueue_id: str | None = None
 
     @property
@@ -732,6 +736,7 @@ class MailQueue:
         apply_config(self._config)
         if state.suppress:
             build_envelope(core)  # checked as if queued; nothing is written
+            priority_value(message.priority)
             mid = None
         else:
             mid = enqueue(
@@ -742,6 +747,7 @@ class MailQueue:
                 idempotency_key=message.idempotency_key,
                 metadata=message.metadata,
                 list_id=message.list_id,
+                priority=message.priority,
             )
         message.mailqueue_id = mid
         email_dispatched.send(self._app(), message=message)

@@ -10,6 +10,7 @@ from typing import Any
 
 from sqlalchemy import Engine, func, select, update
 
+from ..priority import priority_word
 from .models import ATTEMPTS, MESSAGES, RECIPIENTS, MessageStatus, RecipientStatus, utcnow
 from .queue import derive_status
 
@@ -21,6 +22,7 @@ __all__ = [
     "stats",
     "retry",
     "cancel",
+    "by_priority",
 ]
 
 M = MESSAGES
@@ -58,6 +60,8 @@ class MessageInfo:
     last_error: str | None
     last_reply: str | None
     recipients: tuple[RecipientInfo, ...] = ()
+    priority: str = "normal"
+    """Its lane: ``high``, ``normal`` or ``bulk`` (``mailqueue.priority``)."""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: datetimes as ISO 8601 strings."""
@@ -88,6 +92,7 @@ _MESSAGE_COLUMNS = (
     M.c.expires_at,
     M.c.last_error,
     M.c.last_reply,
+    M.c.priority,
 )
 
 
@@ -108,7 +113,23 @@ def _info(row: Any, recipients: Sequence[RecipientInfo] = ()) -> MessageInfo:
         last_error=row.last_error,
         last_reply=row.last_reply,
         recipients=tuple(recipients),
+        priority=priority_word(row.priority),
     )
+
+
+def by_priority(engine: Engine, ids: Sequence[uuid.UUID]) -> list[tuple[int, list[uuid.UUID]]]:
+    """``ids`` grouped by their rows' priority lane, highest lane first (for dispatch)."""
+    lanes: dict[int, list[uuid.UUID]] = {}
+    if not ids:
+        return []
+    with engine.connect() as conn:
+        for start in range(0, len(ids), 1000):
+            chunk = list(ids[start : start + 1000])
+            for mid, priority in conn.execute(
+                select(M.c.id, M.c.priority).where(M.c.id.in_(chunk))
+            ):
+                lanes.setdefault(priority, []).append(mid)
+    return sorted(lanes.items())
 
 
 def parse_id(message_id: str | uuid.UUID) -> uuid.UUID:

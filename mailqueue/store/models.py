@@ -27,6 +27,7 @@ from sqlalchemy import (
     TypeDecorator,
     UniqueConstraint,
     Uuid,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -116,6 +117,8 @@ class MessageRow(Base):
     list_id: Mapped[str | None] = mapped_column(String(255), nullable=True)
     """The mailing list it belongs to (RFC 2919 id, no angle brackets): a
     ``list:<id>`` suppression applies to it (migration 0006)."""
+    priority: Mapped[int] = mapped_column(SmallInteger, default=1, server_default=text("1"))
+    """The lane: 0 high, 1 normal, 2 bulk (``mailqueue.priority``); lower goes first."""
 
     __table_args__ = (
         # serves the scheduler's "what is due" and the per-status counts

@@ -38,25 +38,32 @@ class ScheduleStatements:
     engine: Engine
     is_postgres: bool
 
-    def take_due(self, *, limit: int, redispatch_after_s: float) -> list[uuid.UUID]:
-        """Ids the broker must carry now; marks them dispatched.
+    def take_due(self, *, limit: int, redispatch_after_s: float) -> list[tuple[uuid.UUID, int]]:
+        """(id, priority) of the messages the broker must carry now, higher lanes first;
+        marks them dispatched.
 
         Due messages whose id was never handed over (or so long ago that the
         task must have been lost), and messages whose worker's lease ran out.
+        Within ``limit``, a high message due now is taken before a bulk backlog.
         """
         now = utcnow()
         stale = now - dt.timedelta(seconds=redispatch_after_s)
         not_in_flight = or_(M.c.dispatched_at.is_(None), M.c.dispatched_at < stale)
         pick = (
-            select(M.c.id).where(due(now), not_in_flight).order_by(M.c.next_attempt_at).limit(limit)
+            select(M.c.id, M.c.priority)
+            .where(due(now), not_in_flight)
+            .order_by(M.c.priority, M.c.next_attempt_at)
+            .limit(limit)
         )
         if self.is_postgres:
             pick = pick.with_for_update(skip_locked=True)
         with self.engine.begin() as conn:
-            ids = list(conn.execute(pick).scalars())
-            if ids:
-                conn.execute(update(M).where(M.c.id.in_(ids)).values(dispatched_at=now))
-        return ids
+            rows = [(row.id, row.priority) for row in conn.execute(pick)]
+            if rows:
+                conn.execute(
+                    update(M).where(M.c.id.in_([i for i, _ in rows])).values(dispatched_at=now)
+                )
+        return rows
 
     def mark_undispatched(self, ids: Sequence[uuid.UUID]) -> None:
         """The broker did not take these ids: let the scheduler send them soon."""

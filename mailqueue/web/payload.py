@@ -66,6 +66,7 @@ ENQUEUE_FIELDS = (
     "idempotency_key",
     "metadata",
     "list_id",
+    "priority",
 )
 SUPPRESSION_FIELDS = ("address", "reason", "scope", "note")
 _ATTACHMENT_FIELDS = ("filename", "content_base64", "content_type")
@@ -390,7 +391,16 @@ def enqueue_args(body: Any, *, lifetime_s: float) -> dict[str, Any]:
         )
     strings = {
         name: _optional_str(body, name)
-        for name in ("sender", "subject", "text", "html", "relay", "idempotency_key", "list_id")
+        for name in (
+            "sender",
+            "subject",
+            "text",
+            "html",
+            "relay",
+            "idempotency_key",
+            "list_id",
+            "priority",
+        )
     }
     relay = strings["relay"]
     if relay is not None and not RELAY_NAME.fullmatch(relay):
@@ -420,6 +430,7 @@ def enqueue_args(body: Any, *, lifetime_s: float) -> dict[str, Any]:
         "idempotency_key": key,
         "metadata": _metadata(body),
         "list_id": strings["list_id"],
+        "priority": strings["priority"],  # the word is checked by api.enqueue, refused whole
     }
 
 

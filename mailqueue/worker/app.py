@@ -5,6 +5,10 @@ for at-least-once hand-off (``acks_late``, ``reject_on_worker_lost``,
 prefetch 1 on Redis); duplicates are harmless because a worker must *claim* rows
 before it sends. Long waits never live in the broker: a deferred message is
 a row with ``next_attempt_at`` that the scheduler dispatches when due.
+
+Each priority lane has its own queue (``priority.lane_queue``); a task's ids
+all share one lane, and workers take the lanes' queues in the order
+``lanes.py`` sets.
 """
 
 from __future__ import annotations
@@ -19,8 +23,10 @@ from celery import Celery, signals
 from sqlalchemy.exc import OperationalError
 
 from ..config import Settings, get_settings, hide_password
+from ..priority import NORMAL, lane_queue, lane_queues, priority_word
 from ..store import Store, dispose_engines, get_engine
 from .handoff import Handoff
+from .lanes import LANE_CYCLE_PATH
 from .loop import get_loop_thread
 from .service import Deliverer
 from .sqlite_broker import prepare_sqlite_broker
@@ -71,7 +77,7 @@ def _make_app(settings: Settings) -> Celery:
         # (10 msg/s, measured). Reserving more per child keeps them fed; a
         # reserved id lost with a killed worker is re-dispatched from SQL.
         prefetch = SQLITE_BROKER_PREFETCH
-        prepare_sqlite_broker(settings.broker_url, [settings.queue_name])
+        prepare_sqlite_broker(settings.broker_url, lane_queues(settings.queue_name))
     if settings.broker_url.startswith(("redis", "rediss")):
         # A task is redelivered if not acknowledged within this time; it must
         # outlast the longest batch (the claim makes a redelivery harmless).
@@ -83,6 +89,9 @@ def _make_app(settings: Settings) -> Celery:
         # retry intervals; consuming is unaffected (BRPOP answers every second).
         transport_options["socket_connect_timeout"] = BROKER_SOCKET_TIMEOUT_S
         transport_options["socket_timeout"] = BROKER_SOCKET_TIMEOUT_S
+        # The lanes' queues highest first, with the starvation guard (lanes.py),
+        # instead of kombu's round robin across queues.
+        transport_options["queue_order_strategy"] = LANE_CYCLE_PATH
     app = Celery("mailqueue", broker=broker_url, set_as_current=False)
     app.conf.update(
         **broker,
@@ -158,8 +167,11 @@ def reset() -> None:
     _deliverer = None
 
 
-def dispatch(ids: Sequence[uuid.UUID], *, settings: Settings | None = None) -> bool:
-    """Hand ids to the broker in batches; False when the broker is unreachable.
+def dispatch(
+    ids: Sequence[uuid.UUID], *, settings: Settings | None = None, priority: int = NORMAL
+) -> bool:
+    """Hand ids (all of lane ``priority``) to that lane's queue in batches; False when
+    the broker is unreachable.
 
     Never raises for a broker failure: the rows are the promise, and the
     ids not handed over are flagged for the scheduler to send again.
@@ -169,18 +181,20 @@ def dispatch(ids: Sequence[uuid.UUID], *, settings: Settings | None = None) -> b
         return True
     app = get_app()
     size = max(1, settings.batch_size)
+    queue = lane_queue(settings.queue_name, priority)
     for start in range(0, len(ids), size):
         chunk = ids[start : start + size]
         try:
-            app.send_task(TASK_NAME, args=[[str(i) for i in chunk]], queue=settings.queue_name)
+            app.send_task(TASK_NAME, args=[[str(i) for i in chunk]], queue=queue)
         except Exception as exc:  # noqa: BLE001 - any broker failure means "not dispatched"
             log.warning(
-                "broker unreachable at %s (%s: %s); %d message(s) stay queued in SQL "
+                "broker unreachable at %s (%s: %s); %d %s message(s) stay queued in SQL "
                 "and the scheduler will pick them up at its next tick",
                 hide_password(settings.broker_url),
                 type(exc).__name__,
                 exc,
                 len(ids) - start,
+                priority_word(priority),
             )
             try:
                 Store(get_engine(settings.database_url)).mark_undispatched(list(ids[start:]))
@@ -190,18 +204,23 @@ def dispatch(ids: Sequence[uuid.UUID], *, settings: Settings | None = None) -> b
     return True
 
 
-_handoff = Handoff(lambda ids, settings: dispatch(ids, settings=settings))
+_handoff = Handoff(
+    lambda ids, settings, priority: dispatch(ids, settings=settings, priority=priority)
+)
 
 
-def dispatch_committed(ids: Sequence[uuid.UUID], *, settings: Settings | None = None) -> None:
-    """Hand ids whose rows are committed to the broker: from the background thread
-    (``MAILQUEUE_DISPATCH=background``, the default; see ``handoff.py``) or now."""
+def dispatch_committed(
+    ids: Sequence[uuid.UUID], *, settings: Settings | None = None, priority: int = NORMAL
+) -> None:
+    """Hand ids (of lane ``priority``) whose rows are committed to the broker: from the
+    background thread (``MAILQUEUE_DISPATCH=background``, the default; see
+    ``handoff.py``) or now."""
     settings = settings or get_settings()
     if settings.dispatch == "inline":
-        dispatch(ids, settings=settings)
+        dispatch(ids, settings=settings, priority=priority)
     else:
         get_app()  # built here, not in the hand-off thread (see _make_app)
-        _handoff.submit(ids, settings)
+        _handoff.submit(ids, settings, priority)
 
 
 def flush_dispatch(timeout: float = 30.0) -> bool:

@@ -6,7 +6,9 @@ on PostgreSQL. Nothing the caller relies on needs it inside the call: the
 rows are committed before their ids get here, and SQL is the promise. So
 ``enqueue`` returns after its commit, and this thread sends the ids,
 putting everything that piled up meanwhile into as few tasks as the batch
-size allows (many web requests enqueueing at once share tasks).
+size allows (many web requests enqueueing at once share tasks). Ids of
+different priority lanes never share a task; a high lane's ids waiting
+with others are sent first.
 
 What can go wrong, and who covers it:
 
@@ -32,16 +34,17 @@ import uuid
 from collections.abc import Callable, Sequence
 
 from ..config import Settings
+from ..priority import NORMAL
 
 __all__ = ["Handoff"]
 
 log = logging.getLogger("mailqueue.dispatch")
 
-Sender = Callable[[Sequence[uuid.UUID], Settings], object]
+Sender = Callable[[Sequence[uuid.UUID], Settings, int], object]
 
 
 class Handoff:
-    """A queue of (settings, ids) and the daemon thread that sends them, per process."""
+    """A queue of (settings, lane, ids) and the daemon thread that sends them, per process."""
 
     def __init__(self, send: Sender) -> None:
         self._send = send
@@ -51,12 +54,13 @@ class Handoff:
 
     def _reset(self) -> None:
         self._cond = threading.Condition()
-        self._pending: list[tuple[Settings, list[uuid.UUID]]] = []
+        self._pending: list[_Submission] = []
         self._busy = False
         self._thread: threading.Thread | None = None
 
-    def submit(self, ids: Sequence[uuid.UUID], settings: Settings) -> None:
-        """Queue ``ids`` (already committed) for the broker; returns at once."""
+    def submit(self, ids: Sequence[uuid.UUID], settings: Settings, priority: int = NORMAL) -> None:
+        """Queue ``ids`` (already committed, all of lane ``priority``) for the broker;
+        returns at once."""
         if not ids:
             return
         with self._cond:
@@ -65,7 +69,7 @@ class Handoff:
                     target=self._run, name="mailqueue-dispatch", daemon=True
                 )
                 self._thread.start()
-            self._pending.append((settings, list(ids)))
+            self._pending.append((settings, priority, list(ids)))
             self._cond.notify()
 
     def flush(self, timeout: float = 30.0) -> bool:
@@ -89,8 +93,8 @@ class Handoff:
                 batch, self._pending = self._pending, []
                 self._busy = True
             try:
-                for settings, ids in _merged(batch):
-                    self._send(ids, settings)
+                for settings, priority, ids in _merged(batch):
+                    self._send(ids, settings, priority)
             except Exception:  # noqa: BLE001 - never let the thread die; the scheduler covers
                 log.exception("dispatch failed; the scheduler will send these ids")
             finally:
@@ -99,15 +103,21 @@ class Handoff:
                     self._cond.notify_all()
 
 
-def _merged(
-    batch: list[tuple[Settings, list[uuid.UUID]]],
-) -> list[tuple[Settings, list[uuid.UUID]]]:
-    """Neighbouring submissions under the same settings become one list (one task
-    per ``batch_size`` ids instead of one per enqueue call)."""
-    out: list[tuple[Settings, list[uuid.UUID]]] = []
-    for settings, ids in batch:
-        if out and out[-1][0] is settings:
-            out[-1][1].extend(ids)
+_Submission = tuple[Settings, int, list[uuid.UUID]]
+
+
+def _merged(batch: list[_Submission]) -> list[_Submission]:
+    """Submissions under the same settings and lane become one list (one task per
+    ``batch_size`` ids instead of one per enqueue call), higher lanes first: a
+    password reset that arrived while a newsletter's ids were being sent goes
+    out before the ids that piled up behind them."""
+    out: list[_Submission] = []
+    for settings, priority, ids in batch:
+        for i, (s, p, _) in enumerate(out):
+            if s is settings and p == priority:
+                out[i][2].extend(ids)
+                break
         else:
-            out.append((settings, list(ids)))
-    return out
+            out.append((settings, priority, list(ids)))
+    # stable: same-lane groups keep their order, settings groups keep theirs within a lane
+    return sorted(out, key=lambda sub: sub[1])
