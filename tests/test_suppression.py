@@ -493,3 +493,14 @@ def test_migration_0006_adds_the_list_and_list_id_and_reverses(kind, tmp_path):
     finally:
         if drop:
             drop()
+
+
+def test_anymail_calls_a_suppressed_recipient_rejected(sqlite_stack, smtp_server):
+    from mailqueue.contrib.status import anymail_statuses
+
+    api.suppress("x@example.com", reason="complained")
+    mid = mailqueue.enqueue(
+        Message(sender="a@example.org", to=["x@example.com", "y@example.com"], text="t")
+    )
+    deliver(sqlite_stack, [mid])
+    assert anymail_statuses(mailqueue.get_status(mid)) == {"rejected", "sent"}
