@@ -504,3 +504,28 @@ def test_anymail_calls_a_suppressed_recipient_rejected(sqlite_stack, smtp_server
     )
     deliver(sqlite_stack, [mid])
     assert anymail_statuses(mailqueue.get_status(mid)) == {"rejected", "sent"}
+
+
+def test_a_deferred_recipient_suppressed_before_its_retry_is_never_sent(stack, smtp_server):
+    """The bounce/complaint arrives while the recipient waits for a retry."""
+    from .test_delivery import make_due
+
+    smtp_server.defer = ["slow@*"]
+    mid = mailqueue.enqueue(
+        Message(sender="a@example.org", to=["slow@example.com", "ok@example.com"], text="t")
+    )
+    deliver(stack, [mid])
+    assert statuses(mid) == {"slow@example.com": "deferred", "ok@example.com": "sent"}
+    api.suppress("slow@example.com", reason="complained")
+    smtp_server.defer = []
+    make_due(stack, [mid])
+    deliver(stack, [mid])
+    info = mailqueue.get_status(mid)
+    assert info.status == "partial"
+    by_address = {r.address: r for r in info.recipients}
+    assert (by_address["slow@example.com"].status, by_address["slow@example.com"].attempts) == (
+        "suppressed",
+        1,  # the deferred try counts; the suppression is not an attempt
+    )
+    assert smtp_server.received_for("slow@example.com") == []
+    assert len(smtp_server.received_for("ok@example.com")) == 1
