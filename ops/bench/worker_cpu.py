@@ -23,6 +23,10 @@ through ``MAILQUEUE_DKIM__BENCH__*`` as a deployment would. Example::
     .venv/bin/python ops/bench/worker_cpu.py --messages 3000 --rounds 3 --loops uvloop \
         --dkim none,rsa,rsa+ed25519
 
+``--suppression-rows 1000000`` loads that many suppression list entries
+(none matching a recipient) and runs every variant twice per round, with
+the list empty and loaded, so the claim's lookup is priced on its own.
+
 ``EXPERIMENT_SQL="stmt; stmt"`` runs statements on the fresh database after
 it is migrated, e.g. dropping an index to see what its upkeep costs.
 """
@@ -206,6 +210,9 @@ def main() -> None:
     ap.add_argument("--loops", default="asyncio,uvloop", help="comma list: asyncio, uvloop")
     ap.add_argument("--dkim", default="none", help="comma list: " + ", ".join(DKIM_VARIANTS))
     ap.add_argument(
+        "--suppression-rows", type=int, default=0, help="also each variant with this list"
+    )
+    ap.add_argument(
         "--statements",
         action="store_true",
         help="print the top statements (needs pg_stat_statements in shared_preload_libraries)",
@@ -246,29 +253,45 @@ def main() -> None:
         unknown = sorted(set(dkim_variants) - set(DKIM_VARIANTS))
         if unknown:
             raise SystemExit(f"--dkim: unknown {unknown}; choose from {', '.join(DKIM_VARIANTS)}")
-        keys = make_keys()
+        keys = make_keys() if dkim_variants != ["none"] else ("", "")
+        # (loop, DKIM variant, suppression list state or None): every round runs each
+        variants: list[tuple[str, str, str | None]] = [
+            (kind, dkim, None) for kind in args.loops.split(",") for dkim in dkim_variants
+        ]
+        loaded = False
+        if args.suppression_rows:
+            from mailqueue.store import get_engine
+
+            took = bench.load_suppressions(get_engine(url), args.suppression_rows)
+            print(f"suppression list: {args.suppression_rows} rows loaded in {took} s")
+            variants = [(k, d, state) for k, d, _ in variants for state in ("empty", "loaded")]
         results: dict[str, list[dict[str, float]]] = {}
         for r in range(args.rounds):
-            for loop_kind in args.loops.split(","):
-                for dkim in dkim_variants:
-                    kind = loop_kind if dkim_variants == ["none"] else f"{loop_kind}/{dkim}"
-                    use_dkim(dkim_env(dkim, keys))
-                    res = one_round(loop_kind, args.messages, args.batch_size)
-                    results.setdefault(kind, []).append(res)
-                    print(
-                        f"round {r + 1}/{args.rounds} {kind:8s} {res['msg_per_s']:7.0f} msg/s  "
-                        f"worker {res['worker_us']:6.1f} µs/msg (user {res['user_us']:6.1f})  "
-                        f"postgres {res['postgres_us']:6.1f} µs/msg  "
-                        f"{res['outcomes_per_commit']:.1f} outcomes/commit",
-                        flush=True,
-                    )
+            for kind, dkim, state in variants if r % 2 == 0 else variants[::-1]:
+                if state is not None and (state == "loaded") != loaded:
+                    from mailqueue.store import get_engine
+
+                    bench.swap_suppressions(get_engine(url))
+                    loaded = not loaded
+                name = kind if dkim_variants == ["none"] else f"{kind}/{dkim}"
+                name = f"{name}/{state}" if state else name
+                use_dkim(dkim_env(dkim, keys))
+                res = one_round(kind, args.messages, args.batch_size)
+                results.setdefault(name, []).append(res)
+                print(
+                    f"round {r + 1}/{args.rounds} {name:14s} {res['msg_per_s']:7.0f} msg/s  "
+                    f"worker {res['worker_us']:6.1f} µs/msg (user {res['user_us']:6.1f})  "
+                    f"postgres {res['postgres_us']:6.1f} µs/msg  "
+                    f"{res['outcomes_per_commit']:.1f} outcomes/commit",
+                    flush=True,
+                )
         print("medians:")
         for kind, rows in results.items():
             med: dict[str, Any] = {
                 k: round(statistics.median(x[k] for x in rows), 1) for k in rows[0]
             }
-            print(f"  {kind:8s} {med}")
-        if len(dkim_variants) > 1:
+            print(f"  {kind:14s} {med}")
+        if len(dkim_variants) > 1 and not args.suppression_rows:
             print("DKIM cost, worker CPU per message over unsigned (same loop, medians):")
             for loop_kind in args.loops.split(","):
                 base = statistics.median(x["worker_us"] for x in results[f"{loop_kind}/none"])
