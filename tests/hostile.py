@@ -774,15 +774,28 @@ def judge_wire(case: Case, wire: Sequence[Received], *, where: str) -> None:
         assert _norm(received.mail_from) == _norm(case.named("sender")[0]), (
             f"{where}: MAIL FROM {received.mail_from!r} is not the sender\n{shown}"
         )
-        _judge_headers(case, received.data, where=where, shown=shown)
+        utf8 = any(o.upper() == "SMTPUTF8" for o in received.mail_options)
+        _judge_headers(case, received.data, where=where, shown=shown, utf8=utf8)
         _judge_body(case, received.data, where=where, shown=shown)
 
 
-def _parsed_headers(part: Any, *, where: str, shown: str) -> list[tuple[str, Any]]:
+def _parsed_headers(
+    part: Any, *, where: str, shown: str, utf8: bool = False
+) -> list[tuple[str, Any]]:
     """Each header of ``part`` parsed by ``email.policy.default``; one that the standard
-    parser cannot read (it raises on some malformed address headers) is a finding."""
+    parser cannot read (it raises on some malformed address headers) is a finding.
+
+    With ``utf8`` (the transaction said SMTPUTF8), header text is UTF-8 (RFC 6532):
+    the bytes parser hands it over as surrogate escapes, read here as the UTF-8 it is."""
     out = []
     for name, raw in part.raw_items():
+        if utf8 and any("\udc80" <= ch <= "\udcff" for ch in raw):
+            try:
+                raw = raw.encode("ascii", "surrogateescape").decode("utf-8")
+            except UnicodeError:
+                raise AssertionError(
+                    f"{where}: header {name} is not UTF-8 in an SMTPUTF8 message: {raw!r}\n{shown}"
+                ) from None
         try:
             value = email.policy.default.header_fetch_parse(name, raw)
             str(value)
@@ -794,9 +807,9 @@ def _parsed_headers(part: Any, *, where: str, shown: str) -> list[tuple[str, Any
     return out
 
 
-def _judge_headers(case: Case, data: bytes, *, where: str, shown: str) -> None:
+def _judge_headers(case: Case, data: bytes, *, where: str, shown: str, utf8: bool = False) -> None:
     head = BytesHeaderParser(policy=email.policy.default).parsebytes(data)
-    headers = _parsed_headers(head, where=where, shown=shown)
+    headers = _parsed_headers(head, where=where, shown=shown, utf8=utf8)
     names = Counter(name.lower() for name, _ in headers)
     assert not names.keys() & {"bcc", "resent-bcc"}, f"{where}: a Bcc header on the wire\n{shown}"
     allowed = case.allowed_headers()

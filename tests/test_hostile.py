@@ -25,7 +25,7 @@ import subprocess
 import sys
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import mailqueue
@@ -437,6 +437,9 @@ local_parts = st.one_of(
     from_name=hostile_text,
     local=local_parts,
 )
+# An SMTPUTF8 address: the judge reads its raw UTF-8 header (a run found the judge
+# reading it as surrogate escapes; the wire was right).
+@example(subject="", note="", references="", to_name="", from_name="", local="é")
 def test_property_hostile_text_never_reaches_the_wire(
     env, subject, note, references, to_name, from_name, local
 ):
