@@ -7,6 +7,8 @@ server, never from timings.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import sqlalchemy as sa
 
@@ -141,6 +143,44 @@ def test_json_api_takes_a_priority_and_shows_it(stack, client):
     assert refused.status_code == 400
     with stack.engine.connect() as conn:
         assert conn.execute(sa.select(sa.func.count()).select_from(M)).scalar() == 1
+
+
+def test_status_page_shows_the_priority(sqlite_stack, client):
+    mid = mailqueue.enqueue(_mail("a@example.com"), priority="bulk")
+    login = client.get("/login")
+    csrf = re.search(r'name="csrf" value="([^"]+)"', login.text).group(1)
+    client.post("/login", data={"token": test_web_api.TOKEN, "csrf": csrf})
+    page = client.get(f"/messages/{mid}")
+    assert re.search(r'<dd id="message-priority">bulk</dd>', page.text), page.text[:2000]
+
+
+def test_high_ids_waiting_in_the_hand_off_go_to_the_broker_first(sqlite_stack, monkeypatch):
+    """Ids that pile up while the broker is slow leave highest lane first, one lane
+    per task: a reset committed after a newsletter chunk is not sent after it."""
+    import threading
+
+    from mailqueue.worker import app as worker_app
+
+    sent: list[tuple[int, int]] = []
+    entered, release = threading.Event(), threading.Event()
+    real = worker_app.dispatch
+
+    def slow(ids, settings, priority):
+        entered.set()
+        release.wait(60)
+        sent.append((priority, len(ids)))
+        return real(ids, settings=settings, priority=priority)
+
+    monkeypatch.setattr(worker_app._handoff, "_send", slow)
+    mailqueue.enqueue(_mail("first@example.com"))  # the hand-off hangs on this one
+    assert entered.wait(30)
+    mailqueue.enqueue_many((_mail(f"n{i}@example.com") for i in range(30)), priority="bulk")
+    mailqueue.enqueue(_mail("reset@example.com"), priority="high")
+    mailqueue.enqueue(_mail("hello@example.com"))
+    release.set()
+    assert flush_dispatch(timeout=30)
+    assert sent[0] == (1, 1)  # already on its way when the others came
+    assert sent[1:] == [(0, 1), (1, 1), (2, 30)]
 
 
 def test_cli_send_priority_and_status_show_it(sqlite_stack):
