@@ -250,3 +250,74 @@ def test_flask_message_priority(app, stack, smtp_server):
             )
     assert mailqueue.get_status(mid).priority == "high"
     assert row_count(stack, "mq_message") == 1
+
+
+def _message_indexes(engine: sa.Engine) -> set[str]:
+    """Every index on mq_message, expression indexes too (reflection skips those)."""
+    query = (
+        "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'mq_message'"
+        if engine.dialect.name == "sqlite"
+        else "SELECT indexname FROM pg_indexes WHERE tablename = 'mq_message'"
+    )
+    with engine.connect() as conn:
+        return set(conn.execute(sa.text(query)).scalars())
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+def test_migration_0007_gives_existing_rows_the_normal_lane_and_reverses(kind, tmp_path):
+    """A message written before lanes existed is ``normal`` after the upgrade and is
+    dispatched to the queue it always used; the downgrade drops only the column."""
+    import uuid
+
+    from alembic import command
+
+    from mailqueue.migrate import alembic_config, upgrade
+
+    from .conftest import POSTGRES_URL, require
+
+    drop = None
+    if kind == "sqlite":
+        url = f"sqlite:///{tmp_path / 'm.db'}"
+    else:
+        require("postgres")
+        name = f"mq_mig_{uuid.uuid4().hex[:10]}"
+        admin = sa.create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+        url = sa.engine.make_url(POSTGRES_URL).set(database=name).render_as_string(False)
+
+        def drop() -> None:
+            with admin.connect() as conn:
+                conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            admin.dispose()
+
+    engine = sa.create_engine(url)
+    try:
+        upgrade(url, "0005")
+        mid = uuid.uuid4()
+        now = "2026-01-01 00:00:00"
+        with engine.begin() as conn:
+            conn.execute(
+                sa.text(
+                    "INSERT INTO mq_message (id, created_at, updated_at, status, relay, "
+                    "mail_from, subject, size, content, smtputf8, eightbit, attempts, "
+                    "next_attempt_at, expires_at) VALUES (:id, :t, :t, 'queued', 'default', "
+                    "'a@example.com', 's', 1, :c, false, false, 0, :t, :t)"
+                ),
+                {"id": mid.hex if kind == "sqlite" else mid, "t": now, "c": b"x"},
+            )
+        upgrade(url, "0007")
+        with engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT priority FROM mq_message")).scalar() == 1
+        indexes = _message_indexes(engine)
+        assert "ix_mq_message_tag_created" in indexes  # an expression index (0003)
+        command.downgrade(alembic_config(url), "0005")
+        assert _message_indexes(engine) == indexes
+        columns = {c["name"] for c in sa.inspect(engine).get_columns("mq_message")}
+        assert "priority" not in columns and "subject" in columns
+        with engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT count(*) FROM mq_message")).scalar() == 1
+    finally:
+        engine.dispose()
+        if drop:
+            drop()
