@@ -321,3 +321,21 @@ def test_migration_0007_gives_existing_rows_the_normal_lane_and_reverses(kind, t
         engine.dispose()
         if drop:
             drop()
+
+
+def test_a_retried_message_goes_back_to_its_own_lane(stack, smtp_server, monkeypatch):
+    from mailqueue import api
+
+    smtp_server.reject = ["nope@*"]
+    high = mailqueue.enqueue(_mail("nope@example.com"), priority="high")
+    bulk = mailqueue.enqueue(_mail("nope@example.com"), priority="bulk")
+    flush_dispatch()
+    test_web_api.deliver(stack, [high, bulk])
+    assert {mailqueue.get_status(i).status for i in (high, bulk)} == {"failed"}
+
+    lanes: list[tuple[int, list[str]]] = []
+    monkeypatch.setattr(
+        api, "dispatch", lambda ids, priority: lanes.append((priority, [str(i) for i in ids]))
+    )
+    assert mailqueue.retry_failed() == 2
+    assert lanes == [(0, [high]), (2, [bulk])]
