@@ -7,6 +7,8 @@ server, never from timings.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import sqlalchemy as sa
 
@@ -143,6 +145,44 @@ def test_json_api_takes_a_priority_and_shows_it(stack, client):
         assert conn.execute(sa.select(sa.func.count()).select_from(M)).scalar() == 1
 
 
+def test_status_page_shows_the_priority(sqlite_stack, client):
+    mid = mailqueue.enqueue(_mail("a@example.com"), priority="bulk")
+    login = client.get("/login")
+    csrf = re.search(r'name="csrf" value="([^"]+)"', login.text).group(1)
+    client.post("/login", data={"token": test_web_api.TOKEN, "csrf": csrf})
+    page = client.get(f"/messages/{mid}")
+    assert re.search(r'<dd id="message-priority">bulk</dd>', page.text), page.text[:2000]
+
+
+def test_high_ids_waiting_in_the_hand_off_go_to_the_broker_first(sqlite_stack, monkeypatch):
+    """Ids that pile up while the broker is slow leave highest lane first, one lane
+    per task: a reset committed after a newsletter chunk is not sent after it."""
+    import threading
+
+    from mailqueue.worker import app as worker_app
+
+    sent: list[tuple[int, int]] = []
+    entered, release = threading.Event(), threading.Event()
+    real = worker_app.dispatch
+
+    def slow(ids, settings, priority):
+        entered.set()
+        release.wait(60)
+        sent.append((priority, len(ids)))
+        return real(ids, settings=settings, priority=priority)
+
+    monkeypatch.setattr(worker_app._handoff, "_send", slow)
+    mailqueue.enqueue(_mail("first@example.com"))  # the hand-off hangs on this one
+    assert entered.wait(30)
+    mailqueue.enqueue_many((_mail(f"n{i}@example.com") for i in range(30)), priority="bulk")
+    mailqueue.enqueue(_mail("reset@example.com"), priority="high")
+    mailqueue.enqueue(_mail("hello@example.com"))
+    release.set()
+    assert flush_dispatch(timeout=30)
+    assert sent[0] == (1, 1)  # already on its way when the others came
+    assert sent[1:] == [(0, 1), (1, 1), (2, 30)]
+
+
 def test_cli_send_priority_and_status_show_it(sqlite_stack):
     from click.testing import CliRunner
 
@@ -210,3 +250,92 @@ def test_flask_message_priority(app, stack, smtp_server):
             )
     assert mailqueue.get_status(mid).priority == "high"
     assert row_count(stack, "mq_message") == 1
+
+
+def _message_indexes(engine: sa.Engine) -> set[str]:
+    """Every index on mq_message, expression indexes too (reflection skips those)."""
+    query = (
+        "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'mq_message'"
+        if engine.dialect.name == "sqlite"
+        else "SELECT indexname FROM pg_indexes WHERE tablename = 'mq_message'"
+    )
+    with engine.connect() as conn:
+        return set(conn.execute(sa.text(query)).scalars())
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+def test_migration_0007_gives_existing_rows_the_normal_lane_and_reverses(kind, tmp_path):
+    """A message written before lanes existed is ``normal`` after the upgrade and is
+    dispatched to the queue it always used; the downgrade drops only the column."""
+    import uuid
+
+    from alembic import command
+
+    from mailqueue.migrate import alembic_config, upgrade
+
+    from .conftest import POSTGRES_URL, require
+
+    drop = None
+    if kind == "sqlite":
+        url = f"sqlite:///{tmp_path / 'm.db'}"
+    else:
+        require("postgres")
+        name = f"mq_mig_{uuid.uuid4().hex[:10]}"
+        admin = sa.create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+        url = sa.engine.make_url(POSTGRES_URL).set(database=name).render_as_string(False)
+
+        def drop() -> None:
+            with admin.connect() as conn:
+                conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            admin.dispose()
+
+    engine = sa.create_engine(url)
+    try:
+        upgrade(url, "0005")
+        mid = uuid.uuid4()
+        now = "2026-01-01 00:00:00"
+        with engine.begin() as conn:
+            conn.execute(
+                sa.text(
+                    "INSERT INTO mq_message (id, created_at, updated_at, status, relay, "
+                    "mail_from, subject, size, content, smtputf8, eightbit, attempts, "
+                    "next_attempt_at, expires_at) VALUES (:id, :t, :t, 'queued', 'default', "
+                    "'a@example.com', 's', 1, :c, false, false, 0, :t, :t)"
+                ),
+                {"id": mid.hex if kind == "sqlite" else mid, "t": now, "c": b"x"},
+            )
+        upgrade(url, "0007")
+        with engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT priority FROM mq_message")).scalar() == 1
+        indexes = _message_indexes(engine)
+        assert "ix_mq_message_tag_created" in indexes  # an expression index (0003)
+        command.downgrade(alembic_config(url), "0005")
+        assert _message_indexes(engine) == indexes
+        columns = {c["name"] for c in sa.inspect(engine).get_columns("mq_message")}
+        assert "priority" not in columns and "subject" in columns
+        with engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT count(*) FROM mq_message")).scalar() == 1
+    finally:
+        engine.dispose()
+        if drop:
+            drop()
+
+
+def test_a_retried_message_goes_back_to_its_own_lane(stack, smtp_server, monkeypatch):
+    from mailqueue import api
+
+    smtp_server.reject = ["nope@*"]
+    high = mailqueue.enqueue(_mail("nope@example.com"), priority="high")
+    bulk = mailqueue.enqueue(_mail("nope@example.com"), priority="bulk")
+    flush_dispatch()
+    test_web_api.deliver(stack, [high, bulk])
+    assert {mailqueue.get_status(i).status for i in (high, bulk)} == {"failed"}
+
+    lanes: list[tuple[int, list[str]]] = []
+    monkeypatch.setattr(
+        api, "dispatch", lambda ids, priority: lanes.append((priority, [str(i) for i in ids]))
+    )
+    assert mailqueue.retry_failed() == 2
+    assert lanes == [(0, [high]), (2, [bulk])]

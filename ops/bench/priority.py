@@ -43,6 +43,7 @@ sys.path.insert(0, str(HERE))
 
 from run import (  # noqa: E402 - run.py is a sibling script, not a package
     Children,
+    Monitor,
     Sink,
     Stack,
     make_message,
@@ -50,6 +51,7 @@ from run import (  # noqa: E402 - run.py is a sibling script, not a package
     progress,
     say,
     start_workers,
+    tree,
     write_prepared,
 )
 
@@ -106,7 +108,13 @@ def _quantile(values: list[float], q: float) -> float:
 
 
 def one_run(
-    stack: Stack, args: argparse.Namespace, label: str, high: int, lanes: bool, gap_s: float
+    stack: Stack,
+    args: argparse.Namespace,
+    label: str,
+    high: int,
+    lanes: bool,
+    gap_s: float,
+    worker: Any = None,
 ) -> dict[str, Any]:
     """Queue the bulk backlog, enqueue ``high`` urgent messages one at a time while it
     drains, wait for everything, and read the timings back from the rows."""
@@ -118,6 +126,10 @@ def one_run(
     bulk_lane = 2 if lanes else 1
     prepared = [dataclasses.replace(p, priority=bulk_lane) for p in prepare_many(args.bulk)]
     say(f"[{label}] queueing {args.bulk} {bulk_word} messages")
+    # Worker CPU per message: what the drain costs, steadier than its rate on a
+    # shared machine (other jobs take the cores, not the CPU seconds).
+    monitor = Monitor({"workers": lambda: tree(worker.pid) if worker else []}, 0.5)
+    monitor.start()
     t0 = time.monotonic()
     write_prepared(prepared)
     say(f"[{label}] queued in {time.monotonic() - t0:.1f}s")
@@ -137,6 +149,7 @@ def one_run(
             progress(f"[{label}] urgent {i + 1}/{high} enqueued")
             time.sleep(gap_s)
     _wait(stack, args.bulk + high, label, args.timeout)
+    worker_cpu_s = monitor.finish()["workers"]["cpu_s"]
 
     bulk_times = sorted(_sent_at(stack, "bench message"))
     span = (bulk_times[-1] - bulk_times[0]).total_seconds()
@@ -145,6 +158,7 @@ def one_run(
         "bulk_priority": bulk_word,
         "bulk_drain_s": round(span, 2),
         "bulk_msg_per_s": round(len(bulk_times) / span, 1) if span > 0 else None,
+        "worker_cpu_us_per_msg": round(worker_cpu_s / (args.bulk + high) * 1e6, 1),
     }
     if high:
         with stack.engine.connect() as conn:
@@ -207,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         stack.activate()
-        start_workers(stack, children, args.concurrency)
+        worker = start_workers(stack, children, args.concurrency)
         # Warm the workers (imports, pools) so the first run is not charged for it.
         one_run(stack, argparse.Namespace(**{**vars(args), "bulk": 500}), "warm-up", 0, True, 0)
         drain_s = None
@@ -215,12 +229,12 @@ def main(argv: list[str] | None = None) -> int:
             for name in args.runs.split(","):
                 label = f"{name} {round_no + 1}/{args.repeat}"
                 if name == "no_high":
-                    run = one_run(stack, args, label, 0, True, 0)
+                    run = one_run(stack, args, label, 0, True, 0, worker)
                     drain_s = drain_s or run["bulk_drain_s"]
                 else:
                     # The urgent messages spread over about half of the drain.
                     gap = 0.5 * (drain_s or args.bulk / 1000) / max(1, args.high)
-                    run = one_run(stack, args, label, args.high, name == "lanes", gap)
+                    run = one_run(stack, args, label, args.high, name == "lanes", gap, worker)
                 result["runs"].setdefault(name, []).append(run)
     finally:
         children.stop_all()
@@ -232,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
         name: {
             "bulk_msg_per_s_median": statistics.median(r["bulk_msg_per_s"] for r in runs),
             "bulk_msg_per_s_all": [r["bulk_msg_per_s"] for r in runs],
+            "worker_cpu_us_per_msg_median": statistics.median(
+                r["worker_cpu_us_per_msg"] for r in runs
+            ),
             **(
                 {
                     "enqueue_to_250_p99_s_median": statistics.median(
