@@ -71,6 +71,9 @@ class ClaimedMessage:
     expires_at: dt.datetime
     recipients: tuple[ClaimedRecipient, ...]
     size: int = 0
+    list_id: str | None = None
+    unsubscribe: bool = False
+    """Each recipient gets its own List-Unsubscribe header: one transaction each."""
 
     @property
     def open_recipients(self) -> list[ClaimedRecipient]:
@@ -145,6 +148,7 @@ class ClaimStatements:
                 M.c.attempts,
                 M.c.expires_at,
                 M.c.list_id,
+                M.c.unsubscribe,
             )
         )
         with self.engine.begin() as conn:
@@ -171,6 +175,8 @@ class ClaimStatements:
                 attempts=row.attempts,
                 expires_at=row.expires_at,
                 recipients=tuple(by_message[row.id]),
+                list_id=row.list_id,
+                unsubscribe=bool(row.unsubscribe),
             )
             for row in rows
         ]

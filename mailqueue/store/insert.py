@@ -49,6 +49,7 @@ class NewMessage:
     idempotency_key: str | None = None
     meta: dict[str, Any] | None = None
     list_id: str | None = None
+    unsubscribe: bool = False
 
 
 def _chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
@@ -75,6 +76,7 @@ _NEW_MESSAGE_COLUMNS = (
     "idempotency_key",
     "meta",
     "list_id",
+    "unsubscribe",
 )
 """The columns ``Store.insert`` fills for a new message (its ``message_rows`` keys)."""
 # psycopg's own placeholders: ``enqueue()`` runs this on the driver connection
@@ -146,6 +148,7 @@ class InsertStatements:
                 "idempotency_key": m.idempotency_key,
                 "meta": m.meta,
                 "list_id": m.list_id,
+                "unsubscribe": m.unsubscribe,
             }
             for m in messages
         ]

@@ -29,6 +29,7 @@ from sqlalchemy import (
     Uuid,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.sql import false
 
 from ..statuses import TERMINAL_MESSAGE, MessageStatus, RecipientStatus
 
@@ -116,6 +117,9 @@ class MessageRow(Base):
     list_id: Mapped[str | None] = mapped_column(String(255), nullable=True)
     """The mailing list it belongs to (RFC 2919 id, no angle brackets): a
     ``list:<id>`` suppression applies to it (migration 0006)."""
+    unsubscribe: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    """Each recipient's copy gets a one-click List-Unsubscribe header (migration 0007,
+    ``unsubscribe.py``); the worker sends it one transaction per recipient."""
 
     __table_args__ = (
         # serves the scheduler's "what is due" and the per-status counts

@@ -40,7 +40,9 @@ from ..statuses import ErrorWord
 from ..store.models import RecipientStatus, utcnow
 from ..store.queue import ClaimedMessage, MessageOutcome, RecipientOutcome, Store
 from ..store.relays import pause_relay, relay_states, resume_relay
+from ..unsubscribe import Signer
 from .hooks import notify_if_terminal
+from .personal import merge_results, personal_copy, unsubscribe_base, with_list_id
 
 __all__ = ["Deliverer", "BatchReport", "plan_outcome"]
 
@@ -224,6 +226,7 @@ class Deliverer:
         # Keys are read here, once per process (the CLI reads them before the
         # worker starts too, so that a bad key is exit 2, not a crashing child).
         self._dkim: DkimSigner | None = load_signer(settings)
+        self._unsubscribe_signer: Signer | None = Signer.from_settings(settings)
 
     def pool_for(self, relay_name: str) -> Pool:
         """The pool of the named relay (KeyError when no such relay is configured)."""
@@ -288,21 +291,12 @@ class Deliverer:
                         content = await asyncio.to_thread(
                             self.store.load_content, message.id, message.size
                         )
-                    required = pool.relay.dkim == "required"
-                    unsigned: SMTPError | None = None
-                    if self._dkim is not None or required:
-                        content, unsigned = await self._sign(message, content, pool.relay)
-                    if unsigned is not None and required:
-                        result = failed_everyone(addresses, "failed", unsigned)
+                    if message.unsubscribe:
+                        result = await self._deliver_each(message, pool, addresses, content)
                     else:
-                        result = await deliver(
-                            pool,
-                            message.mail_from,
-                            addresses,
-                            content,
-                            smtputf8=message.smtputf8,
-                            eightbit=message.eightbit,
-                        )
+                        if message.list_id is not None:
+                            content = with_list_id(content, message.list_id)
+                        result = await self._sign_and_send(message, pool, addresses, content)
                 except (AuthError, TLSError) as exc:
                     await self._pause(pool.relay, exc)
                     await self._release(message, self._paused[pool.relay.name], exc)
@@ -321,6 +315,68 @@ class Deliverer:
         if self.settings.on_terminal:  # MAILQUEUE_ON_TERMINAL (see hooks.py)
             await notify_if_terminal(self.settings.on_terminal, self.store, message.id)
         return outcome
+
+    async def _sign_and_send(
+        self,
+        message: ClaimedMessage,
+        pool: Pool,
+        addresses: Sequence[str],
+        content: bytes | bytearray,
+    ) -> TransactionResult:
+        """DKIM-sign ``content`` (when a key or the relay asks) and send it to ``addresses``."""
+        required = pool.relay.dkim == "required"
+        unsigned: SMTPError | None = None
+        if self._dkim is not None or required:
+            content, unsigned = await self._sign(message, content, pool.relay)
+        if unsigned is not None and required:
+            return failed_everyone(addresses, "failed", unsigned)
+        return await deliver(
+            pool,
+            message.mail_from,
+            addresses,
+            content,
+            smtputf8=message.smtputf8,
+            eightbit=message.eightbit,
+        )
+
+    async def _deliver_each(
+        self,
+        message: ClaimedMessage,
+        pool: Pool,
+        addresses: Sequence[str],
+        content: bytes | bytearray,
+    ) -> TransactionResult:
+        """One transaction per recipient, each copy with its own List-Unsubscribe.
+
+        The copies go out concurrently (the pool bounds the connections) and
+        their outcomes are recorded together, as one transaction's would be.
+        An auth or TLS failure defers only the copies it hit (the others may
+        have been accepted and must be recorded) and pauses the relay.
+        """
+        base = unsubscribe_base(self.settings, self._unsubscribe_signer, message, content)
+        if isinstance(base, SMTPError):
+            return failed_everyone(addresses, "failed", base)
+        signer = self._unsubscribe_signer
+        assert signer is not None
+        broken: list[AuthError | TLSError] = []
+        # Copies are made when a connection may be near: at most pool_size at once.
+        room = asyncio.Semaphore(max(1, pool.relay.pool_size))
+
+        async def one(address: str) -> TransactionResult:
+            async with room:
+                copy = personal_copy(self.settings, signer, message, address, base)
+                if isinstance(copy, SMTPError):
+                    return failed_everyone([address], "failed", copy)
+                try:
+                    return await self._sign_and_send(message, pool, [address], copy)
+                except (AuthError, TLSError) as exc:
+                    broken.append(exc)
+                    return failed_everyone([address], "deferred", exc)
+
+        results = await asyncio.gather(*(one(a) for a in addresses))
+        if broken:
+            await self._pause(pool.relay, broken[0])
+        return merge_results(results)
 
     async def _sign(
         self, message: ClaimedMessage, content: bytes | bytearray, relay: RelayConfig

@@ -1,0 +1,397 @@
+"""One-click unsubscribe (RFC 8058): per-recipient List-Unsubscribe, and the web's /u/<token>.
+
+Messages go through the worker's own code (``Deliverer.deliver_batch``), and
+once through a real ``mailqueue worker``, to the dev SMTP server; the URL is
+taken from what the server received and posted to the web app (Starlette's
+TestClient), whose suppression the next message then meets.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import replace
+from email import message_from_bytes
+from email.policy import default as default_policy
+from pathlib import Path
+
+import pytest
+from starlette.testclient import TestClient
+
+import mailqueue
+from mailqueue import Message
+from mailqueue.config import ConfigError, Settings, settings_from_env
+from mailqueue.errors import InvalidMessageError
+from mailqueue.unsubscribe import Signer
+from mailqueue.web.app import create_app
+
+from .conftest import wait_until
+from .test_dkim import (
+    deliver,
+    dkim_env,
+    keys,  # noqa: F401 - the fixture, shared
+    signatures,
+    verify_each,
+    with_dkim,
+)
+
+SECRET = "s3cret-for-tests-" + "x" * 20
+OLD_SECRET = "an-older-secret-" + "y" * 20
+URL = "https://mail.example.com"
+WEB_TOKEN = "web-token-for-tests"
+LIST = "news.example.com"
+
+CALLS: list[object] = []
+
+
+def record_hook(found: object) -> None:
+    """The MAILQUEUE_ON_UNSUBSCRIBE of these tests."""
+    CALLS.append(found)
+
+
+def failing_hook(found: object) -> None:
+    raise RuntimeError("the app's preference store is down")
+
+
+def unsubscribe_env(**extra: str) -> dict[str, str]:
+    return {
+        "MAILQUEUE_UNSUBSCRIBE_URL": URL,
+        "MAILQUEUE_UNSUBSCRIBE_SECRET": SECRET,
+        **extra,
+    }
+
+
+def with_unsubscribe(stack, **overrides: object) -> Settings:
+    return stack.reconfigure(unsubscribe_url=URL, unsubscribe_secret=SECRET, **overrides)
+
+
+def news(**kw: object) -> Message:
+    fields: dict[str, object] = dict(
+        sender="News <news@example.com>",
+        to=["ann@example.org", "bob@example.org"],
+        cc=["cat@example.org"],
+        bcc=["dan@example.org"],
+        subject="This week",
+        text="Hello.\n",
+    )
+    fields.update(kw)
+    return Message(**fields)  # type: ignore[arg-type]
+
+
+def parsed(data: bytes):
+    return message_from_bytes(data, policy=default_policy)
+
+
+def one_click_url(data: bytes) -> str:
+    value = parsed(data)["List-Unsubscribe"]
+    match = re.search(r"<(https://[^>]+)>", str(value))
+    assert match, value
+    return match.group(1)
+
+
+def path_of(url: str) -> str:
+    assert url.startswith(URL + "/u/")
+    return url[len(URL) :]
+
+
+@pytest.fixture
+def web(sqlite_stack):
+    with TestClient(create_app(token=WEB_TOKEN), base_url=URL) as client:
+        yield client
+
+
+# -- the token ------------------------------------------------------------------------------
+
+
+def test_a_token_names_its_address_and_list_and_nothing_else_verifies():
+    signer = Signer([SECRET])
+    mid = uuid.uuid4()
+    token = signer.token("ann@example.org", LIST, mid)
+    found = signer.verify(token)
+    assert (found.address, found.list_id, found.message_id) == ("ann@example.org", LIST, mid)
+    # one character changed anywhere: refused
+    for i, ch in enumerate(token):
+        altered = token[:i] + ("A" if ch != "A" else "B") + token[i + 1 :]
+        assert signer.verify(altered) is None, i
+    # another address's payload under this token's MAC: refused
+    other = signer.token("bob@example.org", LIST, mid)
+    spliced = ".".join([*other.split(".")[:2], token.split(".")[2]])
+    assert signer.verify(spliced) is None
+    assert signer.verify(token[:-1]) is None
+    assert signer.verify("") is None
+    assert signer.verify("1..") is None
+    # another secret's token: refused
+    assert Signer(["some-other-secret-zzzzzzzz"]).verify(token) is None
+
+
+def test_secrets_rotate_first_signs_all_verify():
+    old = Signer([OLD_SECRET]).token("ann@example.org", None, None)
+    rotated = Signer([SECRET, OLD_SECRET])
+    assert rotated.verify(old).address == "ann@example.org"
+    assert rotated.verify(old).list_id is None
+    new = rotated.token("ann@example.org", None, None)
+    assert Signer([SECRET]).verify(new) is not None
+    assert Signer([OLD_SECRET]).verify(new) is None
+
+
+def test_settings_refuse_a_weak_secret_or_plain_http_and_never_show_the_secret():
+    with pytest.raises(ConfigError, match="MAILQUEUE_UNSUBSCRIBE_SECRET: secret number 2 of 2"):
+        settings_from_env({"MAILQUEUE_UNSUBSCRIBE_SECRET": f"{SECRET},short"})
+    try:
+        settings_from_env({"MAILQUEUE_UNSUBSCRIBE_SECRET": f"{SECRET},short"})
+    except ConfigError as exc:
+        assert SECRET not in str(exc) and "short" not in str(exc).split(";")[0][-8:]
+    with pytest.raises(ConfigError, match="https://"):
+        settings_from_env({"MAILQUEUE_UNSUBSCRIBE_URL": "http://mail.example.com"})
+    with pytest.raises(ConfigError, match="MAILQUEUE_UNSUBSCRIBE_MAILTO"):
+        settings_from_env({"MAILQUEUE_UNSUBSCRIBE_MAILTO": "a@b.com, c@d.com"})
+    ok = settings_from_env(unsubscribe_env(MAILQUEUE_UNSUBSCRIBE_URL="http://localhost:8025"))
+    assert SECRET not in repr(ok)
+    assert ok.unsubscribe_url == "http://localhost:8025"
+
+
+# -- what the relay receives -------------------------------------------------------------
+
+
+@pytest.mark.both_paths
+def test_each_recipient_gets_its_own_signed_link_and_headers(
+    stack,
+    smtp_server,
+    keys,  # noqa: F811 - the fixture
+    tmp_path,
+):
+    settings = with_dkim(stack, keys, tmp_path)
+    settings = with_unsubscribe(stack, unsubscribe_mailto="leave@example.com")
+    mid = mailqueue.enqueue(news(), list_id=LIST, unsubscribe=True)
+
+    deliver(settings, stack.store, [mid])
+
+    info = mailqueue.get_status(mid)
+    assert info.status == "sent"
+    received = {m.rcpt_tos: m.data for m in smtp_server.messages}
+    everyone = ["ann@example.org", "bob@example.org", "cat@example.org", "dan@example.org"]
+    assert sorted(received) == [(a,) for a in everyone]  # one transaction per recipient
+    signer = Signer([SECRET])
+    for (address,), data in received.items():
+        msg = parsed(data)
+        token = path_of(one_click_url(data)).removeprefix("/u/")
+        found = signer.verify(token)
+        assert (found.address, found.list_id, str(found.message_id)) == (address, LIST, mid)
+        assert msg["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+        assert f"<mailto:leave@example.com?subject=unsubscribe%20{token}>" in str(
+            msg["List-Unsubscribe"]
+        )
+        assert msg["List-Id"] == f"<{LIST}>"
+        # the headers the caller wrote, unchanged; Bcc in none of them
+        assert msg["To"] == "ann@example.org, bob@example.org"
+        assert msg["Cc"] == "cat@example.org"
+        assert "dan@example.org" not in data.decode().split("\r\n\r\n")[0].replace(token, "")
+        assert msg.get_all("List-Unsubscribe") and len(msg.get_all("List-Unsubscribe")) == 1
+        # DKIM covers the pair, and verifies
+        assert verify_each(data, keys.dns()) == [True, True]
+        signed = re.sub(rb"\s+", b"", signatures(data)[0][b"h"]).lower().split(b":")
+        assert {b"list-unsubscribe", b"list-unsubscribe-post", b"list-id"} <= set(signed)
+    tokens = {path_of(one_click_url(d)) for d in received.values()}
+    assert len(tokens) == 4
+
+
+def test_plain_and_list_messages_without_unsubscribe_stay_one_transaction(
+    sqlite_stack, smtp_server
+):
+    settings = with_unsubscribe(sqlite_stack)
+    plain = mailqueue.enqueue(news())
+    listed = mailqueue.enqueue(news(subject="listed"), list_id=LIST)
+
+    deliver(settings, sqlite_stack.store, [plain, listed])
+
+    by_subject = {parsed(m.data)["Subject"]: m for m in smtp_server.messages}
+    assert len(by_subject["This week"].rcpt_tos) == 4
+    assert "List-Unsubscribe" not in parsed(by_subject["This week"].data)
+    assert "List-Id" not in parsed(by_subject["This week"].data)
+    assert len(by_subject["listed"].rcpt_tos) == 4
+    assert parsed(by_subject["listed"].data)["List-Id"] == f"<{LIST}>"
+    assert "List-Unsubscribe" not in parsed(by_subject["listed"].data)
+
+
+def test_a_worker_without_the_secret_fails_the_recipients_and_sends_nothing(
+    sqlite_stack, smtp_server
+):
+    with_unsubscribe(sqlite_stack)
+    mid = mailqueue.enqueue(news(), list_id=LIST, unsubscribe=True)
+    worker_settings = replace(sqlite_stack.settings, unsubscribe_secret=None)
+
+    deliver(worker_settings, sqlite_stack.store, [mid])
+
+    info = mailqueue.get_status(mid)
+    assert info.status == "failed"
+    assert smtp_server.messages == []
+    for r in info.recipients:
+        assert "MAILQUEUE_UNSUBSCRIBE_SECRET" in (r.reply or "")
+        assert "not sent without the header" in (r.reply or "")
+
+
+def test_enqueue_refuses_unsubscribe_without_a_url_or_with_its_own_header(sqlite_stack):
+    with pytest.raises(InvalidMessageError, match="MAILQUEUE_UNSUBSCRIBE_URL"):
+        mailqueue.enqueue(news(), list_id=LIST, unsubscribe=True)
+    with_unsubscribe(sqlite_stack)
+    with pytest.raises(InvalidMessageError, match="List-Unsubscribe"):
+        mailqueue.enqueue(
+            news(headers={"List-Unsubscribe": "<https://elsewhere.example/u/1>"}),
+            unsubscribe=True,
+        )
+    with pytest.raises(InvalidMessageError, match="unsubscribe"):
+        mailqueue.enqueue(news(), unsubscribe="yes")  # type: ignore[arg-type]
+    assert mailqueue.list_messages() == []
+
+
+# -- the web app -----------------------------------------------------------------------------
+
+
+def delivered_link(stack, smtp_server, address: str = "ann@example.org") -> str:
+    settings = stack.settings
+    mid = mailqueue.enqueue(news(to=[address], cc=[], bcc=[]), list_id=LIST, unsubscribe=True)
+    deliver(settings, stack.store, [mid])
+    (data,) = [m.data for m in smtp_server.messages if m.rcpt_tos == (address,)][-1:]
+    return path_of(one_click_url(data))
+
+
+def next_status(stack, address: str, list_id: str | None = LIST) -> str:
+    mid = mailqueue.enqueue(news(to=[address], cc=[], bcc=[], subject="next"), list_id=list_id)
+    deliver(stack.settings, stack.store, [mid])
+    return mailqueue.get_status(mid).status
+
+
+def test_one_click_post_suppresses_the_address_for_that_list(
+    sqlite_stack, smtp_server, web, monkeypatch
+):
+    with_unsubscribe(sqlite_stack, on_unsubscribe=f"{__name__}:record_hook")
+    CALLS.clear()
+    link = delivered_link(sqlite_stack, smtp_server)
+
+    first = web.post(link, data={"List-Unsubscribe": "One-Click"})  # what Gmail sends
+    again = web.post(link, data={"List-Unsubscribe": "One-Click"})
+
+    assert first.status_code == again.status_code == 200
+    assert "ann@example.org will receive no more mail from the list" in first.text
+    assert first.headers["cache-control"] == "no-store"
+    assert first.headers["referrer-policy"] == "no-referrer"
+    assert "set-cookie" not in first.headers
+    assert next_status(sqlite_stack, "ann@example.org") == "suppressed"
+    assert next_status(sqlite_stack, "bob@example.org") == "sent"
+    assert next_status(sqlite_stack, "ann@example.org", list_id="other.example.com") == "sent"
+    # the hook saw each POST
+    assert [(c.address, c.list_id) for c in CALLS] == [("ann@example.org", LIST)] * 2
+
+
+def test_get_shows_a_button_and_does_not_unsubscribe(sqlite_stack, smtp_server, web):
+    with_unsubscribe(sqlite_stack)
+    link = delivered_link(sqlite_stack, smtp_server)
+
+    page = web.get(link)
+
+    assert page.status_code == 200
+    assert '<form method="post"' in page.text and "ann@example.org" in page.text
+    assert next_status(sqlite_stack, "ann@example.org") == "sent"
+    # the page's own button (a form post, no CSRF token: none is needed)
+    assert web.post(link, data={"List-Unsubscribe": "One-Click"}).status_code == 200
+    assert next_status(sqlite_stack, "ann@example.org") == "suppressed"
+
+
+def test_altered_or_replayed_tokens_are_refused(sqlite_stack, smtp_server, web):
+    with_unsubscribe(sqlite_stack)
+    link = delivered_link(sqlite_stack, smtp_server)
+    other = Signer([SECRET]).token("bob@example.org", LIST, None)
+    payload_of_bob = other.split(".")[1]
+    version, _, mac = link.removeprefix("/u/").split(".")
+    cut = link[:-1] + ("A" if link[-1] != "A" else "B")
+
+    for bad in (cut, f"/u/{version}.{payload_of_bob}.{mac}", "/u/1.abc.def"):
+        for method in (web.get, web.post):
+            answer = method(bad)
+            assert answer.status_code == 400, (bad, answer.text)
+            assert "this unsubscribe link is not valid" in answer.text
+    assert next_status(sqlite_stack, "ann@example.org") == "sent"
+    assert next_status(sqlite_stack, "bob@example.org") == "sent"
+
+
+def test_a_failing_hook_is_logged_and_the_unsubscribe_stands(
+    sqlite_stack, smtp_server, web, caplog
+):
+    with_unsubscribe(sqlite_stack, on_unsubscribe=f"{__name__}:failing_hook")
+    link = delivered_link(sqlite_stack, smtp_server)
+
+    answer = web.post(link)
+
+    assert answer.status_code == 200
+    assert "preference store" not in answer.text
+    assert "MAILQUEUE_ON_UNSUBSCRIBE callback" in caplog.text
+    assert next_status(sqlite_stack, "ann@example.org") == "suppressed"
+
+
+def test_the_links_need_no_login_but_open_nothing_else(sqlite_stack, smtp_server, web):
+    with_unsubscribe(sqlite_stack)
+    link = delivered_link(sqlite_stack, smtp_server)
+    assert web.get(link).status_code == 200  # no session, no bearer token
+    assert web.get("/", follow_redirects=False).status_code == 303  # the rest wants a login
+    assert web.get("/api/v1/stats").status_code == 401
+    assert web.post("/u/").status_code == 404
+
+
+def test_too_many_bad_tokens_from_one_address_answer_429(sqlite_stack, smtp_server):
+    with_unsubscribe(sqlite_stack, web_auth_failures_per_min=3)
+    with TestClient(create_app(token=WEB_TOKEN), base_url=URL) as web:
+        link = delivered_link(sqlite_stack, smtp_server)
+        for _ in range(3):
+            assert web.post("/u/1.forged.token").status_code == 400
+        limited = web.post(link)
+        assert limited.status_code == 429
+        assert int(limited.headers["retry-after"]) >= 1
+    assert next_status(sqlite_stack, "ann@example.org") == "sent"
+
+
+def test_requests_past_the_per_minute_limit_answer_429(sqlite_stack, smtp_server):
+    with_unsubscribe(sqlite_stack, unsubscribe_per_min=2)
+    with TestClient(create_app(token=WEB_TOKEN), base_url=URL) as web:
+        link = delivered_link(sqlite_stack, smtp_server)
+        assert web.get(link).status_code == 200
+        assert web.post(link).status_code == 200
+        assert web.post(link).status_code == 429
+
+
+def test_without_a_secret_the_web_says_unavailable(sqlite_stack, web):
+    token = Signer([SECRET]).token("ann@example.org", LIST, None)
+    answer = web.post(f"/u/{token}")
+    assert answer.status_code == 503
+    assert SECRET not in answer.text
+
+
+@pytest.mark.slow
+def test_a_real_worker_sends_signed_links_that_unsubscribe(
+    sqlite_stack,
+    smtp_server,
+    keys,  # noqa: F811 - the fixture
+    tmp_path: Path,
+    spawn,
+    web,
+):
+    with_unsubscribe(sqlite_stack)
+    spawn(
+        "worker",
+        "--concurrency",
+        "1",
+        "--loglevel",
+        "WARNING",
+        env=sqlite_stack.env(**dkim_env(keys, tmp_path), **unsubscribe_env()),
+    )
+    mid = mailqueue.enqueue(news(), list_id=LIST, unsubscribe=True)
+    wait_until(lambda: mailqueue.get_status(mid).status == "sent", timeout=60, what="delivery")
+    by_rcpt = {m.rcpt_tos: m.data for m in smtp_server.messages}
+    assert len(by_rcpt) == 4
+    for data in by_rcpt.values():
+        assert verify_each(data, keys.dns()) == [True, True]
+    assert web.post(path_of(one_click_url(by_rcpt[("bob@example.org",)]))).status_code == 200
+    later = mailqueue.enqueue(news(subject="later"), list_id=LIST, unsubscribe=True)
+    wait_until(lambda: mailqueue.get_status(later).status == "partial", timeout=60, what="later")
+    statuses = {r.address: r.status for r in mailqueue.get_status(later).recipients}
+    assert statuses["bob@example.org"] == "suppressed"
+    assert statuses["ann@example.org"] == "sent"
