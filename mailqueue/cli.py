@@ -346,6 +346,18 @@ def _send_at(value: str | None) -> dt.datetime | None:
     metavar="WHEN",
     help="Keep the message until then: ISO 8601 with a UTC offset (2026-05-01T09:00+02:00).",
 )
+@click.option(
+    "--list-id",
+    metavar="ID",
+    help="The mailing list it belongs to (RFC 2919, news.example.com): adds List-Id, "
+    "and list:<ID> suppressions apply.",
+)
+@click.option(
+    "--unsubscribe",
+    is_flag=True,
+    help="Give each recipient a one-click List-Unsubscribe link (RFC 8058; needs "
+    "MAILQUEUE_UNSUBSCRIBE_URL; one SMTP transaction per recipient).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def send(
     sender: str,
@@ -368,6 +380,8 @@ def send(
     now: bool,
     relay: str | None,
     send_at: str | None,
+    list_id: str | None,
+    unsubscribe: bool,
     as_json: bool,
 ) -> None:
     """Enqueue one message and print its id (or, with --now, send it and print the replies)."""
@@ -398,6 +412,8 @@ def send(
     when = _send_at(send_at)
     if now and when is not None:
         raise click.UsageError("--now sends at once: drop --send-at")
+    if now and (list_id or unsubscribe):
+        raise click.UsageError("--now sends without the queue: drop --list-id/--unsubscribe")
     message = Message(
         sender=sender,
         to=list(to),
@@ -420,7 +436,9 @@ def send(
         _send_now(message, as_json, relay)
         return
     _ensure_schema()
-    message_id = api.enqueue(message, relay=relay, send_at=when)
+    message_id = api.enqueue(
+        message, relay=relay, send_at=when, list_id=list_id, unsubscribe=unsubscribe
+    )
     _echo_json({"id": message_id}) if as_json else click.echo(message_id)
 
 

@@ -26,6 +26,7 @@ from mailqueue.unsubscribe import Signer
 from mailqueue.web.app import create_app
 
 from .conftest import wait_until
+from .test_django import dj, django_env  # noqa: F401 - the fixtures, shared
 from .test_dkim import (
     deliver,
     dkim_env,
@@ -395,3 +396,98 @@ def test_a_real_worker_sends_signed_links_that_unsubscribe(
     statuses = {r.address: r.status for r in mailqueue.get_status(later).recipients}
     assert statuses["bob@example.org"] == "suppressed"
     assert statuses["ann@example.org"] == "sent"
+
+
+# -- the other entrances: CLI, JSON API, Django, Flask -------------------------------------
+
+
+def _one_click_copies(stack, smtp_server, ids) -> dict[tuple[str, ...], bytes]:
+    deliver(stack.settings, stack.store, ids)
+    return {m.rcpt_tos: m.data for m in smtp_server.messages}
+
+
+def _assert_own_links(copies: dict[tuple[str, ...], bytes], mid: str) -> None:
+    signer = Signer([SECRET])
+    assert copies and all(len(rcpts) == 1 for rcpts in copies)
+    for (address,), data in copies.items():
+        found = signer.verify(path_of(one_click_url(data)).removeprefix("/u/"))
+        assert (found.address, found.list_id, str(found.message_id)) == (address, LIST, mid)
+        assert parsed(data)["List-Id"] == f"<{LIST}>"
+
+
+def test_cli_send_takes_list_id_and_unsubscribe(sqlite_stack, smtp_server):
+    from click.testing import CliRunner
+
+    from mailqueue.cli import cli
+
+    with_unsubscribe(sqlite_stack)
+    args = ["send", "--from", "news@example.com", "--to", "ann@example.org", "--to",
+            "bob@example.org", "--subject", "cli", "--text", "x", "--list-id", LIST]  # fmt: skip
+    result = CliRunner().invoke(cli, [*args, "--unsubscribe"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    mid = result.output.strip()
+    _assert_own_links(_one_click_copies(sqlite_stack, smtp_server, [mid]), mid)
+    sqlite_stack.reconfigure(unsubscribe_url=None)
+    refused = CliRunner().invoke(cli, [*args, "--unsubscribe"])
+    assert refused.exit_code == 2 and "MAILQUEUE_UNSUBSCRIBE_URL" in refused.output
+
+
+def test_the_json_api_takes_list_id_and_unsubscribe(sqlite_stack, smtp_server, web):
+    with_unsubscribe(sqlite_stack)
+    body = {"sender": "news@example.com", "to": ["ann@example.org", "bob@example.org"],
+            "subject": "api", "text": "x", "list_id": LIST, "unsubscribe": True}  # fmt: skip
+    auth = {"Authorization": f"Bearer {WEB_TOKEN}"}
+    created = web.post("/api/v1/messages", json=body, headers=auth)
+    assert created.status_code == 201, created.text
+    mid = created.json()["id"]
+    _assert_own_links(_one_click_copies(sqlite_stack, smtp_server, [mid]), mid)
+    bad = web.post("/api/v1/messages", json={**body, "unsubscribe": "yes"}, headers=auth)
+    assert bad.status_code == 400 and bad.json()["field"] == "unsubscribe"
+
+
+def test_flask_messages_take_list_id_and_unsubscribe(sqlite_stack, smtp_server):
+    from mailqueue.contrib.flask import Message as FlaskMessage
+
+    from .test_flask import _plain_app
+
+    with_unsubscribe(sqlite_stack)
+    app, mail_ = _plain_app(sqlite_stack, **unsubscribe_env())
+    with app.app_context():
+        message = FlaskMessage(
+            "flask", recipients=["ann@example.org", "bob@example.org"], body="x",
+            list_id=LIST, unsubscribe=True,
+        )  # fmt: skip
+        mid = mail_.send(message)
+    _assert_own_links(_one_click_copies(sqlite_stack, smtp_server, [mid]), mid)
+
+
+def test_django_takes_list_id_and_unsubscribe_headers_and_does_not_send_them(
+    dj,  # noqa: F811 - the fixture
+    smtp_server,
+):
+    from django.core.mail import EmailMessage
+
+    from mailqueue.contrib.django import QueuedEmailMessage
+
+    with_unsubscribe(dj)
+    by_header = EmailMessage(
+        "django", "x", "news@example.com", ["ann@example.org", "bob@example.org"],
+        headers={"X-Mailqueue-List-Id": LIST, "X-Mailqueue-Unsubscribe": "1"},
+    )  # fmt: skip
+    assert by_header.send() == 1
+    mid = by_header.mailqueue_id
+    copies = _one_click_copies(dj, smtp_server, [mid])
+    _assert_own_links(copies, mid)
+    assert all(b"X-Mailqueue" not in data for data in copies.values())
+
+    by_keyword = QueuedEmailMessage(
+        "kw", "x", "news@example.com", ["cat@example.org"], list_id=LIST, unsubscribe=True
+    )
+    assert by_keyword.send() == 1
+    copies = _one_click_copies(dj, smtp_server, [by_keyword.mailqueue_id])
+    _assert_own_links({("cat@example.org",): copies[("cat@example.org",)]}, by_keyword.mailqueue_id)
+    with pytest.raises(InvalidMessageError, match="X-Mailqueue-Unsubscribe"):
+        EmailMessage(
+            "bad", "x", "news@example.com", ["a@example.org"],
+            headers={"X-Mailqueue-Unsubscribe": "maybe"},
+        ).send()  # fmt: skip

@@ -230,8 +230,9 @@ class Message:
     fields; ``date`` is set when the message is sent if it is ``None``.
 
     mailqueue's per-message options are keyword arguments too: ``relay``,
-    ``send_at`` (an aware datetime), ``idempotency_key`` and ``metadata``.
-    After a send, ``mailqueue_id`` holds the queued message's id.
+    ``send_at`` (an aware datetime), ``idempotency_key``, ``metadata``,
+    ``list_id`` and ``unsubscribe`` (docs/bulk-senders.md). After a send,
+    ``mailqueue_id`` holds the queued message's id.
     """
 
     def __init__(
@@ -256,6 +257,8 @@ class Message:
         send_at: dt.datetime | None = None,
         idempotency_key: str | None = None,
         metadata: dict[str, Any] | None = None,
+        list_id: str | None = None,
+        unsubscribe: bool = False,
     ) -> None:
         state = _current_state()
         if not sender and state is not None:
@@ -282,6 +285,8 @@ class Message:
         self.send_at = send_at
         self.idempotency_key = idempotency_key
         self.metadata = metadata
+        self.list_id = list_id
+        self.unsubscribe = unsubscribe
         self.mailqueue_id: str | None = None
 
     @property
@@ -729,6 +734,8 @@ class MailQueue:
                 send_at=message.send_at,
                 idempotency_key=message.idempotency_key,
                 metadata=message.metadata,
+                list_id=message.list_id,
+                unsubscribe=message.unsubscribe,
             )
         message.mailqueue_id = mid
         email_dispatched.send(self._app(), message=message)

@@ -65,6 +65,8 @@ ENQUEUE_FIELDS = (
     "send_at",
     "idempotency_key",
     "metadata",
+    "list_id",
+    "unsubscribe",
 )
 _ATTACHMENT_FIELDS = ("filename", "content_base64", "content_type")
 
@@ -207,6 +209,15 @@ def _optional_str(body: dict[str, Any], name: str) -> str | None:
     value = body.get(name)
     if value is not None and not isinstance(value, str):
         raise InvalidMessageError(f"must be a string, not {_json_type(value)}", field=name)
+    return value
+
+
+def _optional_bool(body: dict[str, Any], name: str) -> bool:
+    value = body.get(name)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise InvalidMessageError(f"must be true or false, not {_json_type(value)}", field=name)
     return value
 
 
@@ -417,4 +428,6 @@ def enqueue_args(body: Any, *, lifetime_s: float) -> dict[str, Any]:
         "send_at": _send_at(body, lifetime_s),
         "idempotency_key": key,
         "metadata": _metadata(body),
+        "list_id": _optional_str(body, "list_id"),
+        "unsubscribe": _optional_bool(body, "unsubscribe"),
     }
