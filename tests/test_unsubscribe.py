@@ -491,3 +491,39 @@ def test_django_takes_list_id_and_unsubscribe_headers_and_does_not_send_them(
             "bad", "x", "news@example.com", ["a@example.org"],
             headers={"X-Mailqueue-Unsubscribe": "maybe"},
         ).send()  # fmt: skip
+
+
+def test_each_acceptance_is_recorded_before_the_next_copy_goes_out(stack, smtp_server):
+    """Invariant 2 with one transaction per recipient: a copy the relay accepted is
+    ``sent`` in SQL while the attempt is still busy with the next copy, so a worker
+    that dies then does not send it again."""
+    import threading
+
+    settings = with_unsubscribe(stack, relay_pool_size=1)
+    mid = mailqueue.enqueue(news(cc=[], bcc=[]), list_id=LIST, unsubscribe=True)
+    smtp_server.faults.reply_delay_s = 0.3  # time to make bob's copy hang in DATA
+    worker = threading.Thread(target=deliver, args=(settings, stack.store, [mid]))
+    worker.start()
+    try:
+        wait_until(lambda: smtp_server.messages, timeout=30, what="the first copy")
+        smtp_server.faults.hang_in_data = 1
+        (first,) = smtp_server.messages
+        (accepted,) = first.rcpt_tos
+        waiting = {"ann@example.org", "bob@example.org"} - {accepted}
+
+        def recorded() -> bool:
+            info = mailqueue.get_status(mid)
+            by_address = {r.address: r.status for r in info.recipients}
+            return info.status == "sending" and by_address[accepted] == "sent"
+
+        wait_until(recorded, timeout=30, what="the first acceptance in SQL mid-attempt")
+        assert {r.address: r.status for r in mailqueue.get_status(mid).recipients}[
+            waiting.pop()
+        ] == "pending"
+    finally:
+        smtp_server.stop()  # hangs up on the copy that waits in DATA
+        worker.join(60)
+    info = mailqueue.get_status(mid)
+    assert {r.address: r.status for r in info.recipients}[accepted] == "sent"
+    assert info.status == "deferred"
+    assert [a.status for a in mailqueue.get_attempts(mid) if a.address == accepted] == ["sent"]

@@ -23,8 +23,8 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field, replace
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential
 
@@ -59,9 +59,13 @@ def plan_outcome(
     *,
     settings: Settings,
     now: dt.datetime,
+    recorded: Collection[str] = (),
 ) -> MessageOutcome:
-    """Turn one attempt's replies into rows: when to retry, or give up (expired)."""
-    by_address = {r.address: r for r in result.recipients}
+    """Turn one attempt's replies into rows: when to retry, or give up (expired).
+
+    ``recorded``: addresses whose acceptance this attempt already wrote (see
+    ``Deliverer._deliver_each``); they are left out of the outcome."""
+    by_address = {r.address: r for r in result.recipients if r.address not in recorded}
     next_at: dt.datetime | None = None
     deferred = any(r.status == RecipientStatus.DEFERRED for r in result.recipients)
     expired = False
@@ -263,6 +267,7 @@ class Deliverer:
 
     async def _deliver_one(self, message: ClaimedMessage) -> MessageOutcome | None:
         now = utcnow()
+        early: list[RecipientOutcome] = []  # acceptances recorded as they came
         open_recipients = message.open_recipients
         addresses = [r.address for r in open_recipients]
         if not open_recipients:
@@ -292,7 +297,7 @@ class Deliverer:
                             self.store.load_content, message.id, message.size
                         )
                     if message.unsubscribe:
-                        result = await self._deliver_each(message, pool, addresses, content)
+                        result, early = await self._deliver_each(message, pool, addresses, content)
                     else:
                         if message.list_id is not None:
                             content = with_list_id(content, message.list_id)
@@ -308,9 +313,15 @@ class Deliverer:
                 if paused_until is not None:
                     self._paused.pop(pool.relay.name, None)
                     await asyncio.to_thread(resume_relay, self.store.engine, pool.relay.name)
-        outcome = plan_outcome(message, result, settings=self.settings, now=utcnow())
+        ids = {r.recipient_id for r in early}
+        recorded = {r.address for r in message.recipients if r.id in ids}
+        outcome = plan_outcome(
+            message, result, settings=self.settings, now=utcnow(), recorded=recorded
+        )
         await self._recorder.record(outcome)
-        _metrics.observe_attempt(message, result, outcome)
+        _metrics.observe_attempt(
+            message, result, replace(outcome, recipients=(*early, *outcome.recipients))
+        )
         log_attempt(message, outcome)
         if self.settings.on_terminal:  # MAILQUEUE_ON_TERMINAL (see hooks.py)
             await notify_if_terminal(self.settings.on_terminal, self.store, message.id)
@@ -345,17 +356,23 @@ class Deliverer:
         pool: Pool,
         addresses: Sequence[str],
         content: bytes | bytearray,
-    ) -> TransactionResult:
-        """One transaction per recipient, each copy with its own List-Unsubscribe.
+    ) -> tuple[TransactionResult, list[RecipientOutcome]]:
+        """One transaction per recipient, each copy with its own List-Unsubscribe;
+        the merged result, and the acceptances already recorded.
 
-        The copies go out concurrently (the pool bounds the connections) and
-        their outcomes are recorded together, as one transaction's would be.
-        An auth or TLS failure defers only the copies it hit (the others may
-        have been accepted and must be recorded) and pauses the relay.
+        The copies go out concurrently (the pool bounds the connections). Each
+        acceptance is recorded as soon as its DATA reply arrives (an early,
+        non-final outcome sharing the recorder's group commit), before that
+        copy's connection slot goes to the next copy: a crash later in the
+        attempt does not send it again (invariant 2). The rest are recorded
+        with the attempt's outcome. An auth or TLS failure defers only the
+        copies it hit (others may have been accepted) and pauses the relay.
         """
+        early: list[RecipientOutcome] = []
         base = unsubscribe_base(self.settings, self._unsubscribe_signer, message, content)
         if isinstance(base, SMTPError):
-            return failed_everyone(addresses, "failed", base)
+            return failed_everyone(addresses, "failed", base), early
+        ids = {r.address: r.id for r in message.open_recipients}
         signer = self._unsubscribe_signer
         assert signer is not None
         broken: list[AuthError | TLSError] = []
@@ -368,15 +385,28 @@ class Deliverer:
                 if isinstance(copy, SMTPError):
                     return failed_everyone([address], "failed", copy)
                 try:
-                    return await self._sign_and_send(message, pool, [address], copy)
+                    result = await self._sign_and_send(message, pool, [address], copy)
                 except (AuthError, TLSError) as exc:
                     broken.append(exc)
                     return failed_everyone([address], "deferred", exc)
+                sent = tuple(
+                    RecipientOutcome(
+                        ids[r.address], r.status, r.code, r.enhanced_code, r.reply, None
+                    )
+                    for r in result.recipients
+                    if r.status == RecipientStatus.SENT
+                )
+                if sent:
+                    accepted = MessageOutcome(message.id, None, recipients=sent, final=False)
+                    await self._recorder.record(accepted)
+                    early.extend(sent)
+                    log_attempt(message, accepted)
+                return result
 
         results = await asyncio.gather(*(one(a) for a in addresses))
         if broken:
             await self._pause(pool.relay, broken[0])
-        return merge_results(results)
+        return merge_results(results), early
 
     async def _sign(
         self, message: ClaimedMessage, content: bytes | bytearray, relay: RelayConfig
