@@ -50,6 +50,7 @@ from .store.suppression import (
     LIST_SCOPE,
     NewSuppression,
     SuppressionInfo,
+    address_key,
     scopes_for,
     sender_domain_scope,
 )
@@ -88,6 +89,7 @@ __all__ = [
     "SuppressionInfo",
     "check_list_id",
     "suppression_counts",
+    "suppression_key",
     "TAG_KEY",
     "Unsubscribe",
     "cancel_relay",
@@ -669,8 +671,10 @@ def list_messages(
 
 
 def stats() -> dict[str, dict[str, int]]:
-    """Counts per message status and per recipient status."""
-    return _admin.stats(_store().engine)
+    """Counts per message status and per recipient status, and suppression list
+    entries per reason (``suppressions``)."""
+    store = _store()
+    return {**_admin.stats(store.engine), "suppressions": store.count_suppressions()}
 
 
 def retry(message_id: str) -> int:
@@ -1105,6 +1109,13 @@ def is_suppressed(address: str, *, sender: str | None = None, list_id: str | Non
     mail_from = _suppression_address(sender, field="sender") if sender is not None else ""
     scopes = scopes_for(mail_from, check_list_id(list_id))
     return store.find_suppression(key, scopes) is not None
+
+
+def suppression_key(address: str) -> str:
+    """What ``address`` is compared by on the suppression list (no validation)."""
+    return address_key(
+        address.strip(), fold_local=get_settings().suppression_local_case_insensitive
+    )
 
 
 def suppression_counts() -> dict[str, int]:

@@ -291,3 +291,132 @@ def test_cli_add_list_remove_import_export_round_trip(sqlite_stack, tmp_path):
     assert api.is_suppressed("Ann@example.com")
     assert api.is_suppressed("user11999@example.org", list_id="news.example.org")
     assert not api.is_suppressed("user11999@example.org")  # list-scoped only
+
+
+def test_json_api_adds_lists_and_removes_entries_behind_the_token(stack, smtp_server):
+    from starlette.testclient import TestClient
+
+    from mailqueue.web.app import create_app
+
+    auth = {"Authorization": "Bearer t0ken-for-suppression-tests"}
+    with TestClient(create_app(token="t0ken-for-suppression-tests")) as client:
+        assert client.get("/api/v1/suppressions").status_code == 401
+        entry = {"address": "x@example.com", "reason": "complained"}
+        assert client.post("/api/v1/suppressions", json=entry).status_code == 401
+        assert client.delete("/api/v1/suppressions?address=x@example.com").status_code == 401
+
+        made = client.post("/api/v1/suppressions", json=entry, headers=auth)
+        assert made.status_code == 201
+        assert (made.json()["reason"], made.json()["scope"]) == ("complained", "")
+        scoped = {"address": "x@example.com", "scope": "list:news.example.org", "note": "n"}
+        assert client.post("/api/v1/suppressions", json=scoped, headers=auth).status_code == 201
+        bad = client.post(
+            "/api/v1/suppressions", json={"address": "x@example.com", "reason": "x"}, headers=auth
+        )
+        assert (bad.status_code, bad.json()["field"]) == (400, "reason")
+        extra = client.post("/api/v1/suppressions", json={**entry, "why": 1}, headers=auth)
+        assert (extra.status_code, extra.json()["field"]) == (400, "body")
+
+        page = client.get("/api/v1/suppressions?limit=1", headers=auth).json()
+        assert [e["scope"] for e in page["suppressions"]] == ["list:news.example.org"]
+        rest = client.get(f"/api/v1/suppressions?before={page['next_before']}", headers=auth).json()
+        assert [e["scope"] for e in rest["suppressions"]] == [""]
+        assert rest["next_before"] is None
+        stats = client.get("/api/v1/stats", headers=auth).json()
+        assert stats["suppressions"]["complained"] == 1
+
+        mid = client.post(
+            "/api/v1/messages",
+            json={
+                "sender": "a@example.org",
+                "to": "x@example.com",
+                "text": "t",
+                "list_id": "news.example.org",
+            },
+            headers=auth,
+        ).json()["id"]
+        deliver(stack, [mid])
+        assert mailqueue.get_status(mid).status == "suppressed"
+        assert smtp_server.received_for("x@example.com") == []
+
+        gone = client.delete("/api/v1/suppressions?address=x@example.com", headers=auth)
+        assert (gone.status_code, gone.json()) == (200, {"removed": True})
+        again = client.delete("/api/v1/suppressions?address=x@example.com", headers=auth)
+        assert again.status_code == 404
+        assert [e.scope for e in api.suppressions()] == ["list:news.example.org"]
+
+
+def test_status_page_counts_and_edits_the_list_behind_login_and_csrf(stack, smtp_server):
+    import re
+
+    from starlette.testclient import TestClient
+
+    from mailqueue.web.app import create_app
+
+    api.suppress("old@example.com", reason="bounced")
+    mid = mailqueue.enqueue(Message(sender="a@example.org", to="old@example.com", text="t"))
+    deliver(stack, [mid])
+    with TestClient(create_app(token="page-token-for-suppression")) as client:
+        assert client.get("/suppressions", follow_redirects=False).status_code == 303
+        login = client.get("/login")
+        csrf = re.search(r'name="csrf" value="([^"]+)"', login.text).group(1)
+        client.post("/login", data={"token": "page-token-for-suppression", "csrf": csrf})
+
+        index = client.get("/")
+        card = re.search(r'data-status="suppressed"><div class="n">(\d+)', index.text)
+        assert card is not None and card.group(1) == "1"  # the message card comes first
+        assert "Suppression list</a>: 1 entries · bounced 1" in index.text
+
+        page = client.get("/suppressions")
+        assert "old@example.com" in page.text
+        csrf = re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)
+        forged = client.post("/suppressions/add", data={"csrf": "x", "address": "n@example.com"})
+        assert forged.status_code == 403 and not api.is_suppressed("n@example.com")
+        added = client.post(
+            "/suppressions/add",
+            data={"csrf": csrf, "address": "n@example.com", "reason": "complained", "scope": ""},
+        )
+        assert added.status_code == 200 and "Added to the suppression list" in added.text
+        assert api.is_suppressed("n@example.com")
+        bad = client.post("/suppressions/add", data={"csrf": csrf, "address": "nope"})
+        assert bad.status_code == 400
+        removed = client.post(
+            "/suppressions/remove", data={"csrf": csrf, "address": "old@example.com", "scope": ""}
+        )
+        assert "Removed from the suppression list" in removed.text
+        assert [e.address for e in api.suppressions()] == ["n@example.com"]
+
+
+def test_metrics_count_suppressed_recipients_once_and_the_list_per_reason(stack, smtp_server):
+    from prometheus_client import REGISTRY
+
+    from mailqueue import metrics
+
+    def sample(name: str, **labels: str) -> float:
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    metrics.get()
+    rcpt = ("mailqueue_recipients_total", {"relay": "default", "outcome": "suppressed"})
+    msgs = ("mailqueue_messages_total", {"relay": "default", "outcome": "suppressed"})
+    before = sample(rcpt[0], **rcpt[1]), sample(msgs[0], **msgs[1])
+
+    smtp_server.defer = ["later@*"]
+    api.suppress("no@example.com", reason="complained")
+    mid = mailqueue.enqueue(
+        Message(sender="a@example.org", to=["no@example.com", "later@example.com"], text="t")
+    )
+    gone = mailqueue.enqueue(Message(sender="a@example.org", to="no@example.com", text="t"))
+    deliver(stack, [mid, gone])
+    assert statuses(mid) == {"no@example.com": "suppressed", "later@example.com": "deferred"}
+    smtp_server.defer = []
+    from .test_delivery import make_due
+
+    make_due(stack, [mid])
+    deliver(stack, [mid])  # the second attempt must not count the suppressed one again
+    assert mailqueue.get_status(mid).status == "partial"
+
+    assert sample(rcpt[0], **rcpt[1]) - before[0] == 2
+    assert sample(msgs[0], **msgs[1]) - before[1] == 1
+    metrics.observe_queue(stack.engine)
+    assert sample("mailqueue_suppressions", reason="complained") == 1
+    assert sample("mailqueue_suppressions", reason="bounced") == 0

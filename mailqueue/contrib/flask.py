@@ -75,7 +75,16 @@ from typing import Any
 
 import blinker
 
-from ..api import MessageInfo, enqueue, get_status, get_status_by_key
+from ..api import (
+    MessageInfo,
+    SuppressionInfo,
+    enqueue,
+    get_status,
+    get_status_by_key,
+    is_suppressed,
+    suppress,
+    unsuppress,
+)
 from ..config import compare_databases, hide_password
 from ..errors import ConfigError, HeaderInjectionError, InvalidMessageError
 from ..message import Attachment as _Attachment
@@ -231,8 +240,9 @@ class Message:
 
     mailqueue's per-message options are keyword arguments too: ``relay``,
     ``send_at`` (an aware datetime), ``idempotency_key``, ``metadata``,
-    ``list_id`` and ``unsubscribe`` (docs/bulk-senders.md). After a send,
-    ``mailqueue_id`` holds the queued message's id.
+    ``list_id`` (the mailing list, for ``list:`` suppressions) and
+    ``unsubscribe`` (docs/bulk-senders.md). After a send, ``mailqueue_id``
+    holds the queued message's id.
     """
 
     def __init__(
@@ -771,6 +781,31 @@ class MailQueue:
 
     def get_status_by_key(self, idempotency_key: str) -> MessageInfo:
         return get_status_by_key(idempotency_key)
+
+    def suppress(
+        self,
+        address: str,
+        *,
+        reason: str = "manual",
+        scope: str | None = None,
+        note: str | None = None,
+    ) -> SuppressionInfo:
+        """Put ``address`` on the suppression list (``mailqueue.api.suppress``): queued
+        and future mail to it ends ``suppressed``, never sent. E.g. in an unsubscribe
+        view: ``mail.suppress(addr, reason="unsubscribed", scope="list:news.example.com")``."""
+        apply_config(self._config)
+        return suppress(address, reason=reason, scope=scope, note=note)
+
+    def unsuppress(self, address: str, *, scope: str | None = None) -> bool:
+        """Take ``address`` off the list (``mailqueue.api.unsuppress``)."""
+        apply_config(self._config)
+        return unsuppress(address, scope=scope)
+
+    def is_suppressed(
+        self, address: str, *, sender: str | None = None, list_id: str | None = None
+    ) -> bool:
+        apply_config(self._config)
+        return is_suppressed(address, sender=sender, list_id=list_id)
 
     @contextmanager
     def record_messages(self) -> Iterator[list[Message]]:

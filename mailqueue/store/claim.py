@@ -74,6 +74,8 @@ class ClaimedMessage:
     list_id: str | None = None
     unsubscribe: bool = False
     """Each recipient gets its own List-Unsubscribe header: one transaction each."""
+    suppressed: int = 0
+    """Recipients this claim found on the suppression list (now ``suppressed``)."""
 
     @property
     def open_recipients(self) -> list[ClaimedRecipient]:
@@ -162,7 +164,7 @@ class ClaimStatements:
                 .order_by(R.c.id)
             ):
                 by_message[mid].append(ClaimedRecipient(rid, address, status))
-            self._suppress(conn, rows, by_message, owner=owner, now=now)
+            newly = self._suppress(conn, rows, by_message, owner=owner, now=now)
         return [
             ClaimedMessage(
                 id=row.id,
@@ -177,6 +179,7 @@ class ClaimStatements:
                 recipients=tuple(by_message[row.id]),
                 list_id=row.list_id,
                 unsubscribe=bool(row.unsubscribe),
+                suppressed=newly.get(row.id, 0),
             )
             for row in rows
         ]
@@ -189,12 +192,13 @@ class ClaimStatements:
         *,
         owner: str,
         now: dt.datetime,
-    ) -> None:
+    ) -> dict[uuid.UUID, int]:
         """Mark the claimed batch's open recipients that the suppression list names
         ``suppressed`` (with a history row saying which entry), in ``by_message`` too.
 
         One indexed query for the whole batch; the recipients' keys are computed
         here, not stored, so an entry added at any time is seen at the next claim.
+        Returns how many were suppressed per message.
         """
         fold = self.fold_local_case
         keyed = [
@@ -205,7 +209,7 @@ class ClaimStatements:
         ]
         found = suppressed_in(conn, (k for _, _, k in keyed), is_postgres=self.is_postgres)
         if not found:
-            return
+            return {}
         hits: list[tuple[uuid.UUID, int, str]] = []
         scopes: dict[uuid.UUID, frozenset[str]] = {}
         for row, rcpt, key in keyed:
@@ -218,7 +222,7 @@ class ClaimStatements:
             if match is not None:
                 hits.append((row.id, rcpt.id, describe(match[1], match[0])))
         if not hits:
-            return
+            return {}
         suppressed = RecipientStatus.SUPPRESSED
         conn.execute(
             update(R)
@@ -248,11 +252,15 @@ class ClaimStatements:
             ],
         )
         done = {rid for _, rid, _ in hits}
-        for mid in {mid for mid, _, _ in hits}:
+        newly: dict[uuid.UUID, int] = {}
+        for mid, _, _ in hits:
+            newly[mid] = newly.get(mid, 0) + 1
+        for mid in newly:
             by_message[mid] = [
                 ClaimedRecipient(r.id, r.address, suppressed) if r.id in done else r
                 for r in by_message[mid]
             ]
+        return newly
 
     def load_content(self, message_id: uuid.UUID, size: int) -> bytearray:
         """A claimed message's content, read ``CONTENT_SLICE`` bytes at a time.

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import idna
-from sqlalchemy import ARRAY, Connection, Engine, String, bindparam, delete, select, text
+from sqlalchemy import ARRAY, Connection, Engine, String, bindparam, delete, func, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 
 from ..statuses import SuppressionReason
@@ -33,6 +33,7 @@ __all__ = [
     "SuppressionInfo",
     "SuppressionStatements",
     "address_key",
+    "count_by_reason",
     "scopes_for",
     "sender_domain_scope",
 ]
@@ -160,6 +161,16 @@ def first_match(
     return hits[0] if hits else None
 
 
+def count_by_reason(engine: Engine) -> dict[str, int]:
+    """Entries per reason, every reason present (zeros included): for stats and metrics."""
+    with engine.connect() as conn:
+        counts: dict[str, int] = {
+            reason: n
+            for reason, n in conn.execute(select(S.c.reason, func.count()).group_by(S.c.reason))
+        }
+    return {r: int(counts.get(r, 0)) for r in SuppressionReason.ALL}
+
+
 class SuppressionStatements:
     """``Store``'s suppression list statements (see ``queue.Store``)."""
 
@@ -259,15 +270,7 @@ class SuppressionStatements:
             last = page[-1].id
 
     def count_suppressions(self) -> dict[str, int]:
-        """Entries per reason (every reason present, zeros included)."""
-        from sqlalchemy import func
-
-        with self.engine.connect() as conn:
-            counts: dict[str, int] = {
-                reason: n
-                for reason, n in conn.execute(select(S.c.reason, func.count()).group_by(S.c.reason))
-            }
-        return {r: int(counts.get(r, 0)) for r in SuppressionReason.ALL}
+        return count_by_reason(self.engine)
 
     def find_suppression(self, key: str, scopes: frozenset[str]) -> SuppressionInfo | None:
         """The entry that would stop ``key`` in a message with these ``scopes``."""
