@@ -527,3 +527,18 @@ def test_each_acceptance_is_recorded_before_the_next_copy_goes_out(stack, smtp_s
     assert {r.address: r.status for r in info.recipients}[accepted] == "sent"
     assert info.status == "deferred"
     assert [a.status for a in mailqueue.get_attempts(mid) if a.address == accepted] == ["sent"]
+
+
+def test_worker_and_web_warn_at_start_when_the_url_has_no_secret():
+    from mailqueue.logging_setup import startup_lines
+
+    half = settings_from_env({"MAILQUEUE_UNSUBSCRIBE_URL": URL})
+    worker = [text for level, text in startup_lines("worker", half, {}) if level >= 30]
+    web = [text for level, text in startup_lines("web", half, {}) if level >= 30]
+    assert any("unsubscribe=True fail" in t for t in worker)
+    assert any("answer 503" in t for t in web)
+    whole = settings_from_env(unsubscribe_env())
+    assert not [t for level, t in startup_lines("worker", whole, {}) if level >= 30]
+    served = [t for _, t in startup_lines("web", whole, {})]
+    assert any("https://mail.example.com/u/… are served without login" in t for t in served)
+    assert not any(SECRET in t for t in served)
