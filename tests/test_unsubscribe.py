@@ -542,3 +542,11 @@ def test_worker_and_web_warn_at_start_when_the_url_has_no_secret():
     served = [t for _, t in startup_lines("web", whole, {})]
     assert any("https://mail.example.com/u/… are served without login" in t for t in served)
     assert not any(SECRET in t for t in served)
+
+
+def test_a_signed_token_for_an_address_the_list_cannot_hold_is_a_plain_400(sqlite_stack, web):
+    with_unsubscribe(sqlite_stack)
+    token = Signer([SECRET]).token("postmaster", LIST, None)  # a bare name a relay may take
+    answer = web.post(f"/u/{token}")
+    assert answer.status_code == 400
+    assert "cannot be unsubscribed here" in answer.text

@@ -30,7 +30,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from .. import api
-from ..errors import ConfigError, UnsubscribeTokenError
+from ..errors import ConfigError, InvalidMessageError, UnsubscribeTokenError
 from ..unsubscribe import PATH_PREFIX
 from .base import client, web_of
 from .payload import FORM_MAX_BODY, BodyTooLarge, read_body
@@ -77,6 +77,14 @@ async def unsubscribe(request: Request) -> Response:
         return answer(400, "Invalid link", str(exc))
     except BodyTooLarge as exc:
         return answer(413, "Too large", str(exc))
+    except InvalidMessageError:
+        # A token we signed for an address the suppression list cannot hold (one the
+        # relay took but mailqueue's address rules refuse, e.g. a bare local name).
+        return answer(
+            400,
+            "Cannot unsubscribe",
+            "this address cannot be unsubscribed here; please reply to the sender",
+        )
     except ConfigError:
         return answer(
             503,

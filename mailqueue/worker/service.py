@@ -231,6 +231,16 @@ class Deliverer:
         # worker starts too, so that a bad key is exit 2, not a crashing child).
         self._dkim: DkimSigner | None = load_signer(settings)
         self._unsubscribe_signer: Signer | None = Signer.from_settings(settings)
+        self._copies: dict[str, asyncio.Semaphore] = {}  # relay name -> copy slots
+
+    def _copy_slots(self, pool: Pool) -> asyncio.Semaphore:
+        """Per-recipient copies in flight through ``pool``, all messages together: no
+        more than its connections, so a batch of list mail holds a few copies, not one
+        per recipient of every message."""
+        slots = self._copies.get(pool.relay.name)
+        if slots is None:
+            slots = self._copies[pool.relay.name] = asyncio.Semaphore(max(1, pool.relay.pool_size))
+        return slots
 
     def pool_for(self, relay_name: str) -> Pool:
         """The pool of the named relay (KeyError when no such relay is configured)."""
@@ -360,7 +370,8 @@ class Deliverer:
         """One transaction per recipient, each copy with its own List-Unsubscribe;
         the merged result, and the acceptances already recorded.
 
-        The copies go out concurrently (the pool bounds the connections). Each
+        The copies go out concurrently, at most the relay's pool size of them
+        being made and sent at once across all messages (``_copy_slots``). Each
         acceptance is recorded as soon as its DATA reply arrives (an early,
         non-final outcome sharing the recorder's group commit), before that
         copy's connection slot goes to the next copy: a crash later in the
@@ -376,8 +387,7 @@ class Deliverer:
         signer = self._unsubscribe_signer
         assert signer is not None
         broken: list[AuthError | TLSError] = []
-        # Copies are made when a connection may be near: at most pool_size at once.
-        room = asyncio.Semaphore(max(1, pool.relay.pool_size))
+        room = self._copy_slots(pool)
 
         async def one(address: str) -> TransactionResult:
             async with room:
