@@ -550,3 +550,18 @@ def test_a_signed_token_for_an_address_the_list_cannot_hold_is_a_plain_400(sqlit
     answer = web.post(f"/u/{token}")
     assert answer.status_code == 400
     assert "cannot be unsubscribed here" in answer.text
+
+
+def test_the_pages_carry_the_security_headers_and_need_nothing_the_csp_forbids(sqlite_stack, web):
+    from mailqueue.web.security import CONTENT_SECURITY_POLICY
+
+    with_unsubscribe(sqlite_stack)
+    token = Signer([SECRET]).token("ann@example.org", LIST, None)
+    answers = [web.get(f"/u/{token}"), web.post(f"/u/{token}"), web.get("/u/1.bad.token")]
+    for answer in answers:
+        assert answer.headers["content-security-policy"] == CONTENT_SECURITY_POLICY
+        assert answer.headers["x-frame-options"] == "DENY"
+        assert answer.headers["x-content-type-options"] == "nosniff"
+        assert answer.headers["referrer-policy"] == "no-referrer"  # the URL holds the token
+        assert "<script" not in answer.text and "style=" not in answer.text
+        assert "<style" not in answer.text
