@@ -1159,7 +1159,13 @@ def devserver(
     is_flag=True,
     help="Allow access without a token; only when bound to 127.0.0.1/::1/localhost.",
 )
-def web(host: str, port: int, token: str | None, no_auth: bool) -> None:
+@click.option(
+    "--unsubscribe-only",
+    is_flag=True,
+    help="Serve only the one-click unsubscribe links (/u/…), no page or API: the "
+    "process to expose to the internet (needs MAILQUEUE_UNSUBSCRIBE_SECRET, no token).",
+)
+def web(host: str, port: int, token: str | None, no_auth: bool, unsubscribe_only: bool) -> None:
     """Serve the status page and the JSON API (needs the 'web' extra)."""
     try:
         import uvicorn
@@ -1169,7 +1175,16 @@ def web(host: str, port: int, token: str | None, no_auth: bool) -> None:
         raise click.UsageError(
             f"the web page needs the 'web' extra: pip install 'mailqueue[web]' ({exc})"
         ) from None
-    if not token:
+    if unsubscribe_only:
+        if no_auth:
+            raise click.UsageError("--unsubscribe-only needs no --no-auth-on-loopback")
+        if not get_settings().unsubscribe_secret:
+            raise click.UsageError(
+                "--unsubscribe-only serves links signed with MAILQUEUE_UNSUBSCRIBE_SECRET: "
+                "set it (the same as the workers')"
+            )
+        token = None
+    elif not token:
         if not no_auth:
             raise click.UsageError(
                 "give --token (or MAILQUEUE_WEB_TOKEN), or --no-auth-on-loopback to run "
@@ -1184,8 +1199,11 @@ def web(host: str, port: int, token: str | None, no_auth: bool) -> None:
     log_startup("web", get_settings())
     _port_free(host, port, "--port")
     _ensure_schema()
-    app = create_app(token=token or None, allow_anonymous=no_auth)
-    click.echo(f"mailqueue web on http://{host}:{port}/ ({'token' if token else 'no auth'})")
+    app = create_app(
+        token=token or None, allow_anonymous=no_auth, unsubscribe_only=unsubscribe_only
+    )
+    what = "unsubscribe links only" if unsubscribe_only else "token" if token else "no auth"
+    click.echo(f"mailqueue web on http://{host}:{port}/ ({what})")
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
 
 

@@ -565,3 +565,28 @@ def test_the_pages_carry_the_security_headers_and_need_nothing_the_csp_forbids(s
         assert answer.headers["referrer-policy"] == "no-referrer"  # the URL holds the token
         assert "<script" not in answer.text and "style=" not in answer.text
         assert "<style" not in answer.text
+
+
+def test_an_unsubscribe_only_app_serves_the_links_and_nothing_else(sqlite_stack, smtp_server):
+    with_unsubscribe(sqlite_stack)
+    link = delivered_link(sqlite_stack, smtp_server)
+    with TestClient(create_app(token=None, unsubscribe_only=True), base_url=URL) as public:
+        assert public.get(link).status_code == 200
+        assert public.post(link).status_code == 200
+        assert public.get("/static/mailqueue.css").status_code == 200
+        for path in ("/", "/login", "/api/v1/stats", "/api/v1/messages", "/suppressions"):
+            assert public.get(path).status_code == 404, path
+        assert public.post("/api/v1/messages", json={}).status_code == 404
+    assert next_status(sqlite_stack, "ann@example.org") == "suppressed"
+
+
+def test_mailqueue_web_unsubscribe_only_needs_the_secret_and_no_token(sqlite_stack):
+    from click.testing import CliRunner
+
+    from mailqueue.cli import cli
+
+    refused = CliRunner().invoke(cli, ["web", "--unsubscribe-only", "--port", "0"])
+    assert refused.exit_code == 2 and "MAILQUEUE_UNSUBSCRIBE_SECRET" in refused.output
+    with_unsubscribe(sqlite_stack)
+    both = CliRunner().invoke(cli, ["web", "--unsubscribe-only", "--no-auth-on-loopback"])
+    assert both.exit_code == 2 and "--unsubscribe-only" in both.output

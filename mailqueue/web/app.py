@@ -60,12 +60,19 @@ def create_app(
     token: str | None,
     allow_anonymous: bool = False,
     clock: Callable[[], float] = time.monotonic,
+    unsubscribe_only: bool = False,
 ) -> Starlette:
     """The ASGI app; ``token=None`` requires ``allow_anonymous`` (loopback only).
 
     ``clock`` (seconds, monotonic) times sessions and the failed-attempt
     window; tests pass their own to move time without sleeping.
+    ``unsubscribe_only``: only ``/u/<token>`` and the stylesheet, for the
+    process exposed to the internet; no page, no API, no token.
     """
+    if unsubscribe_only:
+        app = _App(routes=routes_unsubscribe.routes() + routes_page.public_routes())
+        app.state.web = Web(token=None, clock=clock)
+        return app
     if not token and not allow_anonymous:
         raise ValueError("a token is required unless anonymous loopback access is allowed")
     middleware = []
