@@ -28,5 +28,6 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("mq_message") as batch:
-        batch.drop_column("unsubscribe")
+    # Plain DROP COLUMN (SQLite 3.35+): a batch would rebuild mq_message and lose the
+    # expression index of migration 0003.
+    op.drop_column("mq_message", "unsubscribe")
