@@ -23,7 +23,15 @@ from sqlalchemy import event
 from sqlalchemy.exc import IntegrityError
 
 from .config import Settings, get_settings, hide_password, url_passwords
-from .errors import AuthError, InvalidMessageError, NotFoundError, TLSError, UnknownAuthError
+from .errors import (
+    AuthError,
+    ConfigError,
+    InvalidMessageError,
+    NotFoundError,
+    TLSError,
+    UnknownAuthError,
+    UnsubscribeTokenError,
+)
 from .headers import CONTROL
 from .message import Envelope, Message, build_envelope, validate_address
 from .priority import NORMAL, priority_value
@@ -47,7 +55,9 @@ from .store.suppression import (
     scopes_for,
     sender_domain_scope,
 )
+from .unsubscribe import Signer, Unsubscribe, has_header
 from .worker.app import dispatch, dispatch_committed
+from .worker.hooks import resolve_callable
 
 __all__ = [
     "enqueue",
@@ -82,6 +92,7 @@ __all__ = [
     "suppression_counts",
     "suppression_key",
     "TAG_KEY",
+    "Unsubscribe",
     "cancel_relay",
     "find_by_idempotency_key",
     "find_by_metadata",
@@ -91,12 +102,14 @@ __all__ = [
     "ping",
     "prepare",
     "purge",
+    "read_unsubscribe",
     "probe_relay",
     "queue_depth",
     "resolve_id",
     "retry_failed_since",
     "search",
     "series",
+    "unsubscribe",
     "utcnow",
     "wake",
     "without_secrets",
@@ -208,6 +221,29 @@ _Path: TypeAlias = tuple[str, "_Path"] | None
 """Where a metadata value sits: (its key or index, the parent's path)."""
 
 
+def _check_unsubscribe(unsubscribe: object, settings: Settings) -> None:
+    if not isinstance(unsubscribe, bool):
+        raise InvalidMessageError(
+            f"must be True or False, not {_type_name(unsubscribe)}", field="unsubscribe"
+        )
+    if unsubscribe and not settings.unsubscribe_url:
+        raise InvalidMessageError(
+            "unsubscribe=True needs MAILQUEUE_UNSUBSCRIBE_URL, the public https:// address "
+            "of mailqueue web (docs/bulk-senders.md), here and where the workers run",
+            field="unsubscribe",
+        )
+
+
+def _check_no_own_unsubscribe(data: bytes) -> None:
+    for name in (b"list-unsubscribe", b"list-unsubscribe-post"):
+        if has_header(data, name):
+            raise InvalidMessageError(
+                "the message has its own List-Unsubscribe header and asks for unsubscribe=True, "
+                "which writes one per recipient: drop one of them",
+                field="unsubscribe",
+            )
+
+
 def _check_metadata(metadata: object) -> None:
     """JSON that reads back as it was given, within the depth and size limits.
 
@@ -314,6 +350,7 @@ def prepare(
     now: dt.datetime,
     list_id: str | None = None,
     priority: str | None = None,
+    unsubscribe: bool = False,
 ) -> PreparedMessage:
     """Check and compose one message for writing; nothing is written.
 
@@ -328,7 +365,10 @@ def prepare(
     _check_idempotency_key(idempotency_key)
     _check_metadata(metadata)
     list_id = check_list_id(list_id)
+    _check_unsubscribe(unsubscribe, settings)
     envelope = _envelope(message, settings)
+    if unsubscribe:
+        _check_no_own_unsubscribe(envelope.data)
     try:
         relay = settings.relay_named(relay).name if relay else None
     except KeyError as exc:
@@ -350,6 +390,7 @@ def prepare(
         meta=metadata,
         list_id=list_id,
         priority=lane,
+        unsubscribe=unsubscribe,
     )
 
 
@@ -521,6 +562,7 @@ def enqueue(
     metadata: dict[str, Any] | None = None,
     list_id: str | None = None,
     priority: str | None = None,
+    unsubscribe: bool = False,
 ) -> str:
     """Store one message durably and queue it for delivery; returns its id.
 
@@ -541,7 +583,11 @@ def enqueue(
     it commits. An ``idempotency_key`` already used returns the first
     message's id instead of queueing a second copy. ``list_id`` (an RFC 2919
     list id, ``news.example.com``) names the mailing list it belongs to:
-    ``list:<id>`` suppressions apply to it.
+    ``list:<id>`` suppressions apply to it. ``unsubscribe=True`` gives each
+    recipient's copy a one-click ``List-Unsubscribe`` link (RFC 8058, see
+    ``unsubscribe.py``) and sends it one SMTP transaction per recipient; it
+    needs ``MAILQUEUE_UNSUBSCRIBE_URL`` and refuses a message that has its own
+    ``List-Unsubscribe`` header.
     """
     _check_idempotency_key(idempotency_key)
     priority_value(priority)  # refused before the key is looked up, like the other checks
@@ -558,6 +604,7 @@ def enqueue(
         now=utcnow(),
         list_id=list_id,
         priority=priority,
+        unsubscribe=unsubscribe,
     )
     try:
         return str(write_and_dispatch([prepared], session)[0])
@@ -580,6 +627,7 @@ def enqueue_many(
     progress: Callable[[int], None] | None = None,
     list_id: str | None = None,
     priority: str | None = None,
+    unsubscribe: bool = False,
 ) -> list[str]:
     """Store many messages, all in lane ``priority`` (as :func:`enqueue`); returns
     their ids in order.
@@ -589,13 +637,14 @@ def enqueue_many(
     naming its index, and nothing is written. Without ``session`` the rows are written in
     chunks of ``chunk_size`` messages, one transaction each, and each chunk
     is dispatched after its commit. ``progress(n)`` is called after each
-    chunk with the number written so far. ``list_id``: as for :func:`enqueue`,
-    for every message.
+    chunk with the number written so far. ``list_id`` and ``unsubscribe``: as
+    for :func:`enqueue`, for every message.
     """
     _check_relay(relay)
     _check_send_at(send_at)
     list_id = check_list_id(list_id)
     priority_value(priority)
+    _check_unsubscribe(unsubscribe, get_settings())
     if isinstance(messages, Message | str | bytes | dict) or not isinstance(messages, Iterable):
         raise InvalidMessageError(
             f"expected an iterable of mailqueue.Message, got {_type_name(messages)}",
@@ -617,6 +666,7 @@ def enqueue_many(
                     now=now,
                     list_id=list_id,
                     priority=priority,
+                    unsubscribe=unsubscribe,
                 )
             )
         except InvalidMessageError as exc:
@@ -1176,3 +1226,46 @@ def export_suppressions(out: Any) -> int:
 # The names the Django backend and older tests used before these were public.
 _prepare = prepare
 _write_and_dispatch = write_and_dispatch
+
+
+# -- one-click unsubscribe (RFC 8058; the token and headers: unsubscribe.py) --------------
+
+
+def read_unsubscribe(token: str) -> Unsubscribe:
+    """What an unsubscribe token says, without acting on it.
+
+    Raises :class:`UnsubscribeTokenError` when this mailqueue did not sign it,
+    and :class:`ConfigError` when ``MAILQUEUE_UNSUBSCRIBE_SECRET`` is unset.
+    """
+    signer = Signer.from_settings(get_settings())
+    if signer is None:
+        raise ConfigError(
+            "unsubscribe links need MAILQUEUE_UNSUBSCRIBE_SECRET here (mailqueue web), "
+            "the same as the workers'",
+            name="MAILQUEUE_UNSUBSCRIBE_SECRET",
+        )
+    found = signer.verify(token)
+    if found is None:
+        raise UnsubscribeTokenError(token[:12])
+    return found
+
+
+def unsubscribe(token: str) -> Unsubscribe:
+    """Act on a one-click unsubscribe: suppress its address (for its list, or
+    everywhere when the message had none), then call ``MAILQUEUE_ON_UNSUBSCRIBE``.
+
+    Idempotent: the same token again changes nothing and succeeds again (the
+    hook is called again, so the app may see it twice). A hook that fails is
+    logged; the suppression stands. Raises what :func:`read_unsubscribe` raises.
+    """
+    found = read_unsubscribe(token)
+    note = f"one-click unsubscribe (message {found.message_id})" if found.message_id else None
+    scope = f"list:{found.list_id}" if found.list_id else None
+    suppress(found.address, reason="unsubscribed", scope=scope, note=note)
+    hook = get_settings().on_unsubscribe
+    if hook:
+        try:
+            resolve_callable(hook, "MAILQUEUE_ON_UNSUBSCRIBE")(found)
+        except Exception:  # noqa: BLE001 - the suppression is recorded; the hook is advisory
+            log.exception("MAILQUEUE_ON_UNSUBSCRIBE callback %s failed", hook)
+    return found

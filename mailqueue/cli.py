@@ -353,6 +353,18 @@ def _send_at(value: str | None) -> dt.datetime | None:
     metavar="WHEN",
     help="Keep the message until then: ISO 8601 with a UTC offset (2026-05-01T09:00+02:00).",
 )
+@click.option(
+    "--list-id",
+    metavar="ID",
+    help="The mailing list it belongs to (RFC 2919, news.example.com): adds List-Id, "
+    "and list:<ID> suppressions apply.",
+)
+@click.option(
+    "--unsubscribe",
+    is_flag=True,
+    help="Give each recipient a one-click List-Unsubscribe link (RFC 8058; needs "
+    "MAILQUEUE_UNSUBSCRIBE_URL; one SMTP transaction per recipient).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def send(
     sender: str,
@@ -376,6 +388,8 @@ def send(
     relay: str | None,
     priority: str | None,
     send_at: str | None,
+    list_id: str | None,
+    unsubscribe: bool,
     as_json: bool,
 ) -> None:
     """Enqueue one message and print its id (or, with --now, send it and print the replies)."""
@@ -408,6 +422,8 @@ def send(
         raise click.UsageError("--now sends at once: drop --send-at")
     if now and priority is not None:
         raise click.UsageError("--now sends at once, without the queue's lanes: drop --priority")
+    if now and (list_id or unsubscribe):
+        raise click.UsageError("--now sends without the queue: drop --list-id/--unsubscribe")
     message = Message(
         sender=sender,
         to=list(to),
@@ -430,7 +446,14 @@ def send(
         _send_now(message, as_json, relay)
         return
     _ensure_schema()
-    message_id = api.enqueue(message, relay=relay, send_at=when, priority=priority)
+    message_id = api.enqueue(
+        message,
+        relay=relay,
+        send_at=when,
+        priority=priority,
+        list_id=list_id,
+        unsubscribe=unsubscribe,
+    )
     _echo_json({"id": message_id}) if as_json else click.echo(message_id)
 
 
@@ -1157,7 +1180,13 @@ def devserver(
     is_flag=True,
     help="Allow access without a token; only when bound to 127.0.0.1/::1/localhost.",
 )
-def web(host: str, port: int, token: str | None, no_auth: bool) -> None:
+@click.option(
+    "--unsubscribe-only",
+    is_flag=True,
+    help="Serve only the one-click unsubscribe links (/u/…), no page or API: the "
+    "process to expose to the internet (needs MAILQUEUE_UNSUBSCRIBE_SECRET, no token).",
+)
+def web(host: str, port: int, token: str | None, no_auth: bool, unsubscribe_only: bool) -> None:
     """Serve the status page and the JSON API (needs the 'web' extra)."""
     try:
         import uvicorn
@@ -1167,7 +1196,16 @@ def web(host: str, port: int, token: str | None, no_auth: bool) -> None:
         raise click.UsageError(
             f"the web page needs the 'web' extra: pip install 'mailqueue[web]' ({exc})"
         ) from None
-    if not token:
+    if unsubscribe_only:
+        if no_auth:
+            raise click.UsageError("--unsubscribe-only needs no --no-auth-on-loopback")
+        if not get_settings().unsubscribe_secret:
+            raise click.UsageError(
+                "--unsubscribe-only serves links signed with MAILQUEUE_UNSUBSCRIBE_SECRET: "
+                "set it (the same as the workers')"
+            )
+        token = None
+    elif not token:
         if not no_auth:
             raise click.UsageError(
                 "give --token (or MAILQUEUE_WEB_TOKEN), or --no-auth-on-loopback to run "
@@ -1182,8 +1220,11 @@ def web(host: str, port: int, token: str | None, no_auth: bool) -> None:
     log_startup("web", get_settings())
     _port_free(host, port, "--port")
     _ensure_schema()
-    app = create_app(token=token or None, allow_anonymous=no_auth)
-    click.echo(f"mailqueue web on http://{host}:{port}/ ({'token' if token else 'no auth'})")
+    app = create_app(
+        token=token or None, allow_anonymous=no_auth, unsubscribe_only=unsubscribe_only
+    )
+    what = "unsubscribe links only" if unsubscribe_only else "token" if token else "no auth"
+    click.echo(f"mailqueue web on http://{host}:{port}/ ({what})")
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
 
 

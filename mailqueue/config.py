@@ -603,6 +603,48 @@ def _default_broker_url() -> str:
     return default_urls()["broker"]
 
 
+UNSUBSCRIBE_SECRET_MIN = 16
+"""Characters of each unsubscribe secret, at least (``secrets.token_urlsafe(32)`` gives 43)."""
+
+
+def _check_unsubscribe(url: str | None, mailto: str | None, secret: str | None) -> None:
+    """One-click unsubscribe settings (RFC 8058): an https URL, a bare address, real keys."""
+    if url is not None:
+        parts = urlsplit(url)
+        loopback = parts.hostname in ("localhost", "127.0.0.1", "::1")
+        if (
+            parts.scheme not in ("https", "http")
+            or (parts.scheme == "http" and not loopback)
+            or not parts.hostname
+            or parts.query
+            or parts.fragment
+            or any(c in url for c in ' <>,"\r\n\t')
+        ):
+            raise ConfigError(
+                f"MAILQUEUE_UNSUBSCRIBE_URL={url!r} must be the https:// address where "
+                "mailqueue web is reachable from the internet, without query or fragment "
+                "(RFC 8058 wants HTTPS; http:// only for localhost), "
+                "e.g. https://mail.example.com",
+                name="MAILQUEUE_UNSUBSCRIBE_URL",
+            )
+    if mailto is not None and not re.fullmatch(r"[^@\s<>,;:\"()\[\]\\]+@[A-Za-z0-9.-]+", mailto):
+        raise ConfigError(
+            f"MAILQUEUE_UNSUBSCRIBE_MAILTO={mailto!r} must be one bare ASCII address, "
+            "e.g. unsubscribe@example.com",
+            name="MAILQUEUE_UNSUBSCRIBE_MAILTO",
+        )
+    if secret is not None:
+        keys = [k.strip() for k in secret.split(",")]
+        short = [n + 1 for n, k in enumerate(keys) if len(k) < UNSUBSCRIBE_SECRET_MIN]
+        if short:
+            raise ConfigError(
+                f"MAILQUEUE_UNSUBSCRIBE_SECRET: secret number {short[0]} of {len(keys)} is "
+                f"shorter than {UNSUBSCRIBE_SECRET_MIN} characters; use a random one, e.g. "
+                "python -c 'import secrets; print(secrets.token_urlsafe(32))'",
+                name="MAILQUEUE_UNSUBSCRIBE_SECRET",
+            )
+
+
 @dataclass(frozen=True, kw_only=True)
 class Settings:
     """Everything a process needs to enqueue, deliver and schedule."""
@@ -663,6 +705,21 @@ class Settings:
     dkim: Mapping[str, DkimKey] = field(default_factory=dict)
     """DKIM keys by sender domain (``MAILQUEUE_DKIM__<NAME>__<OPTION>``): the worker
     signs a message whose From domain is here, and sends the others unsigned."""
+    unsubscribe_url: str | None = None
+    """Public base URL of ``mailqueue web`` (``https://mail.example.com``): the worker
+    writes ``<url>/u/<token>`` into the List-Unsubscribe header of ``unsubscribe=True``
+    messages (see ``unsubscribe.py``); enqueue refuses such messages without it."""
+    unsubscribe_mailto: str | None = None
+    """An address added to List-Unsubscribe as ``mailto:`` (the app reads that mailbox)."""
+    unsubscribe_secret: str | None = field(default=None, repr=False)
+    """HMAC key(s) of the unsubscribe tokens, comma-separated: the first signs, every one
+    verifies (rotation). Needed by workers and ``mailqueue web``; never stored or shown."""
+    unsubscribe_per_min: int = 300
+    """Unsubscribe requests (``/u/<token>``) one client address may make per minute;
+    Gmail and Yahoo post one-click unsubscribes from a few addresses, so keep it high."""
+    on_unsubscribe: str | None = None
+    """``module:callable`` that ``mailqueue web`` calls with an ``Unsubscribe`` after it
+    recorded the suppression, for apps that keep their own preferences."""
 
     def __post_init__(self) -> None:
         if self.dispatch not in ("background", "inline"):
@@ -675,6 +732,9 @@ class Settings:
             raise ValueError("MAILQUEUE_API_MAX_DEPTH must be at least 3 (a message needs 3)")
         if self.web_auth_failures_per_min < 1:
             raise ValueError("MAILQUEUE_WEB_AUTH_FAILURES_PER_MIN must be at least 1")
+        if self.unsubscribe_per_min < 1:
+            raise ValueError("MAILQUEUE_UNSUBSCRIBE_PER_MIN must be at least 1")
+        _check_unsubscribe(self.unsubscribe_url, self.unsubscribe_mailto, self.unsubscribe_secret)
         limited = [r.name for r in self.all_relays if r.has_cluster_limits]
         if limited and self.cluster_redis_url is None:
             raise ValueError(
@@ -892,6 +952,11 @@ _ENV: dict[str, tuple[str, Any]] = {
         "suppression_local_case_insensitive",
         _to_bool,
     ),
+    "MAILQUEUE_UNSUBSCRIBE_URL": ("unsubscribe_url", str),
+    "MAILQUEUE_UNSUBSCRIBE_MAILTO": ("unsubscribe_mailto", str),
+    "MAILQUEUE_UNSUBSCRIBE_SECRET": ("unsubscribe_secret", str),
+    "MAILQUEUE_UNSUBSCRIBE_PER_MIN": ("unsubscribe_per_min", int),
+    "MAILQUEUE_ON_UNSUBSCRIBE": ("on_unsubscribe", str),
 }
 
 

@@ -23,6 +23,7 @@ __all__ = [
     "InvalidMessageError",
     "HeaderInjectionError",
     "NotFoundError",
+    "UnsubscribeTokenError",
     "SMTPError",
     "ConnectError",
     "ClusterLimitError",
@@ -94,6 +95,17 @@ class NotFoundError(MailQueueError, LookupError):
 
     def __str__(self) -> str:
         return f"no message with id {self.message_id!r}"
+
+
+class UnsubscribeTokenError(MailQueueError, ValueError):
+    """An unsubscribe link whose token this mailqueue did not sign (forged, altered,
+    cut short, or signed with a secret no longer in MAILQUEUE_UNSUBSCRIBE_SECRET)."""
+
+    def __str__(self) -> str:
+        return (
+            "this unsubscribe link is not valid: it may have been cut or changed on the way; "
+            "open the link from the message again, or reply to the sender"
+        )
 
 
 class InvalidMessageError(MailQueueError, ValueError):

@@ -200,6 +200,29 @@ def startup_lines(
                 f"pin them in every process with {names}",
             )
         )
+    if process in ("worker", "web") and settings.unsubscribe_url:
+        if not settings.unsubscribe_secret:
+            effect = (
+                "messages queued with unsubscribe=True fail instead of going out"
+                if process == "worker"
+                else "unsubscribe links answer 503"
+            )
+            lines.append(
+                (
+                    logging.WARNING,
+                    f"{process}: MAILQUEUE_UNSUBSCRIBE_URL is set but "
+                    f"MAILQUEUE_UNSUBSCRIBE_SECRET is not, so {effect}: set the same "
+                    "secret for the workers and mailqueue web (docs/bulk-senders.md)",
+                )
+            )
+        elif process == "web":
+            lines.append(
+                (
+                    logging.INFO,
+                    f"web: one-click unsubscribe links {settings.unsubscribe_url.rstrip('/')}"
+                    "/u/… are served without login (docs/bulk-senders.md)",
+                )
+            )
     return lines
 
 

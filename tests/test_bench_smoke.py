@@ -138,3 +138,22 @@ def test_priority_bench_runs_on_each_stack(tmp_path, stack):
         "normal",
     )
     assert report["summary"]["bulk_rate_lanes_over_no_high"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_the_unsubscribe_cost_script_runs():
+    """ops/bench/unsubscribe_cost.py end to end with tiny counts: both variants deliver
+    every recipient (the script exits non-zero otherwise) and print their figures."""
+    require_debian_packages(["postfix"], ["/usr/sbin/smtp-sink"], "Postfix's smtp-sink")
+    require("postgres")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILQUEUE_")}
+    env["MAILQUEUE_BENCH_POSTGRES_URL"] = POSTGRES_URL
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "ops" / "bench" / "unsubscribe_cost.py"),
+         "--messages", "6", "--recipients", "3", "--rounds", "1"],
+        capture_output=True, text=True, timeout=240, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "plain" in proc.stdout and "unsubscribe" in proc.stdout
+    assert proc.stdout.count("µs/recipient") == 2

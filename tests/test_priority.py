@@ -311,7 +311,7 @@ def test_migration_0007_gives_existing_rows_the_normal_lane_and_reverses(kind, t
             assert conn.execute(sa.text("SELECT priority FROM mq_message")).scalar() == 1
         indexes = _message_indexes(engine)
         assert "ix_mq_message_tag_created" in indexes  # an expression index (0003)
-        command.downgrade(alembic_config(url), "0005")
+        command.downgrade(alembic_config(url), "0006")
         assert _message_indexes(engine) == indexes
         columns = {c["name"] for c in sa.inspect(engine).get_columns("mq_message")}
         assert "priority" not in columns and "subject" in columns

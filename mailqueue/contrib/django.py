@@ -55,11 +55,13 @@ be queued is logged (WARNING, ``mailqueue.django``), never dropped unseen.
   built, never sent): ``X-Mailqueue-Relay``, ``X-Mailqueue-Send-At``
   (ISO 8601 with a UTC offset), ``X-Mailqueue-Idempotency-Key``,
   ``X-Mailqueue-Metadata`` (a JSON object), ``X-Mailqueue-Tags``
-  (comma-separated; stored as ``metadata["tags"]``). An unknown
-  ``X-Mailqueue-*`` name is refused.
+  (comma-separated; stored as ``metadata["tags"]``), ``X-Mailqueue-List-Id``
+  and ``X-Mailqueue-Unsubscribe`` (``1``/``true`` or ``0``/``false``; see
+  docs/bulk-senders.md). An unknown ``X-Mailqueue-*`` name is refused.
 * :class:`QueuedEmailMessage` / :class:`QueuedEmailMultiAlternatives`,
-  which take ``relay=``, ``send_at=``, ``idempotency_key=``, ``metadata=``
-  and ``tags=`` keyword arguments (they win over the headers).
+  which take ``relay=``, ``send_at=``, ``idempotency_key=``, ``metadata=``,
+  ``tags=``, ``list_id=`` and ``unsubscribe=`` keyword arguments (they win
+  over the headers).
 """
 
 from __future__ import annotations
@@ -128,6 +130,8 @@ OPTION_HEADERS = {
     "x-mailqueue-metadata": "metadata",
     "x-mailqueue-tags": "tags",
     "x-mailqueue-priority": "priority",
+    "x-mailqueue-list-id": "list_id",
+    "x-mailqueue-unsubscribe": "unsubscribe",
 }
 """``extra_headers`` names (any case) read as options and stripped before sending."""
 
@@ -160,6 +164,8 @@ class _QueuedOptions:
         metadata: dict[str, Any] | None = None,
         tags: Sequence[str] | None = None,
         priority: str | None = None,
+        list_id: str | None = None,
+        unsubscribe: bool | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -170,6 +176,8 @@ class _QueuedOptions:
             metadata=metadata,
             tags=tags,
             priority=priority,
+            list_id=list_id,
+            unsubscribe=unsubscribe,
         )
         self.mailqueue_options = {k: v for k, v in options.items() if v is not None}
 
@@ -201,6 +209,14 @@ def _parse_option(name: str, value: Any) -> Any:
             raise InvalidMessageError(
                 "X-Mailqueue-Metadata must be a JSON object", field="metadata"
             )
+    if name == "unsubscribe" and not isinstance(value, bool):
+        word = str(value).strip().lower()
+        if word not in ("1", "true", "yes", "0", "false", "no"):
+            raise InvalidMessageError(
+                f"X-Mailqueue-Unsubscribe: {value!r} is not 1/true/yes or 0/false/no",
+                field="unsubscribe",
+            )
+        value = word in ("1", "true", "yes")
     if name == "tags" and isinstance(value, str):
         value = [t.strip() for t in value.split(",") if t.strip()]
     return value
@@ -621,6 +637,8 @@ class EmailBackend(BaseEmailBackend):
                             metadata=options.get("metadata"),
                             now=now,
                             priority=options.get("priority"),
+                            list_id=options.get("list_id"),
+                            unsubscribe=options.get("unsubscribe", False),
                         )
                 except HeaderInjectionError as exc:
                     raise BadHeader(exc.reason, field=exc.field) from None

@@ -240,10 +240,11 @@ class Message:
     fields; ``date`` is set when the message is sent if it is ``None``.
 
     mailqueue's per-message options are keyword arguments too: ``relay``,
-    ``send_at`` (an aware datetime), ``idempotency_key``, ``metadata`` and
-    ``list_id`` (the mailing list, for ``list:`` suppressions).
-    ``priority`` (``"high"``, ``"normal"``, the default, or ``"bulk"``).
-    After a send, ``mailqueue_id`` holds the queued message's id.
+    ``send_at`` (an aware datetime), ``idempotency_key``, ``metadata``,
+    ``priority`` (``"high"``, ``"normal"``, the default, or ``"bulk"``),
+    ``list_id`` (the mailing list, for ``list:`` suppressions) and
+    ``unsubscribe`` (docs/bulk-senders.md). After a send, ``mailqueue_id``
+    holds the queued message's id.
     """
 
     def __init__(
@@ -270,6 +271,7 @@ class Message:
         metadata: dict[str, Any] | None = None,
         list_id: str | None = None,
         priority: str | None = None,
+        unsubscribe: bool = False,
     ) -> None:
         state = _current_state()
         if not sender and state is not None:
@@ -298,6 +300,7 @@ class Message:
         self.metadata = metadata
         self.list_id = list_id
         self.priority = priority
+        self.unsubscribe = unsubscribe
         self.mailqueue_id: str | None = None
 
     @property
@@ -748,6 +751,7 @@ class MailQueue:
                 metadata=message.metadata,
                 list_id=message.list_id,
                 priority=message.priority,
+                unsubscribe=message.unsubscribe,
             )
         message.mailqueue_id = mid
         email_dispatched.send(self._app(), message=message)

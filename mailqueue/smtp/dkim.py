@@ -50,10 +50,12 @@ SIGNED_HEADERS = (
     b"mime-version",
     b"content-type",
     b"reply-to",
+    b"list-id",
     b"list-unsubscribe",
     b"list-unsubscribe-post",
 )
-"""Header fields signed when present (RFC 6376 §5.4.1, plus RFC 8058's pair)."""
+"""Header fields signed when present (RFC 6376 §5.4.1, plus List-Id and RFC 8058's pair,
+which the worker adds to list messages before it signs them)."""
 
 _HEADER_NAME = re.compile(rb"^([\x21-\x39\x3b-\x7e]+)[ \t]*:", re.MULTILINE)
 _BARE_LF = re.compile(rb"(?<!\r)\n")

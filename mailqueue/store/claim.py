@@ -71,6 +71,9 @@ class ClaimedMessage:
     expires_at: dt.datetime
     recipients: tuple[ClaimedRecipient, ...]
     size: int = 0
+    list_id: str | None = None
+    unsubscribe: bool = False
+    """Each recipient gets its own List-Unsubscribe header: one transaction each."""
     suppressed: int = 0
     """Recipients this claim found on the suppression list (now ``suppressed``)."""
 
@@ -147,6 +150,7 @@ class ClaimStatements:
                 M.c.attempts,
                 M.c.expires_at,
                 M.c.list_id,
+                M.c.unsubscribe,
             )
         )
         with self.engine.begin() as conn:
@@ -173,6 +177,8 @@ class ClaimStatements:
                 attempts=row.attempts,
                 expires_at=row.expires_at,
                 recipients=tuple(by_message[row.id]),
+                list_id=row.list_id,
+                unsubscribe=bool(row.unsubscribe),
                 suppressed=newly.get(row.id, 0),
             )
             for row in rows

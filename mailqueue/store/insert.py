@@ -51,6 +51,7 @@ class NewMessage:
     list_id: str | None = None
     priority: int = 1
     """The lane (``mailqueue.priority``): 0 high, 1 normal, 2 bulk."""
+    unsubscribe: bool = False
 
 
 def _chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
@@ -78,6 +79,7 @@ _NEW_MESSAGE_COLUMNS = (
     "meta",
     "list_id",
     "priority",
+    "unsubscribe",
 )
 """The columns ``Store.insert`` fills for a new message (its ``message_rows`` keys)."""
 # psycopg's own placeholders: ``enqueue()`` runs this on the driver connection
@@ -150,6 +152,7 @@ class InsertStatements:
                 "meta": m.meta,
                 "list_id": m.list_id,
                 "priority": m.priority,
+                "unsubscribe": m.unsubscribe,
             }
             for m in messages
         ]

@@ -30,6 +30,7 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.sql import false
 
 from ..statuses import TERMINAL_MESSAGE, MessageStatus, RecipientStatus
 
@@ -119,6 +120,9 @@ class MessageRow(Base):
     ``list:<id>`` suppression applies to it (migration 0006)."""
     priority: Mapped[int] = mapped_column(SmallInteger, default=1, server_default=text("1"))
     """The lane: 0 high, 1 normal, 2 bulk (``mailqueue.priority``); lower goes first."""
+    unsubscribe: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    """Each recipient's copy gets a one-click List-Unsubscribe header (migration 0008,
+    ``unsubscribe.py``); the worker sends it one transaction per recipient."""
 
     __table_args__ = (
         # serves the scheduler's "what is due" and the per-status counts

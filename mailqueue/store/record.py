@@ -59,6 +59,10 @@ class MessageOutcome:
     recipients: Sequence[RecipientOutcome] = field(default_factory=tuple)
     last_error: str | None = None
     last_reply: str | None = None
+    final: bool = True
+    """False: only these recipients' results, written as soon as they are known (a
+    message sent one transaction per recipient); the message row and its lease are
+    left alone, and the attempt's final outcome follows without these recipients."""
 
 
 def derive_status(statuses: Iterable[str]) -> str:
@@ -235,8 +239,9 @@ class RecordStatements:
         a group commit of N messages is BEGIN, 4 statements, COMMIT.
         """
         worker = owner.rsplit(":", 1)[0]
-        ids = [o.message_id for o in outcomes]
         rows = [(o.message_id, r) for o in outcomes for r in o.recipients]
+        outcomes = [o for o in outcomes if o.final]
+        ids = [o.message_id for o in outcomes]
         with self.engine.begin() as conn:
             if rows:
                 columns = {
@@ -252,6 +257,8 @@ class RecordStatements:
                 # The history keeps every result, whatever the status rules decided.
                 mids = [mid for mid, _ in rows]
                 conn.execute(_PG_RECORD_HISTORY, {**columns, "mids": mids, "worker": worker})
+            if not ids:
+                return  # early results only (``MessageOutcome.final``)
             # Derived from what the rows say now (see ``record``).
             statuses: dict[uuid.UUID, list[str]] = {mid: [] for mid in ids}
             for mid, status in conn.execute(_PG_RECIPIENT_STATUSES, {"mids": ids}):
@@ -307,13 +314,16 @@ class RecordStatements:
                 for r in o.recipients
             ]
         )
-        mids = json.dumps(keys)
+        finals = [(o, mid) for o, mid in zip(outcomes, keys, strict=True) if o.final]
+        mids = json.dumps([mid for _, mid in finals])
         with self.engine.begin() as conn:
             if results != "[]":
                 conn.execute(_SQLITE_RECORD_RECIPIENTS, {"rows": results, "now": now})
                 conn.execute(
                     _SQLITE_RECORD_HISTORY, {"rows": results, "now": now, "worker": worker}
                 )
+            if not finals:
+                return  # early results only (``MessageOutcome.final``)
             found = json.loads(
                 conn.execute(_SQLITE_RECIPIENT_STATUSES, {"mids": mids}).scalar_one()
             )
@@ -326,7 +336,7 @@ class RecordStatements:
                         o.last_error,
                         o.last_reply,
                     ]
-                    for o, mid in zip(outcomes, keys, strict=True)
+                    for o, mid in finals
                 ]
             )
             conn.execute(

@@ -11,7 +11,10 @@ answered 429 past the limit.
 Every state change is a POST. Page forms (logout included) carry a CSRF
 token that must match a ``SameSite=Strict`` cookie; API POSTs must be JSON
 (a cross-site form can not send that without a CORS preflight, which this
-app never grants).
+app never grants). The one exception is ``/u/<token>``, the one-click
+unsubscribe link (``routes_unsubscribe.py``): open to anyone holding a signed
+token, as RFC 8058 requires, and able to do nothing but suppress the address
+that token names.
 
 Input is bounded before it is read (``payload.py``): a JSON body over
 ``api_body_limit`` is answered 413 from its ``Content-Length`` or as soon as
@@ -38,7 +41,7 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
-from . import routes_api, routes_page
+from . import routes_api, routes_page, routes_unsubscribe
 from .base import CSRF_COOKIE, LOOPBACK_HOSTS, SESSION_COOKIE, Web
 from .security import SecurityHeaders
 
@@ -57,17 +60,27 @@ def create_app(
     token: str | None,
     allow_anonymous: bool = False,
     clock: Callable[[], float] = time.monotonic,
+    unsubscribe_only: bool = False,
 ) -> Starlette:
     """The ASGI app; ``token=None`` requires ``allow_anonymous`` (loopback only).
 
     ``clock`` (seconds, monotonic) times sessions and the failed-attempt
     window; tests pass their own to move time without sleeping.
+    ``unsubscribe_only``: only ``/u/<token>`` and the stylesheet, for the
+    process exposed to the internet; no page, no API, no token.
     """
+    if unsubscribe_only:
+        app = _App(routes=routes_unsubscribe.routes() + routes_page.public_routes())
+        app.state.web = Web(token=None, clock=clock)
+        return app
     if not token and not allow_anonymous:
         raise ValueError("a token is required unless anonymous loopback access is allowed")
     middleware = []
     if not token:
         middleware.append(Middleware(TrustedHostMiddleware, allowed_hosts=LOOPBACK_HOSTS))
-    app = _App(routes=routes_page.routes() + routes_api.routes(), middleware=middleware)
+    app = _App(
+        routes=routes_page.routes() + routes_api.routes() + routes_unsubscribe.routes(),
+        middleware=middleware,
+    )
     app.state.web = Web(token=token, clock=clock)
     return app

@@ -162,6 +162,10 @@ class Web:
         self.token = token
         self.sessions = SessionStore(settings.web_session_s, clock)
         self.failures = FailureLimiter(settings.web_auth_failures_per_min, clock)
+        # /u/<token> (routes_unsubscribe.py): bad tokens apart from bad logins, so a
+        # mangled link never locks an operator out, and every request, loosely.
+        self.unsubscribe_failures = FailureLimiter(settings.web_auth_failures_per_min, clock)
+        self.unsubscribe_requests = FailureLimiter(settings.unsubscribe_per_min, clock)
         self.cache = _Cache(5.0)
 
     # -- access ---------------------------------------------------------------------------
@@ -230,6 +234,14 @@ class Web:
         if not request.cookies.get(CSRF_COOKIE):
             self.set_cookie(request, response, CSRF_COOKIE, request.state.new_csrf)
         return response
+
+    @staticmethod
+    def render_public(
+        name: str, status_code: int, headers: dict[str, str], **ctx: Any
+    ) -> HTMLResponse:
+        """A page for anyone (``/u/<token>``): no session, no CSRF cookie, no log-out button."""
+        html = _templates.get_template(name).render(**ctx)
+        return HTMLResponse(html, status_code=status_code, headers=headers)
 
     def too_many(self, request: Request, exc: TooManyAttempts, *, api_call: bool) -> Response:
         headers = {"Retry-After": str(exc.retry_after)}

@@ -67,6 +67,7 @@ ENQUEUE_FIELDS = (
     "metadata",
     "list_id",
     "priority",
+    "unsubscribe",
 )
 SUPPRESSION_FIELDS = ("address", "reason", "scope", "note")
 _ATTACHMENT_FIELDS = ("filename", "content_base64", "content_type")
@@ -210,6 +211,15 @@ def _optional_str(body: dict[str, Any], name: str) -> str | None:
     value = body.get(name)
     if value is not None and not isinstance(value, str):
         raise InvalidMessageError(f"must be a string, not {_json_type(value)}", field=name)
+    return value
+
+
+def _optional_bool(body: dict[str, Any], name: str) -> bool:
+    value = body.get(name)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise InvalidMessageError(f"must be true or false, not {_json_type(value)}", field=name)
     return value
 
 
@@ -431,6 +441,7 @@ def enqueue_args(body: Any, *, lifetime_s: float) -> dict[str, Any]:
         "metadata": _metadata(body),
         "list_id": strings["list_id"],
         "priority": strings["priority"],  # the word is checked by api.enqueue, refused whole
+        "unsubscribe": _optional_bool(body, "unsubscribe"),
     }
 
 

@@ -19,7 +19,7 @@ from .chart import render_chart
 from .payload import BodyTooLarge, read_form
 from .security import TooManyAttempts
 
-__all__ = ["NOTICES", "routes"]
+__all__ = ["NOTICES", "public_routes", "routes"]
 
 STYLESHEET = (Path(__file__).parent / "static" / "mailqueue.css").read_bytes()
 NOTICES = {
@@ -230,5 +230,10 @@ def routes() -> list[Route]:
         Route("/suppressions/remove", suppressions_remove, methods=["POST"]),
         Route("/login", login, methods=["GET", "POST"]),
         Route("/logout", logout, methods=["POST"]),
-        Route("/static/mailqueue.css", stylesheet),
+        *public_routes(),
     ]
+
+
+def public_routes() -> list[Route]:
+    """What needs no login: the stylesheet (also served by ``--unsubscribe-only``)."""
+    return [Route("/static/mailqueue.css", stylesheet)]

@@ -29,20 +29,20 @@ log = logging.getLogger("mailqueue.worker")
 
 
 @cache
-def resolve_callable(path: str) -> Callable[[admin.MessageInfo], Any]:
-    """Import ``module:attr`` (or ``module.attr``)."""
+def resolve_callable(path: str, setting: str = "MAILQUEUE_ON_TERMINAL") -> Callable[[Any], Any]:
+    """Import ``module:attr`` (or ``module.attr``), the value of ``setting``."""
     import importlib
 
     module_name, sep, attr = path.partition(":")
     if not sep:
         module_name, _, attr = path.rpartition(".")
     if not module_name or not attr:
-        raise ValueError(f"MAILQUEUE_ON_TERMINAL={path!r}: expected 'module:callable'")
+        raise ValueError(f"{setting}={path!r}: expected 'module:callable'")
     target: Any = importlib.import_module(module_name)
     for part in attr.split("."):
         target = getattr(target, part)
     if not callable(target):
-        raise ValueError(f"MAILQUEUE_ON_TERMINAL={path!r} is not callable")
+        raise ValueError(f"{setting}={path!r} is not callable")
     return target
 
 

@@ -23,8 +23,8 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field, replace
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential
 
@@ -40,7 +40,9 @@ from ..statuses import ErrorWord
 from ..store.models import RecipientStatus, utcnow
 from ..store.queue import ClaimedMessage, MessageOutcome, RecipientOutcome, Store
 from ..store.relays import pause_relay, relay_states, resume_relay
+from ..unsubscribe import Signer
 from .hooks import notify_if_terminal
+from .personal import merge_results, personal_copy, unsubscribe_base, with_list_id
 
 __all__ = ["Deliverer", "BatchReport", "plan_outcome"]
 
@@ -57,9 +59,13 @@ def plan_outcome(
     *,
     settings: Settings,
     now: dt.datetime,
+    recorded: Collection[str] = (),
 ) -> MessageOutcome:
-    """Turn one attempt's replies into rows: when to retry, or give up (expired)."""
-    by_address = {r.address: r for r in result.recipients}
+    """Turn one attempt's replies into rows: when to retry, or give up (expired).
+
+    ``recorded``: addresses whose acceptance this attempt already wrote (see
+    ``Deliverer._deliver_each``); they are left out of the outcome."""
+    by_address = {r.address: r for r in result.recipients if r.address not in recorded}
     next_at: dt.datetime | None = None
     deferred = any(r.status == RecipientStatus.DEFERRED for r in result.recipients)
     expired = False
@@ -224,6 +230,17 @@ class Deliverer:
         # Keys are read here, once per process (the CLI reads them before the
         # worker starts too, so that a bad key is exit 2, not a crashing child).
         self._dkim: DkimSigner | None = load_signer(settings)
+        self._unsubscribe_signer: Signer | None = Signer.from_settings(settings)
+        self._copies: dict[str, asyncio.Semaphore] = {}  # relay name -> copy slots
+
+    def _copy_slots(self, pool: Pool) -> asyncio.Semaphore:
+        """Per-recipient copies in flight through ``pool``, all messages together: no
+        more than its connections, so a batch of list mail holds a few copies, not one
+        per recipient of every message."""
+        slots = self._copies.get(pool.relay.name)
+        if slots is None:
+            slots = self._copies[pool.relay.name] = asyncio.Semaphore(max(1, pool.relay.pool_size))
+        return slots
 
     def pool_for(self, relay_name: str) -> Pool:
         """The pool of the named relay (KeyError when no such relay is configured)."""
@@ -260,6 +277,7 @@ class Deliverer:
 
     async def _deliver_one(self, message: ClaimedMessage) -> MessageOutcome | None:
         now = utcnow()
+        early: list[RecipientOutcome] = []  # acceptances recorded as they came
         open_recipients = message.open_recipients
         addresses = [r.address for r in open_recipients]
         if not open_recipients:
@@ -288,21 +306,12 @@ class Deliverer:
                         content = await asyncio.to_thread(
                             self.store.load_content, message.id, message.size
                         )
-                    required = pool.relay.dkim == "required"
-                    unsigned: SMTPError | None = None
-                    if self._dkim is not None or required:
-                        content, unsigned = await self._sign(message, content, pool.relay)
-                    if unsigned is not None and required:
-                        result = failed_everyone(addresses, "failed", unsigned)
+                    if message.unsubscribe:
+                        result, early = await self._deliver_each(message, pool, addresses, content)
                     else:
-                        result = await deliver(
-                            pool,
-                            message.mail_from,
-                            addresses,
-                            content,
-                            smtputf8=message.smtputf8,
-                            eightbit=message.eightbit,
-                        )
+                        if message.list_id is not None:
+                            content = with_list_id(content, message.list_id)
+                        result = await self._sign_and_send(message, pool, addresses, content)
                 except (AuthError, TLSError) as exc:
                     await self._pause(pool.relay, exc)
                     await self._release(message, self._paused[pool.relay.name], exc)
@@ -314,13 +323,100 @@ class Deliverer:
                 if paused_until is not None:
                     self._paused.pop(pool.relay.name, None)
                     await asyncio.to_thread(resume_relay, self.store.engine, pool.relay.name)
-        outcome = plan_outcome(message, result, settings=self.settings, now=utcnow())
+        ids = {r.recipient_id for r in early}
+        recorded = {r.address for r in message.recipients if r.id in ids}
+        outcome = plan_outcome(
+            message, result, settings=self.settings, now=utcnow(), recorded=recorded
+        )
         await self._recorder.record(outcome)
-        _metrics.observe_attempt(message, result, outcome)
+        _metrics.observe_attempt(
+            message, result, replace(outcome, recipients=(*early, *outcome.recipients))
+        )
         log_attempt(message, outcome)
         if self.settings.on_terminal:  # MAILQUEUE_ON_TERMINAL (see hooks.py)
             await notify_if_terminal(self.settings.on_terminal, self.store, message.id)
         return outcome
+
+    async def _sign_and_send(
+        self,
+        message: ClaimedMessage,
+        pool: Pool,
+        addresses: Sequence[str],
+        content: bytes | bytearray,
+    ) -> TransactionResult:
+        """DKIM-sign ``content`` (when a key or the relay asks) and send it to ``addresses``."""
+        required = pool.relay.dkim == "required"
+        unsigned: SMTPError | None = None
+        if self._dkim is not None or required:
+            content, unsigned = await self._sign(message, content, pool.relay)
+        if unsigned is not None and required:
+            return failed_everyone(addresses, "failed", unsigned)
+        return await deliver(
+            pool,
+            message.mail_from,
+            addresses,
+            content,
+            smtputf8=message.smtputf8,
+            eightbit=message.eightbit,
+        )
+
+    async def _deliver_each(
+        self,
+        message: ClaimedMessage,
+        pool: Pool,
+        addresses: Sequence[str],
+        content: bytes | bytearray,
+    ) -> tuple[TransactionResult, list[RecipientOutcome]]:
+        """One transaction per recipient, each copy with its own List-Unsubscribe;
+        the merged result, and the acceptances already recorded.
+
+        The copies go out concurrently, at most the relay's pool size of them
+        being made and sent at once across all messages (``_copy_slots``). Each
+        acceptance is recorded as soon as its DATA reply arrives (an early,
+        non-final outcome sharing the recorder's group commit), before that
+        copy's connection slot goes to the next copy: a crash later in the
+        attempt does not send it again (invariant 2). The rest are recorded
+        with the attempt's outcome. An auth or TLS failure defers only the
+        copies it hit (others may have been accepted) and pauses the relay.
+        """
+        early: list[RecipientOutcome] = []
+        base = unsubscribe_base(self.settings, self._unsubscribe_signer, message, content)
+        if isinstance(base, SMTPError):
+            return failed_everyone(addresses, "failed", base), early
+        ids = {r.address: r.id for r in message.open_recipients}
+        signer = self._unsubscribe_signer
+        assert signer is not None
+        broken: list[AuthError | TLSError] = []
+        room = self._copy_slots(pool)
+
+        async def one(address: str) -> TransactionResult:
+            async with room:
+                copy = personal_copy(self.settings, signer, message, address, base)
+                if isinstance(copy, SMTPError):
+                    return failed_everyone([address], "failed", copy)
+                try:
+                    result = await self._sign_and_send(message, pool, [address], copy)
+                except (AuthError, TLSError) as exc:
+                    broken.append(exc)
+                    return failed_everyone([address], "deferred", exc)
+                sent = tuple(
+                    RecipientOutcome(
+                        ids[r.address], r.status, r.code, r.enhanced_code, r.reply, None
+                    )
+                    for r in result.recipients
+                    if r.status == RecipientStatus.SENT
+                )
+                if sent:
+                    accepted = MessageOutcome(message.id, None, recipients=sent, final=False)
+                    await self._recorder.record(accepted)
+                    early.extend(sent)
+                    log_attempt(message, accepted)
+                return result
+
+        results = await asyncio.gather(*(one(a) for a in addresses))
+        if broken:
+            await self._pause(pool.relay, broken[0])
+        return merge_results(results), early
 
     async def _sign(
         self, message: ClaimedMessage, content: bytes | bytearray, relay: RelayConfig
