@@ -30,10 +30,11 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wai
 
 from .. import metrics as _metrics
 from ..backoff import backoff_s
+from ..bounces.verp import make_return_path
 from ..config import RelayConfig, Settings
 from ..errors import AuthError, ConnectError, SMTPError, TLSError
 from ..logging_setup import log_attempt
-from ..smtp.delivery import TransactionResult, deliver, failed_everyone
+from ..smtp.delivery import RecipientResult, TransactionResult, deliver, failed_everyone
 from ..smtp.dkim import DkimSigner, load_signer
 from ..smtp.pool import Pool, pool_for_relay
 from ..statuses import ErrorWord
@@ -294,7 +295,7 @@ class Deliverer:
                         content, unsigned = await self._sign(message, content, pool.relay)
                     if unsigned is not None and required:
                         result = failed_everyone(addresses, "failed", unsigned)
-                    else:
+                    elif self.settings.bounce_domain is None:
                         result = await deliver(
                             pool,
                             message.mail_from,
@@ -303,6 +304,8 @@ class Deliverer:
                             smtputf8=message.smtputf8,
                             eightbit=message.eightbit,
                         )
+                    else:
+                        result = await self._deliver_verp(pool, message, content)
                 except (AuthError, TLSError) as exc:
                     await self._pause(pool.relay, exc)
                     await self._release(message, self._paused[pool.relay.name], exc)
@@ -321,6 +324,42 @@ class Deliverer:
         if self.settings.on_terminal:  # MAILQUEUE_ON_TERMINAL (see hooks.py)
             await notify_if_terminal(self.settings.on_terminal, self.store, message.id)
         return outcome
+
+    async def _deliver_verp(
+        self, pool: Pool, message: ClaimedMessage, content: bytes | bytearray
+    ) -> TransactionResult:
+        """One transaction per open recipient, each with its signed return path
+        (``bounces/verp.py``), so a bounce names its row. Only with
+        ``MAILQUEUE_BOUNCE_DOMAIN``: without it, one transaction carries them all."""
+        domain, secret = self.settings.bounce_domain, self.settings.bounce_secret
+        assert domain is not None
+        results: list[RecipientResult] = []
+        last: TransactionResult | None = None
+        error = None
+        for recipient in message.open_recipients:
+            return_path = make_return_path(
+                secret=secret,
+                domain=domain,
+                message_id=message.id,
+                recipient_id=recipient.id,
+                address=recipient.address,
+            )
+            last = await deliver(
+                pool,
+                return_path,
+                [recipient.address],
+                content,
+                smtputf8=message.smtputf8,
+                eightbit=message.eightbit,
+            )
+            results.extend(last.recipients)
+            error = error or last.error
+        return TransactionResult(
+            tuple(results),
+            data_code=last.data_code if last else None,
+            data_reply=last.data_reply if last else None,
+            error=error,
+        )
 
     async def _sign(
         self, message: ClaimedMessage, content: bytes | bytearray, relay: RelayConfig
