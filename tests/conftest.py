@@ -227,6 +227,7 @@ def pg_database() -> Iterator[str]:
 def _truncate(url: str) -> None:
     engine = get_engine(url)
     with engine.begin() as conn:
+        conn.execute(sa.text("DELETE FROM mq_bounce"))
         conn.execute(sa.text("DELETE FROM mq_recipient"))
         conn.execute(sa.text("DELETE FROM mq_message"))
         conn.execute(sa.text("DELETE FROM mq_relay"))  # no pause left over by an earlier test

@@ -1,0 +1,157 @@
+"""Reports coming back in: one report, a Maildir, an mbox. The service every
+bounce face (``mailqueue bounces ingest``, ``mailqueue bounces serve``) calls.
+
+Each report is parsed (``bounces.parse``, which never raises), recorded and
+applied (``store.bounces``). Mailboxes are read in batches of ``BATCH``
+reports per transaction; a file is moved out of the way (Maildir ``new/`` →
+``cur/``, flagged seen; an mbox's messages → ``<mbox>.done``) only after its
+batch committed, so a crash reads it again instead of losing it (a report
+read twice is recorded twice; its effect is applied once, since the update
+is guarded by the recipient's status).
+"""
+
+from __future__ import annotations
+
+import mailbox
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .bounces.parse import MAX_BYTES, parse_report
+from .config import Settings, get_settings
+from .store import get_engine
+from .store.bounces import BounceRecord, Incoming, record_reports
+
+__all__ = ["BATCH", "IngestReport", "ingest", "ingest_maildir", "ingest_mbox"]
+
+BATCH = 200
+"""Reports recorded per transaction when reading a mailbox."""
+
+READ_LIMIT = 4 * MAX_BYTES
+"""Bytes of one mailbox file read; the parser looks at the first ``MAX_BYTES``."""
+
+
+@dataclass
+class IngestReport:
+    """What a mailbox run did, for the CLI to print."""
+
+    read: int = 0
+    applied: dict[str, int] = field(default_factory=dict)
+    """Recipients changed, by the status they got (``bounced``, ``complained``)."""
+    unmatched: int = 0
+    unparsed: int = 0
+
+    def add(self, records: Sequence[BounceRecord]) -> None:
+        for record in records:
+            self.read += 1
+            if record.effect:
+                self.applied[record.effect] = self.applied.get(record.effect, 0) + 1
+            if record.kind == "unparsed":
+                self.unparsed += 1
+            elif record.recipient_id is None:
+                self.unmatched += 1
+
+
+def _record(batch: Sequence[Incoming], settings: Settings) -> list[BounceRecord]:
+    return record_reports(
+        get_engine(settings.database_url),
+        batch,
+        bounce_domain=settings.bounce_domain,
+        secret=settings.bounce_secret,
+    )
+
+
+def _incoming(raw: bytes, source: str, envelope_to: str | None, size: int) -> Incoming:
+    return Incoming(parse_report(raw), raw, source, envelope_to, raw_size=size)
+
+
+def ingest(
+    raw: bytes, *, source: str, envelope_to: str | None = None, settings: Settings | None = None
+) -> BounceRecord:
+    """Parse, record and apply one report as received (``envelope_to``: its RCPT TO)."""
+    settings = settings or get_settings()
+    (record,) = _record([_incoming(raw, source, envelope_to, len(raw))], settings)
+    return record
+
+
+def _read_capped(path: Path) -> tuple[bytes, int]:
+    with path.open("rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        return f.read(READ_LIMIT), size
+
+
+def ingest_maildir(
+    directory: str | os.PathLike[str], *, settings: Settings | None = None
+) -> IngestReport:
+    """Read every report in ``directory/new``, then move each to ``cur`` (seen)."""
+    settings = settings or get_settings()
+    root = Path(directory)
+    new, cur = root / "new", root / "cur"
+    if not new.is_dir() or not cur.is_dir():
+        raise FileNotFoundError(
+            f"{root} is not a Maildir (it needs new/ and cur/): give the folder the MTA "
+            "delivers bounces into"
+        )
+    outcome = IngestReport()
+    for names in _chunks(sorted(os.listdir(new)), BATCH):
+        batch, done = [], []
+        for name in names:
+            if name.startswith("."):
+                continue
+            try:
+                raw, size = _read_capped(new / name)
+            except FileNotFoundError:
+                continue  # another reader took it
+            batch.append(_incoming(raw, "maildir", None, size))
+            done.append(name)
+        outcome.add(_record(batch, settings))
+        for name in done:
+            base = name.split(":", 1)[0]
+            os.replace(new / name, cur / f"{base}:2,S")
+    return outcome
+
+
+def ingest_mbox(path: str | os.PathLike[str], *, settings: Settings | None = None) -> IngestReport:
+    """Read every report in the mbox ``path``, append them to ``<path>.done``, empty it.
+
+    The mbox is locked (dot-lock and ``flock``, as MTAs lock it) for the run.
+    """
+    settings = settings or get_settings()
+    source = Path(path)
+    if not source.is_file():
+        raise FileNotFoundError(
+            f"{source} is not a file: give the mbox the MTA delivers bounces into"
+        )
+    box = mailbox.mbox(source, create=False)
+    done = mailbox.mbox(f"{source}.done")
+    outcome = IngestReport()
+    box.lock()
+    try:
+        keys = list(box.keys())
+        for chunk in _chunks(keys, BATCH):
+            batch = []
+            for key in chunk:
+                raw = box.get_bytes(key)
+                batch.append(_incoming(raw[:READ_LIMIT], "mbox", None, len(raw)))
+            outcome.add(_record(batch, settings))
+            done.lock()
+            try:
+                for key in chunk:
+                    done.add(box.get_message(key))
+                done.flush()
+            finally:
+                done.unlock()
+        for key in keys:
+            box.discard(key)
+        box.flush()
+    finally:
+        box.unlock()
+        box.close()
+        done.close()
+    return outcome
+
+
+def _chunks(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
