@@ -1264,6 +1264,7 @@ def bounces_serve(host: str, port: int, max_size: int) -> None:
             "the domain whose mail this endpoint takes"
         )
     _require_schema()
+    _serve_metrics(multiprocess=False)
     with _binding("--port"):
         serve(host, port, max_size=max_size)
 

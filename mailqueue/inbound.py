@@ -18,6 +18,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import metrics as _metrics
 from .bounces.parse import MAX_BYTES, parse_report
 from .config import Settings, get_settings
 from .store import get_engine
@@ -54,12 +55,14 @@ class IngestReport:
 
 
 def _record(batch: Sequence[Incoming], settings: Settings) -> list[BounceRecord]:
-    return record_reports(
+    records = record_reports(
         get_engine(settings.database_url),
         batch,
         bounce_domain=settings.bounce_domain,
         secret=settings.bounce_secret,
     )
+    _metrics.bounces_recorded(records)
+    return records
 
 
 def _incoming(raw: bytes, source: str, envelope_to: str | None, size: int) -> Incoming:

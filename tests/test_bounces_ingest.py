@@ -18,15 +18,23 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
+from prometheus_client import REGISTRY
 
 import mailqueue
 from mailqueue import Message
 from mailqueue.bounceserver import BounceServer
 from mailqueue.cli import cli
+from mailqueue.contrib.status import anymail_status
 from mailqueue.store.models import BOUNCES, RecipientRow
 from mailqueue.worker.service import Deliverer
 
 SECRET = "b" * 32
+
+
+def sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
 DOMAIN = "bounce.example.com"
 CORPUS = Path(__file__).parent / "bounce_corpus"
 
@@ -102,8 +110,10 @@ def test_a_hard_bounce_over_smtp_turns_the_sent_recipient_bounced(verp, smtp_ser
     mid = send(verp, "nobody@example.net", "fine@example.net")
     path = return_path(smtp_server, "nobody@example.net")
 
+    counted = sample("mailqueue_bounce_reports_total", kind="dsn", effect="bounced")
     submit(endpoint, path, dsn(path, "nobody@example.net"))
 
+    assert sample("mailqueue_bounce_reports_total", kind="dsn", effect="bounced") == counted + 1
     assert recipient(verp, mid, "nobody@example.net") == {
         "status": "bounced",
         "enhanced_code": "5.1.1",
@@ -227,6 +237,8 @@ def test_maildir_ingest_applies_a_complaint_and_moves_what_it_read(verp, smtp_se
     assert result.output == "3 reports: 1 bounced, 1 complained; 0 unmatched, 1 unparsed\n"
     assert recipient(verp, mid, "angry@isp.example")["status"] == "complained"
     assert recipient(verp, mid, "bounce@example.net")["status"] == "bounced"
+    words = {r.address: anymail_status(r) for r in mailqueue.get_status(mid).recipients}
+    assert words == {"angry@isp.example": "complained", "bounce@example.net": "bounced"}
     assert list((tmp_path / "bounces" / "new").iterdir()) == []
     moved = sorted(p.name for p in (tmp_path / "bounces" / "cur").iterdir())
     assert len(moved) == 3 and all(name.endswith(":2,S") for name in moved)
