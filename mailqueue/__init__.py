@@ -94,11 +94,15 @@ def _wire() -> None:
     from .store.ops import queue_depth
     from .store.queue import derive_status
     from .store.relays import relay_states
+    from .store.suppression import count_by_reason
 
     on_configure(_reset_caches)
     metrics.read_store_with(
         metrics.StoreReads(
-            derive_status=derive_status, queue_depth=queue_depth, relay_states=relay_states
+            derive_status=derive_status,
+            queue_depth=queue_depth,
+            relay_states=relay_states,
+            suppressions=count_by_reason,
         )
     )
 

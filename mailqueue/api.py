@@ -9,10 +9,12 @@ the mail part of your transaction: no commit, no mail.
 from __future__ import annotations
 
 import contextlib
+import csv
 import datetime as dt
 import json
 import logging
 import math
+import re
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeAlias
@@ -23,10 +25,10 @@ from sqlalchemy.exc import IntegrityError
 from .config import Settings, get_settings, hide_password, url_passwords
 from .errors import AuthError, InvalidMessageError, NotFoundError, TLSError, UnknownAuthError
 from .headers import CONTROL
-from .message import Envelope, Message, build_envelope
+from .message import Envelope, Message, build_envelope, validate_address
 from .smtp.delivery import TransactionResult, deliver
 from .smtp.pool import Pool, pool_for_relay
-from .statuses import ErrorWord
+from .statuses import ErrorWord, SuppressionReason
 from .store import Store, get_engine
 from .store import admin as _admin
 from .store import ops as _ops
@@ -34,6 +36,15 @@ from .store.admin import AttemptInfo, MessageInfo, RecipientInfo
 from .store.models import utcnow
 from .store.ops import TAG_KEY, Filters, RelayDepth, parse_duration
 from .store.queue import NewMessage, NewRecipient
+from .store.suppression import (
+    DOMAIN_SCOPE,
+    EVERYWHERE,
+    LIST_SCOPE,
+    NewSuppression,
+    SuppressionInfo,
+    scopes_for,
+    sender_domain_scope,
+)
 from .worker.app import dispatch, dispatch_committed
 
 __all__ = [
@@ -51,6 +62,12 @@ __all__ = [
     "relays",
     "resume_relay",
     "get_attempts",
+    "suppress",
+    "unsuppress",
+    "suppressions",
+    "is_suppressed",
+    "import_suppressions",
+    "export_suppressions",
     # for the faces (CLI, status page, Django, Flask): what they use beyond the above
     "AttemptInfo",
     "Filters",
@@ -58,6 +75,9 @@ __all__ = [
     "PreparedMessage",
     "RecipientInfo",
     "RelayDepth",
+    "SuppressionInfo",
+    "check_list_id",
+    "suppression_counts",
     "TAG_KEY",
     "cancel_relay",
     "find_by_idempotency_key",
@@ -288,6 +308,7 @@ def prepare(
     idempotency_key: str | None,
     metadata: dict[str, Any] | None,
     now: dt.datetime,
+    list_id: str | None = None,
 ) -> PreparedMessage:
     """Check and compose one message for writing; nothing is written.
 
@@ -300,6 +321,7 @@ def prepare(
     _check_send_at(send_at)
     _check_idempotency_key(idempotency_key)
     _check_metadata(metadata)
+    list_id = check_list_id(list_id)
     envelope = _envelope(message, settings)
     try:
         relay = settings.relay_named(relay).name if relay else None
@@ -320,6 +342,7 @@ def prepare(
         dispatched=due <= now,
         idempotency_key=idempotency_key,
         meta=metadata,
+        list_id=list_id,
     )
 
 
@@ -471,6 +494,7 @@ def enqueue(
     send_at: dt.datetime | None = None,
     idempotency_key: str | None = None,
     metadata: dict[str, Any] | None = None,
+    list_id: str | None = None,
 ) -> str:
     """Store one message durably and queue it for delivery; returns its id.
 
@@ -485,7 +509,9 @@ def enqueue(
     ``session`` (a SQLAlchemy ``Session`` or ``Connection``) the rows are
     written in the caller's transaction and the broker is woken only after
     it commits. An ``idempotency_key`` already used returns the first
-    message's id instead of queueing a second copy.
+    message's id instead of queueing a second copy. ``list_id`` (an RFC 2919
+    list id, ``news.example.com``) names the mailing list it belongs to:
+    ``list:<id>`` suppressions apply to it.
     """
     _check_idempotency_key(idempotency_key)
     if idempotency_key is not None:
@@ -499,6 +525,7 @@ def enqueue(
         idempotency_key=idempotency_key,
         metadata=metadata,
         now=utcnow(),
+        list_id=list_id,
     )
     try:
         return str(write_and_dispatch([prepared], session)[0])
@@ -519,6 +546,7 @@ def enqueue_many(
     send_at: dt.datetime | None = None,
     chunk_size: int = 1000,
     progress: Callable[[int], None] | None = None,
+    list_id: str | None = None,
 ) -> list[str]:
     """Store many messages; returns their ids in order.
 
@@ -527,10 +555,12 @@ def enqueue_many(
     naming its index, and nothing is written. Without ``session`` the rows are written in
     chunks of ``chunk_size`` messages, one transaction each, and each chunk
     is dispatched after its commit. ``progress(n)`` is called after each
-    chunk with the number written so far.
+    chunk with the number written so far. ``list_id``: as for :func:`enqueue`,
+    for every message.
     """
     _check_relay(relay)
     _check_send_at(send_at)
+    list_id = check_list_id(list_id)
     if isinstance(messages, Message | str | bytes | dict) or not isinstance(messages, Iterable):
         raise InvalidMessageError(
             f"expected an iterable of mailqueue.Message, got {_type_name(messages)}",
@@ -550,6 +580,7 @@ def enqueue_many(
                     idempotency_key=None,
                     metadata=None,
                     now=now,
+                    list_id=list_id,
                 )
             )
         except InvalidMessageError as exc:
@@ -588,8 +619,10 @@ def list_messages(
 
 
 def stats() -> dict[str, dict[str, int]]:
-    """Counts per message status and per recipient status."""
-    return _admin.stats(_store().engine)
+    """Counts per message status and per recipient status, and suppression list
+    entries per reason (``suppressions``)."""
+    store = _store()
+    return {**_admin.stats(store.engine), "suppressions": store.count_suppressions()}
 
 
 def retry(message_id: str) -> int:
@@ -874,6 +907,227 @@ def probe_relay(name: str | None = None) -> dict[str, Any]:
             await close_session(smtp, say_quit=True)
 
     return asyncio.run(probe())
+
+
+# -- the suppression list ----------------------------------------------------------------
+
+LIST_ID_MAX = 255
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_LIST_ID = re.compile(rf"{_ATEXT}(?:\.{_ATEXT})+")
+"""RFC 2919: ``list-label "." list-id-namespace``, both dot-atom text (ASCII)."""
+
+
+def check_list_id(list_id: object, *, field: str = "list_id") -> str | None:
+    """An RFC 2919 list id (``news.example.com``; ``<news.example.com>`` is unwrapped),
+    or None; anything else (CR/LF, spaces, no dot, over 255) is refused."""
+    if list_id is None:
+        return None
+    if not isinstance(list_id, str):
+        raise InvalidMessageError(f"must be a string, not {_type_name(list_id)}", field=field)
+    value = list_id[1:-1] if list_id.startswith("<") and list_id.endswith(">") else list_id
+    if not 0 < len(value) <= LIST_ID_MAX or not _LIST_ID.fullmatch(value):
+        raise InvalidMessageError(
+            f"{list_id!r} is not an RFC 2919 list id: write label.namespace in ASCII, "
+            f"e.g. news.example.com (at most {LIST_ID_MAX} characters)",
+            field=field,
+        )
+    return value
+
+
+def _suppression_address(address: object, field: str = "address") -> str:
+    if not isinstance(address, str):
+        raise InvalidMessageError(
+            f"must be an address string, not {_type_name(address)}", field=field
+        )
+    normalised = validate_address(address.strip(), field_name=field)[0]
+    if "@" not in normalised:
+        raise InvalidMessageError(f"{address!r} is not an address (no @domain)", field=field)
+    return normalised
+
+
+def _reason(reason: object) -> str:
+    if reason not in SuppressionReason.ALL or not isinstance(reason, str):
+        raise InvalidMessageError(
+            f"{reason!r} is not a suppression reason: use one of "
+            + ", ".join(SuppressionReason.ALL),
+            field="reason",
+        )
+    return str(reason)
+
+
+def _scope(scope: object) -> str:
+    """``None``/``''`` (everywhere), ``domain:<sender domain>`` or ``list:<list id>``,
+    normalised as the claim compares them."""
+    if scope is None or scope == EVERYWHERE:
+        return EVERYWHERE
+    if not isinstance(scope, str):
+        raise InvalidMessageError(f"must be a string, not {_type_name(scope)}", field="scope")
+    kind, colon, value = scope.partition(":")
+    if colon and kind == DOMAIN_SCOPE[:-1]:
+        domain = _suppression_address(f"x@{value}", field="scope").rpartition("@")[2]
+        return sender_domain_scope(f"x@{domain}")
+    if colon and kind == LIST_SCOPE[:-1]:
+        return f"{LIST_SCOPE}{check_list_id(value, field='scope')}".lower()
+    raise InvalidMessageError(
+        f"{scope!r} is not a scope: write domain:<sender domain> or list:<list id> "
+        "(or nothing, for everywhere)",
+        field="scope",
+    )
+
+
+def _note(note: object) -> str | None:
+    if note is None or note == "":
+        return None
+    if not isinstance(note, str):
+        raise InvalidMessageError(f"must be a string, not {_type_name(note)}", field="note")
+    if len(note) > 2000 or "\x00" in note:
+        raise InvalidMessageError("must be at most 2000 characters, without NUL", field="note")
+    return note
+
+
+def _new_suppression(
+    store: Store, address: object, reason: object, scope: object, note: object
+) -> NewSuppression:
+    normalised = _suppression_address(address)
+    return NewSuppression(
+        address=normalised,
+        address_key=store.key_of(normalised),
+        reason=_reason(reason),
+        scope=_scope(scope),
+        note=_note(note),
+    )
+
+
+def suppress(
+    address: str,
+    *,
+    reason: str = SuppressionReason.MANUAL,
+    scope: str | None = None,
+    note: str | None = None,
+) -> SuppressionInfo:
+    """Put ``address`` on the suppression list; returns the entry.
+
+    ``reason``: ``unsubscribed``, ``bounced``, ``complained`` or ``manual``.
+    ``scope``: None (everywhere), ``domain:<sender domain>`` or ``list:<list id>``.
+    Checked when a worker claims a message, so mail already queued is stopped
+    too: its recipient ends ``suppressed``, never sent. An entry already there
+    for the address and scope takes the new reason and note. Bad input raises
+    ``InvalidMessageError`` and writes nothing.
+    """
+    store = _store()
+    entry = _new_suppression(store, address, reason, scope, note)
+    store.add_suppressions([entry])
+    return store.list_suppressions(key=entry.address_key, scope=entry.scope, limit=1)[0]
+
+
+def unsuppress(address: str, *, scope: str | None = None) -> bool:
+    """Take ``address`` off the list in ``scope``; False if it was not there."""
+    store = _store()
+    return store.remove_suppression(store.key_of(_suppression_address(address)), _scope(scope))
+
+
+def suppressions(
+    *,
+    reason: str | None = None,
+    scope: str | None = None,
+    address: str | None = None,
+    limit: int = 100,
+    before: int | None = None,
+) -> list[SuppressionInfo]:
+    """Entries newest first, optionally of one reason, scope or address; page with
+    ``before=<last entry's id>``."""
+    store = _store()
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 10000:
+        raise InvalidMessageError("must be a whole number from 1 to 10000", field="limit")
+    if before is not None and (isinstance(before, bool) or not isinstance(before, int)):
+        raise InvalidMessageError("must be an entry id (a whole number)", field="before")
+    return store.list_suppressions(
+        reason=_reason(reason) if reason is not None else None,
+        scope=_scope(scope) if scope is not None else None,
+        key=store.key_of(_suppression_address(address)) if address is not None else None,
+        limit=limit,
+        before=before,
+    )
+
+
+def is_suppressed(address: str, *, sender: str | None = None, list_id: str | None = None) -> bool:
+    """Whether a message from ``sender`` in ``list_id`` would be withheld from ``address``."""
+    store = _store()
+    key = store.key_of(_suppression_address(address))
+    mail_from = _suppression_address(sender, field="sender") if sender is not None else ""
+    scopes = scopes_for(mail_from, check_list_id(list_id))
+    return store.find_suppression(key, scopes) is not None
+
+
+def suppression_counts() -> dict[str, int]:
+    """Entries on the suppression list per reason."""
+    return _store().count_suppressions()
+
+
+CSV_COLUMNS = ("address", "reason", "scope", "note")
+"""The CSV header ``import_suppressions`` reads and ``export_suppressions`` writes
+(the export adds ``created_at``, which the import ignores)."""
+
+
+def import_suppressions(
+    lines: Iterable[str], *, progress: Callable[[int], None] | None = None
+) -> int:
+    """Add the entries of a CSV (header ``address,reason,scope,note``; only
+    ``address`` is required, ``reason`` defaults to ``manual``); returns how many.
+
+    Every row is checked before anything is written: a bad row refuses the
+    whole file with ``InvalidMessageError`` naming its line. Then the rows are
+    written in one transaction; ``progress(n)`` after each chunk.
+    """
+    store = _store()
+    reader = csv.DictReader(lines)
+    header = reader.fieldnames or []
+    unknown = [c for c in header if c not in (*CSV_COLUMNS, "created_at")]
+    if "address" not in header or unknown:
+        raise InvalidMessageError(
+            f"line 1: the header must be {','.join(CSV_COLUMNS)} (address required)"
+            + (f"; unknown column(s): {', '.join(unknown)}" if unknown else ""),
+            field="csv",
+        )
+    entries: dict[tuple[str, str], NewSuppression] = {}
+    for row in reader:
+        if None in row:
+            raise InvalidMessageError(
+                f"line {reader.line_num}: more fields than the header names", field="csv"
+            )
+        try:
+            entry = _new_suppression(
+                store,
+                row.get("address") or "",
+                row.get("reason") or SuppressionReason.MANUAL,
+                row.get("scope") or None,
+                row.get("note") or None,
+            )
+        except InvalidMessageError as exc:
+            raise InvalidMessageError(
+                f"line {reader.line_num}: {exc.field}: {exc.reason}", field="csv"
+            ) from None
+        entries[(entry.address_key, entry.scope)] = entry  # the file's last word wins
+    return store.add_suppressions(list(entries.values()), progress=progress)
+
+
+def export_suppressions(out: Any) -> int:
+    """Write every entry as CSV to ``out`` (a text file), oldest first; returns how many."""
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow((*CSV_COLUMNS, "created_at"))
+    count = 0
+    for entry in _store().iter_suppressions():
+        writer.writerow(
+            (
+                entry.address,
+                entry.reason,
+                entry.scope,
+                entry.note or "",
+                entry.created_at.isoformat(),
+            )
+        )
+        count += 1
+    return count
 
 
 # The names the Django backend and older tests used before these were public.

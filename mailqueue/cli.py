@@ -1269,6 +1269,115 @@ def bounces_serve(host: str, port: int, max_size: int) -> None:
         serve(host, port, max_size=max_size)
 
 
+# -- the suppression list ----------------------------------------------------------------
+
+_REASONS = click.Choice(["unsubscribed", "bounced", "complained", "manual"])
+_SCOPE_HELP = "domain:<sender domain> or list:<list id> (default: everywhere)."
+
+
+@cli.group()
+def suppress() -> None:
+    """The suppression list: addresses never sent to (checked when a worker claims mail)."""
+
+
+@suppress.command("add")
+@click.argument("address")
+@click.option("--reason", type=_REASONS, default="manual", show_default=True)
+@click.option("--scope", help=_SCOPE_HELP)
+@click.option("--note", help="Free text kept with the entry.")
+@click.option("--json", "as_json", is_flag=True, help="Print the entry as JSON.")
+def suppress_add(
+    address: str, reason: str, scope: str | None, note: str | None, as_json: bool
+) -> None:
+    """Add ADDRESS (an entry already there takes the new reason and note)."""
+    _ensure_schema()
+    entry = api.suppress(address, reason=reason, scope=scope, note=note)
+    if as_json:
+        _echo_json(entry.as_dict())
+    else:
+        click.echo(f"suppressed {entry.address} ({entry.reason}, {entry.scope or 'everywhere'})")
+
+
+@suppress.command("remove")
+@click.argument("address")
+@click.option("--scope", help=_SCOPE_HELP)
+def suppress_remove(address: str, scope: str | None) -> None:
+    """Take ADDRESS off the list (exit 1 if it was not there)."""
+    _require_schema()
+    if not api.unsuppress(address, scope=scope):
+        raise _NotFound(f"{address} is not suppressed in scope {scope or 'everywhere'}")
+    click.echo(f"removed {address} ({scope or 'everywhere'})")
+
+
+@suppress.command("list")
+@click.option("--reason", type=_REASONS, help="Only entries with this reason.")
+@click.option("--scope", help="Only entries of this scope ('' for everywhere).")
+@click.option("--address", help="Only entries for this address.")
+@click.option("--limit", type=click.IntRange(1, 10000), default=100, show_default=True)
+@click.option("--before", type=int, help="Page: entries older than this id.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def suppress_list(
+    reason: str | None,
+    scope: str | None,
+    address: str | None,
+    limit: int,
+    before: int | None,
+    as_json: bool,
+) -> None:
+    """Entries, newest first."""
+    _require_schema()
+    entries = api.suppressions(
+        reason=reason, scope=scope, address=address, limit=limit, before=before
+    )
+    if as_json:
+        _echo_json([e.as_dict() for e in entries])
+        return
+    for e in entries:
+        click.echo(
+            shown(
+                f"{e.id:>8}  {e.created_at:%Y-%m-%d %H:%M:%S}  {e.reason:<12}  "
+                f"{e.scope or 'everywhere'}  {e.address}" + (f"  ({e.note})" if e.note else "")
+            )
+        )
+
+
+@suppress.command("import")
+@click.argument("file", type=click.Path(dir_okay=False, allow_dash=True))
+def suppress_import(file: str) -> None:
+    """Add the entries of a CSV FILE ('-': standard input) with the header
+    address,reason,scope,note; a bad row refuses the whole file (its line is named)."""
+    _ensure_schema()
+
+    def progress(n: int) -> None:
+        click.echo(f"\rwritten {n}", nl=False, err=True)
+
+    with _reading(file, "FILE"):
+        if file == "-":
+            count = api.import_suppressions(sys.stdin, progress=progress)
+        else:
+            with open(file, encoding="utf-8-sig", newline="") as fh:
+                count = api.import_suppressions(fh, progress=progress)
+    if count:
+        click.echo("", err=True)
+    click.echo(f"imported {count} entries")
+
+
+@suppress.command("export")
+@click.argument("file", required=False, type=click.Path(dir_okay=False, allow_dash=True))
+def suppress_export(file: str | None) -> None:
+    """Write every entry as CSV to FILE (default: standard output)."""
+    _require_schema()
+    if not file or file == "-":
+        api.export_suppressions(sys.stdout)
+        return
+    try:
+        with open(file, "w", encoding="utf-8", newline="") as out:
+            count = api.export_suppressions(out)
+    except OSError as exc:
+        raise _Failed(f"cannot write {file!r}: {exc.strerror}") from None
+    click.echo(f"exported {count} entries to {file}", err=True)
+
+
 def main() -> None:
     try:
         cli(standalone_mode=False)

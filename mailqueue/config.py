@@ -662,6 +662,11 @@ class Settings:
     """With it, each recipient is sent with its own signed return path
     ``b+<token>@<bounce_domain>`` (``bounces/verp.py``), so a bounce names its row.
     The HMAC secret is ``MAILQUEUE_BOUNCE_SECRET``, read from the environment only."""
+    suppression_local_case_insensitive: bool = False
+    """Compare suppressed addresses' local parts ignoring case (``Bob@x`` = ``bob@x``).
+    Off by default: RFC 5321 leaves the local part's case to the receiving host.
+    Keys are computed when an entry is written, so after changing this, export
+    the list and import it again (``mailqueue suppress export|import``)."""
     dkim: Mapping[str, DkimKey] = field(default_factory=dict)
     """DKIM keys by sender domain (``MAILQUEUE_DKIM__<NAME>__<OPTION>``): the worker
     signs a message whose From domain is here, and sends the others unsigned."""
@@ -910,6 +915,10 @@ _ENV: dict[str, tuple[str, Any]] = {
     "MAILQUEUE_WEB_SESSION_S": ("web_session_s", float),
     "MAILQUEUE_WEB_AUTH_FAILURES_PER_MIN": ("web_auth_failures_per_min", int),
     "MAILQUEUE_BOUNCE_DOMAIN": ("bounce_domain", str),
+    "MAILQUEUE_SUPPRESSION_LOCAL_CASE_INSENSITIVE": (
+        "suppression_local_case_insensitive",
+        _to_bool,
+    ),
 }
 
 

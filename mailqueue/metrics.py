@@ -112,6 +112,8 @@ class StoreReads:
     """Per relay: ``relay``, ``waiting``, ``due``, ``oldest_due_age_s`` (from an engine)."""
     relay_states: Callable[[Any], Iterable[Any]]
     """Per relay: ``name`` and ``paused`` (from an engine)."""
+    suppressions: Callable[[Any], dict[str, int]]
+    """Suppression list entries per reason (from an engine)."""
 
 
 _reads: StoreReads | None = None
@@ -168,6 +170,12 @@ class _Metrics:
             "Seconds from a message's last SMTP reply to its outcome's commit "
             "(a worker killed meanwhile resends those recipients)",
             buckets=RECORD_LAG_BUCKETS,
+        )
+        self.suppressions = Gauge(
+            "mailqueue_suppressions",
+            "Entries on the suppression list, by reason (read by the scheduler)",
+            ["reason"],
+            multiprocess_mode="max",
         )
         self.pool = Gauge(
             "mailqueue_pool_connections",
@@ -393,9 +401,13 @@ def _observe_attempt(message: Any, result: Any, outcome: Any) -> None:
             m.child(m.attempt_number, relay, r.status).observe(attempt)
         if r.status == RecipientStatus.SENT and enqueued is not None:
             m.child(m.latency, relay).observe(max(0.0, now - enqueued))
+    # Withheld by the suppression list at this claim: never in ``outcome``.
+    suppressed = getattr(message, "suppressed", 0)
+    if suppressed:
+        m.child(m.recipients, relay, RecipientStatus.SUPPRESSED).inc(suppressed)
     for r in result.recipients:
         m.child(m.replies, relay, reply_class(r.code)).inc()
-    if outcome.recipients:
+    if outcome.recipients or suppressed:
         m.child(m.messages, relay, derive_status(final.values())).inc()
 
 
@@ -509,3 +521,5 @@ def observe_queue(engine: Any) -> None:
     m._relays_seen |= seen
     for state in reads.relay_states(engine):
         m.relay_paused.labels(state.name).set(1 if state.paused else 0)
+    for reason, count in reads.suppressions(engine).items():
+        m.suppressions.labels(reason).set(count)

@@ -85,6 +85,12 @@ def stats_table(data: dict[str, Any]) -> Any:
         left = m[i] if i < len(m) else ("", "")
         right = r[i] if i < len(r) else ("", "")
         table.add_row(cell(left[0]), str(left[1]), cell(right[0]), str(right[1]))
+    listed = data.get("suppressions")
+    if listed is not None:
+        parts = ", ".join(f"{reason} {n}" for reason, n in listed.items() if n)
+        table.caption = f"suppression list: {sum(listed.values())}" + (
+            f" ({parts})" if parts else ""
+        )
     return table
 
 

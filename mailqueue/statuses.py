@@ -7,14 +7,21 @@ itself (``RecipientStatus.SENT == "sent"``), in SQL, JSON and templates.
 Recipient: ``pending`` (not tried yet), ``sent`` (the relay accepted it),
 ``deferred`` (a temporary failure; tried again at the message's
 ``next_attempt_at``), ``failed`` (refused for good, or expired),
-``cancelled``; after ``sent``, a report that came back may turn it
-``bounced`` (a hard bounce: the next hop refused it for good) or
-``complained`` (the recipient reported it as spam); see ``bounces``.
+``cancelled``, ``suppressed`` (its address is on the suppression list: found
+when a worker claimed the message, so never sent; not a failure). After
+``sent``, a report that came back may turn it ``bounced`` (a hard bounce: the
+next hop refused it for good) or ``complained`` (the recipient reported it as
+spam); see ``bounces``.
 
 Message, derived from its recipients: ``queued``, ``sending`` (a worker holds
 its lease), ``deferred``, ``sent`` (all accepted), ``partial`` (terminal:
-some accepted, the rest failed or cancelled), ``failed`` (none accepted),
-``cancelled``.
+some accepted, the rest failed, cancelled or suppressed), ``failed`` (none
+accepted, some failed), ``cancelled`` (every recipient cancelled),
+``suppressed`` (none accepted, none failed, at least one suppressed: nothing
+went wrong, the list withheld it).
+
+Suppression reasons (:class:`SuppressionReason`): ``unsubscribed``,
+``bounced``, ``complained``, ``manual``.
 
 Errors: a recipient's ``error`` and a message's ``last_error`` hold the class
 name of the exception that ended the attempt (``AuthError``, ``TLSError``,
@@ -25,7 +32,13 @@ from __future__ import annotations
 
 from enum import StrEnum, nonmember
 
-__all__ = ["ErrorWord", "MessageStatus", "RecipientStatus", "TERMINAL_MESSAGE"]
+__all__ = [
+    "ErrorWord",
+    "MessageStatus",
+    "RecipientStatus",
+    "SuppressionReason",
+    "TERMINAL_MESSAGE",
+]
 
 
 class MessageStatus(StrEnum):
@@ -36,7 +49,8 @@ class MessageStatus(StrEnum):
     PARTIAL = "partial"
     FAILED = "failed"
     CANCELLED = "cancelled"
-    ALL = nonmember((QUEUED, SENDING, DEFERRED, SENT, PARTIAL, FAILED, CANCELLED))
+    SUPPRESSED = "suppressed"
+    ALL = nonmember((QUEUED, SENDING, DEFERRED, SENT, PARTIAL, FAILED, CANCELLED, SUPPRESSED))
     """Every message status, in the order the CLI and the status page list them."""
 
 
@@ -46,11 +60,12 @@ class RecipientStatus(StrEnum):
     DEFERRED = "deferred"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    SUPPRESSED = "suppressed"
     BOUNCED = "bounced"
     """Was ``sent``; a delivery status notification then said it failed for good."""
     COMPLAINED = "complained"
     """Was ``sent``; the recipient then reported it as spam (an ARF report)."""
-    ALL = nonmember((PENDING, SENT, DEFERRED, FAILED, CANCELLED, BOUNCED, COMPLAINED))
+    ALL = nonmember((PENDING, SENT, DEFERRED, FAILED, CANCELLED, SUPPRESSED, BOUNCED, COMPLAINED))
     """Every recipient status, in the order the CLI and the status page list them."""
     AFTER_SENT = nonmember((BOUNCED, COMPLAINED))
     """What a report that came back after the relay's 250 can make a ``sent`` recipient."""
@@ -63,6 +78,7 @@ TERMINAL_MESSAGE = (
     MessageStatus.PARTIAL,
     MessageStatus.FAILED,
     MessageStatus.CANCELLED,
+    MessageStatus.SUPPRESSED,
 )
 """Message statuses that no attempt changes any more."""
 
@@ -78,3 +94,15 @@ class ErrorWord(StrEnum):
     """A complaint (ARF) that came back after the 250."""
     RELAY_PAUSED = "RelayPaused"
     """Its relay is paused after an auth or TLS failure: deferred, not tried."""
+    SUPPRESSED = "Suppressed"
+    """The recipient's address is on the suppression list (the reply says which entry)."""
+
+
+class SuppressionReason(StrEnum):
+    """Why an address is on the suppression list (stored in ``mq_suppression.reason``)."""
+
+    UNSUBSCRIBED = "unsubscribed"
+    BOUNCED = "bounced"
+    COMPLAINED = "complained"
+    MANUAL = "manual"
+    ALL = nonmember((UNSUBSCRIBED, BOUNCED, COMPLAINED, MANUAL))

@@ -231,6 +231,7 @@ def _truncate(url: str) -> None:
         conn.execute(sa.text("DELETE FROM mq_recipient"))
         conn.execute(sa.text("DELETE FROM mq_message"))
         conn.execute(sa.text("DELETE FROM mq_relay"))  # no pause left over by an earlier test
+        conn.execute(sa.text("DELETE FROM mq_suppression"))
 
 
 def _base_settings(database_url: str, broker_url: str, relay_url: str, queue: str) -> Settings:

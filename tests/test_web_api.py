@@ -62,6 +62,7 @@ def test_api_shows_a_refused_recipient_and_retry_then_cancel_change_it(stack, sm
         "deferred": 0,
         "failed": 1,
         "cancelled": 0,
+        "suppressed": 0,
         "bounced": 0,
         "complained": 0,
     }

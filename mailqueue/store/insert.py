@@ -48,6 +48,7 @@ class NewMessage:
     dispatched: bool
     idempotency_key: str | None = None
     meta: dict[str, Any] | None = None
+    list_id: str | None = None
 
 
 def _chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
@@ -73,6 +74,7 @@ _NEW_MESSAGE_COLUMNS = (
     "dispatched_at",
     "idempotency_key",
     "meta",
+    "list_id",
 )
 """The columns ``Store.insert`` fills for a new message (its ``message_rows`` keys)."""
 # psycopg's own placeholders: ``enqueue()`` runs this on the driver connection
@@ -143,6 +145,7 @@ class InsertStatements:
                 "dispatched_at": now if m.dispatched else None,
                 "idempotency_key": m.idempotency_key,
                 "meta": m.meta,
+                "list_id": m.list_id,
             }
             for m in messages
         ]

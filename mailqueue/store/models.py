@@ -114,6 +114,9 @@ class MessageRow(Base):
     last_reply: Mapped[str | None] = mapped_column(Text, nullable=True)
     worker: Mapped[str | None] = mapped_column(String(64), nullable=True)
     """Which worker (host:pid) made the latest attempt."""
+    list_id: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    """The mailing list it belongs to (RFC 2919 id, no angle brackets): a
+    ``list:<id>`` suppression applies to it (migration 0006)."""
 
     __table_args__ = (
         # serves the scheduler's "what is due" and the per-status counts
@@ -246,3 +249,31 @@ class BounceRow(Base):
 
 
 BOUNCES = cast(Table, BounceRow.__table__)
+
+
+class SuppressionRow(Base):
+    """An address that must not be sent to, everywhere or within one scope.
+
+    ``address_key`` is what a recipient is compared with (``suppression.address_key``:
+    the local part as written, the domain lower-cased and IDNA-ASCII); ``scope``
+    is ``''`` (everywhere), ``domain:<sender domain>`` or ``list:<list id>``.
+    The unique (key, scope) index serves the claim's one lookup per batch.
+    """
+
+    __tablename__ = "mq_suppression"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    address: Mapped[str] = mapped_column(String(320))
+    address_key: Mapped[str] = mapped_column(String(320))
+    reason: Mapped[str] = mapped_column(String(16))
+    scope: Mapped[str] = mapped_column(String(262), default="")
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    note: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+    __table_args__ = (
+        UniqueConstraint("address_key", "scope", name="uq_mq_suppression_key_scope"),
+        Index("ix_mq_suppression_created", "created_at", "id"),
+    )
+
+
+SUPPRESSIONS = cast(Table, SuppressionRow.__table__)

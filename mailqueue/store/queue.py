@@ -10,6 +10,8 @@ responsibility is a module, its PostgreSQL and SQLite statements side by side:
   writers), and ``renew``/``release`` that lease;
 * ``record``   (``record.py``) writes each recipient's outcome and releases the
   lease; a recipient that is ``sent`` is never changed again;
+* ``suppression`` (``suppression.py``) the suppression list, which ``claim``
+  reads in its transaction;
 * ``due``      (``schedule.py``) the one rule for what may be tried now, and
   ``take_due``, what the scheduler must hand to the broker.
 """
@@ -22,6 +24,7 @@ from .claim import ClaimedMessage, ClaimedRecipient, ClaimStatements
 from .insert import InsertStatements, NewMessage, NewRecipient
 from .record import MessageOutcome, RecipientOutcome, RecordStatements, derive_status
 from .schedule import ScheduleStatements
+from .suppression import SuppressionStatements
 
 __all__ = [
     "NewMessage",
@@ -35,10 +38,28 @@ __all__ = [
 ]
 
 
-class Store(InsertStatements, ClaimStatements, RecordStatements, ScheduleStatements):
+class Store(
+    InsertStatements,
+    ClaimStatements,
+    RecordStatements,
+    ScheduleStatements,
+    SuppressionStatements,
+):
     """Queue statements bound to one engine."""
 
-    def __init__(self, engine: Engine, *, unpinged: Engine | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        unpinged: Engine | None = None,
+        fold_local_case: bool | None = None,
+    ) -> None:
+        if fold_local_case is None:
+            from ..config import get_settings
+
+            fold_local_case = get_settings().suppression_local_case_insensitive
+        self.fold_local_case = fold_local_case
+        """Suppression keys lower-case the local part too (see ``suppression.address_key``)."""
         self.engine = engine
         self.is_postgres = engine.dialect.name == "postgresql"
         self.unpinged = unpinged or engine

@@ -78,6 +78,9 @@ def derive_status(statuses: Iterable[str]) -> str:
         return MessageStatus.PARTIAL
     if total and counts.get(RecipientStatus.CANCELLED, 0) == total:
         return MessageStatus.CANCELLED
+    if counts.get(RecipientStatus.SUPPRESSED) and not counts.get(RecipientStatus.FAILED):
+        # Withheld by the list, not refused: "failed" would page someone for nothing.
+        return MessageStatus.SUPPRESSED
     return MessageStatus.FAILED
 
 

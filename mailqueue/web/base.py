@@ -297,6 +297,7 @@ def page(fn: Handler) -> Handler:
                     )
             if request.method == "POST":
                 form = await read_form(request)
+                request.state.form = form  # the body is read once: the route's fields
                 if not web.csrf_ok(request, form):
                     return web.render(
                         request,

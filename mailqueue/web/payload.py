@@ -65,7 +65,9 @@ ENQUEUE_FIELDS = (
     "send_at",
     "idempotency_key",
     "metadata",
+    "list_id",
 )
+SUPPRESSION_FIELDS = ("address", "reason", "scope", "note")
 _ATTACHMENT_FIELDS = ("filename", "content_base64", "content_type")
 
 
@@ -388,7 +390,7 @@ def enqueue_args(body: Any, *, lifetime_s: float) -> dict[str, Any]:
         )
     strings = {
         name: _optional_str(body, name)
-        for name in ("sender", "subject", "text", "html", "relay", "idempotency_key")
+        for name in ("sender", "subject", "text", "html", "relay", "idempotency_key", "list_id")
     }
     relay = strings["relay"]
     if relay is not None and not RELAY_NAME.fullmatch(relay):
@@ -417,4 +419,27 @@ def enqueue_args(body: Any, *, lifetime_s: float) -> dict[str, Any]:
         "send_at": _send_at(body, lifetime_s),
         "idempotency_key": key,
         "metadata": _metadata(body),
+        "list_id": strings["list_id"],
     }
+
+
+def suppression_args(body: Any) -> dict[str, Any]:
+    """The JSON body of ``POST /api/v1/suppressions`` as ``suppress(**args)`` arguments;
+    the values themselves are checked by ``api.suppress``."""
+    if not isinstance(body, dict):
+        raise InvalidMessageError(
+            f"the body must be a JSON object, not {_json_type(body)}", field="body"
+        )
+    unknown = sorted(set(body) - set(SUPPRESSION_FIELDS))
+    if unknown:
+        raise InvalidMessageError(
+            f"unknown field(s): {', '.join(map(repr, unknown))} "
+            f"(known: {', '.join(SUPPRESSION_FIELDS)})",
+            field="body",
+        )
+    args = {name: _optional_str(body, name) for name in SUPPRESSION_FIELDS}
+    if args["address"] is None:
+        raise InvalidMessageError("an address is required", field="address")
+    if args["reason"] is None:
+        del args["reason"]
+    return args

@@ -11,9 +11,9 @@ from starlette.routing import Route
 
 from .. import api
 from ..config import get_settings
-from ..errors import InvalidMessageError
+from ..errors import InvalidMessageError, NotFoundError
 from . import payload
-from .base import WINDOWS, JSONResponse, endpoint, web_of
+from .base import WINDOWS, JSONResponse, _limit, _param, endpoint, web_of
 from .payload import read_body
 
 __all__ = ["routes"]
@@ -73,6 +73,50 @@ async def api_enqueue(request: Request) -> Any:
     return JSONResponse({"id": message_id}, status_code=201)
 
 
+@endpoint
+async def api_suppressions(request: Request) -> Any:
+    params = request.query_params
+    limit = min(_limit(params, 100), 10000)
+    before = _param(params, "before")
+    if before is not None and not before.isdigit():
+        raise InvalidMessageError("must be an entry id (a whole number)", field="before")
+    rows = await run_in_threadpool(
+        lambda: api.suppressions(
+            reason=_param(params, "reason"),
+            scope=params.get("scope"),
+            address=_param(params, "address"),
+            limit=limit,
+            before=int(before) if before is not None else None,
+        )
+    )
+    return {
+        "suppressions": [r.as_dict() for r in rows],
+        "next_before": rows[-1].id if len(rows) == limit else None,
+    }
+
+
+@endpoint
+async def api_suppress(request: Request) -> Any:
+    current = get_settings()
+    raw = await read_body(request, current.api_body_limit)
+    args = payload.suppression_args(payload.load_json(raw, max_depth=current.api_max_depth))
+    entry = await run_in_threadpool(lambda: api.suppress(**args))
+    web_of(request).cache.clear()
+    return JSONResponse(entry.as_dict(), status_code=201)
+
+
+@endpoint
+async def api_unsuppress(request: Request) -> Any:
+    address = _param(request.query_params, "address")
+    if address is None:
+        raise InvalidMessageError("give ?address=… (&scope=… for a scoped entry)", field="address")
+    scope = _param(request.query_params, "scope")
+    if not await run_in_threadpool(lambda: api.unsuppress(address, scope=scope)):
+        raise NotFoundError(f"{address} is not suppressed in scope {scope or 'everywhere'}")
+    web_of(request).cache.clear()
+    return {"removed": True}
+
+
 async def healthz(request: Request) -> Response:
     try:
         await run_in_threadpool(api.ping)
@@ -91,4 +135,7 @@ def routes() -> list[Route]:
         Route("/api/v1/messages/{message_id}", api_status),
         Route("/api/v1/messages/{message_id}/retry", api_retry, methods=["POST"]),
         Route("/api/v1/messages/{message_id}/cancel", api_cancel, methods=["POST"]),
+        Route("/api/v1/suppressions", api_suppressions),
+        Route("/api/v1/suppressions", api_suppress, methods=["POST"]),
+        Route("/api/v1/suppressions", api_unsuppress, methods=["DELETE"]),
     ]

@@ -1,4 +1,5 @@
-"""The status page: the list and chart, one message, retry and cancel, login and logout."""
+"""The status page: the list and chart, one message, retry and cancel, the suppression
+list, login and logout."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
 from .. import api
-from ..statuses import MessageStatus, RecipientStatus
+from ..statuses import MessageStatus, RecipientStatus, SuppressionReason
 from .base import CSRF_COOKIE, SESSION_COOKIE, WINDOWS, client, page, web_of
 from .chart import render_chart
 from .payload import BodyTooLarge, read_form
@@ -25,6 +26,9 @@ NOTICES = {
     "requeued": "Requeued for delivery: failed and deferred recipients will be tried again.",
     "nothing-to-retry": "Nothing to retry: no failed or deferred recipient (or it is sending).",
     "cancelled": "Cancelled the recipients that were not sent yet.",
+    "suppressed": "Added to the suppression list: queued mail to it will not be sent.",
+    "unsuppressed": "Removed from the suppression list.",
+    "not-suppressed": "That address was not on the list in that scope.",
 }
 """Fixed texts shown after an action: the URL names one, it never carries the words."""
 
@@ -95,6 +99,66 @@ async def message_cancel(request: Request) -> Response:
     return RedirectResponse(f"/messages/{mid}?" + urlencode({"notice": "cancelled"}), 303)
 
 
+@page
+async def suppressions_page(request: Request) -> Response:
+    web = web_of(request)
+    params = request.query_params
+    reason = params.get("reason") or None
+    address = (params.get("address") or "").strip() or None
+    before = params.get("before")
+    limit = 100
+    rows = await run_in_threadpool(
+        lambda: api.suppressions(
+            reason=reason,
+            address=address,
+            limit=limit,
+            before=int(before) if before and before.isdigit() else None,
+        )
+    )
+    older = None
+    if len(rows) == limit:
+        query = {k: v for k, v in (("reason", reason), ("address", address)) if v}
+        older = "/suppressions?" + urlencode({**query, "before": rows[-1].id})
+    stats = await web.stats_data()
+    return web.render(
+        request,
+        "suppressions.html",
+        rows=rows,
+        older=older,
+        counts=stats["suppressions"],
+        reasons=SuppressionReason.ALL,
+        reason=reason,
+        address=address or "",
+        notice=NOTICES.get(params.get("notice", "")),
+    )
+
+
+@page
+async def suppressions_add(request: Request) -> Response:
+    form = request.state.form
+    await run_in_threadpool(
+        lambda: api.suppress(
+            form.get("address", ""),
+            reason=form.get("reason") or SuppressionReason.MANUAL,
+            scope=form.get("scope") or None,
+            note=form.get("note") or None,
+        )
+    )
+    web_of(request).cache.clear()
+    return RedirectResponse("/suppressions?notice=suppressed", 303)
+
+
+@page
+async def suppressions_remove(request: Request) -> Response:
+    form = request.state.form
+    removed = await run_in_threadpool(
+        lambda: api.unsuppress(form.get("address", ""), scope=form.get("scope") or None)
+    )
+    web_of(request).cache.clear()
+    notice = "unsuppressed" if removed else "not-suppressed"
+    return RedirectResponse(f"/suppressions?notice={notice}", 303)
+
+
 async def login(request: Request) -> Response:
     web = web_of(request)
     request.state.new_csrf = secrets.token_urlsafe(24)
@@ -161,6 +225,9 @@ def routes() -> list[Route]:
         Route("/messages/{message_id}", message_page),
         Route("/messages/{message_id}/retry", message_retry, methods=["POST"]),
         Route("/messages/{message_id}/cancel", message_cancel, methods=["POST"]),
+        Route("/suppressions", suppressions_page),
+        Route("/suppressions/add", suppressions_add, methods=["POST"]),
+        Route("/suppressions/remove", suppressions_remove, methods=["POST"]),
         Route("/login", login, methods=["GET", "POST"]),
         Route("/logout", logout, methods=["POST"]),
         Route("/static/mailqueue.css", stylesheet),

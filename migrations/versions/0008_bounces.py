@@ -1,7 +1,8 @@
 """mq_bounce: every bounce and complaint that came back, matched or not (issue #18).
 
 Revision ID: 0008
-Revises: 0005 (the branches that add 0006 and 0007 re-point this when merged)
+Revises: 0006 (written on 0005; re-pointed when the suppression branch was merged in.
+The lanes branch adds 0007: re-point again when it is merged.)
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0008"
-down_revision = "0005"
+down_revision = "0006"
 branch_labels = None
 depends_on = None
 
