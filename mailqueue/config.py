@@ -662,6 +662,9 @@ class Settings:
     """With it, each recipient is sent with its own signed return path
     ``b+<token>@<bounce_domain>`` (``bounces/verp.py``), so a bounce names its row.
     The HMAC secret is ``MAILQUEUE_BOUNCE_SECRET``, read from the environment only."""
+    bounce_suppress: bool = True
+    """A recipient that a report turns ``bounced`` or ``complained`` also puts its
+    address on the suppression list (everywhere), so no later mail goes to it."""
     suppression_local_case_insensitive: bool = False
     """Compare suppressed addresses' local parts ignoring case (``Bob@x`` = ``bob@x``).
     Off by default: RFC 5321 leaves the local part's case to the receiving host.
@@ -915,6 +918,7 @@ _ENV: dict[str, tuple[str, Any]] = {
     "MAILQUEUE_WEB_SESSION_S": ("web_session_s", float),
     "MAILQUEUE_WEB_AUTH_FAILURES_PER_MIN": ("web_auth_failures_per_min", int),
     "MAILQUEUE_BOUNCE_DOMAIN": ("bounce_domain", str),
+    "MAILQUEUE_BOUNCE_SUPPRESS": ("bounce_suppress", _to_bool),
     "MAILQUEUE_SUPPRESSION_LOCAL_CASE_INSENSITIVE": (
         "suppression_local_case_insensitive",
         _to_bool,

@@ -21,7 +21,7 @@ from pathlib import Path
 from . import metrics as _metrics
 from .bounces.parse import MAX_BYTES, parse_report
 from .config import Settings, get_settings
-from .store import get_engine
+from .store import Store, get_engine
 from .store.bounces import BounceRecord, Incoming, record_reports
 
 __all__ = ["BATCH", "IngestReport", "ingest", "ingest_maildir", "ingest_mbox"]
@@ -55,11 +55,18 @@ class IngestReport:
 
 
 def _record(batch: Sequence[Incoming], settings: Settings) -> list[BounceRecord]:
+    engine = get_engine(settings.database_url)
+    suppress = (
+        Store(engine, fold_local_case=settings.suppression_local_case_insensitive)
+        if settings.bounce_suppress
+        else None
+    )
     records = record_reports(
-        get_engine(settings.database_url),
+        engine,
         batch,
         bounce_domain=settings.bounce_domain,
         secret=settings.bounce_secret,
+        suppress=suppress,
     )
     _metrics.bounces_recorded(records)
     return records

@@ -21,7 +21,7 @@ from click.testing import CliRunner
 from prometheus_client import REGISTRY
 
 import mailqueue
-from mailqueue import Message
+from mailqueue import Message, api
 from mailqueue.bounceserver import BounceServer
 from mailqueue.cli import cli
 from mailqueue.contrib.status import anymail_status
@@ -131,6 +131,22 @@ def test_a_hard_bounce_over_smtp_turns_the_sent_recipient_bounced(verp, smtp_ser
     assert row.reason is None and row.raw.startswith(b"Return-Path: <>")
     assert SECRET.encode() not in row.raw and SECRET not in str(row.results)
     assert mailqueue.stats()["recipients"]["bounced"] == 1
+    # The address is suppressed: the next message to it is stopped at claim.
+    (entry,) = api.suppressions(address="nobody@example.net")
+    assert (entry.reason, entry.scope) == ("bounced", "")
+    assert entry.note.startswith("bounced report: 5.1.1 550 5.1.1 <nobody@example.net>")
+    again = send(verp, "nobody@example.net")
+    assert recipient(verp, again, "nobody@example.net")["status"] == "suppressed"
+    assert len(smtp_server.received_for("nobody@example.net")) == 1
+
+
+def test_suppression_on_bounce_can_be_turned_off(verp, smtp_server, endpoint):
+    endpoint.settings = verp.reconfigure(bounce_suppress=False)
+    mid = send(verp, "nobody@example.net")
+    path = return_path(smtp_server, "nobody@example.net")
+    submit(endpoint, path, dsn(path, "nobody@example.net"))
+    assert recipient(verp, mid, "nobody@example.net")["status"] == "bounced"
+    assert api.suppressions(address="nobody@example.net") == []
 
 
 def test_a_delayed_report_is_recorded_and_changes_nothing(verp, smtp_server, endpoint):

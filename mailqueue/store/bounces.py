@@ -38,8 +38,9 @@ import sqlalchemy as sa
 
 from ..bounces.parse import Kind, RecipientReport, Report, Verdict
 from ..bounces.verp import read_token, verifies
-from ..statuses import ErrorWord
+from ..statuses import ErrorWord, SuppressionReason
 from .models import ATTEMPTS, BOUNCES, RECIPIENTS, RecipientStatus, utcnow
+from .suppression import NewSuppression, SuppressionStatements
 
 __all__ = ["RAW_KEPT", "BounceRecord", "Incoming", "record_report", "record_reports"]
 
@@ -59,6 +60,8 @@ class BounceRecord:
     message_id: uuid.UUID | None
     effect: str | None
     reason: str | None
+    suppressed: bool = False
+    """Its address was put on the suppression list."""
 
 
 @dataclasses.dataclass
@@ -68,6 +71,9 @@ class _Match:
     result: RecipientReport | None = None
     effect: str | None = None
     reason: str | None = None
+    address: str | None = None
+    """The row's address (the one a suppression is for)."""
+    suppressed: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,11 +94,17 @@ def record_report(
     *,
     bounce_domain: str | None,
     secret: bytes,
+    suppress: SuppressionStatements | None = None,
     now: dt.datetime | None = None,
 ) -> BounceRecord:
-    """Store one report (its first ``RAW_KEPT`` bytes too); apply its effect."""
+    """Store one report (its first ``RAW_KEPT`` bytes too); apply its effect.
+
+    With ``suppress`` (a ``Store``), a recipient turned ``bounced`` or
+    ``complained`` also puts its address on the suppression list (everywhere,
+    reason ``bounced``/``complained``), in the same transaction.
+    """
     (record,) = record_reports(
-        engine, [incoming], bounce_domain=bounce_domain, secret=secret, now=now
+        engine, [incoming], bounce_domain=bounce_domain, secret=secret, suppress=suppress, now=now
     )
     return record
 
@@ -103,12 +115,13 @@ def record_reports(
     *,
     bounce_domain: str | None,
     secret: bytes,
+    suppress: SuppressionStatements | None = None,
     now: dt.datetime | None = None,
 ) -> list[BounceRecord]:
     """``record_report`` for many reports in one transaction (a Maildir's worth)."""
     now = now or utcnow()
     with engine.begin() as conn:
-        return [_record(conn, item, bounce_domain, secret, now) for item in batch]
+        return [_record(conn, item, bounce_domain, secret, suppress, now) for item in batch]
 
 
 def _record(
@@ -116,12 +129,22 @@ def _record(
     incoming: Incoming,
     bounce_domain: str | None,
     secret: bytes,
+    suppress: SuppressionStatements | None,
     now: dt.datetime,
 ) -> BounceRecord:
     report, envelope_to = incoming.report, incoming.envelope_to
     match = _match(conn, report, envelope_to, bounce_domain, secret)
     if match.recipient_id is not None and match.result is not None:
         _apply(conn, match, f"bounces:{incoming.source}", now)
+        if match.effect and suppress is not None and match.address:
+            entry = NewSuppression(
+                address=match.address,
+                address_key=suppress.key_of(match.address),
+                reason=_SUPPRESSION_REASON[match.effect],
+                note=_cap_note(match),
+            )
+            suppress._upsert(conn, [entry], now)
+            match.suppressed = True
     result = match.result or (report.recipients[0] if report.recipients else None)
     reason = match.reason or (report.reason or None)
     values: dict[str, Any] = {
@@ -163,7 +186,20 @@ def _record(
         message_id=match.message_id,
         effect=match.effect,
         reason=reason,
+        suppressed=match.suppressed,
     )
+
+
+_SUPPRESSION_REASON: dict[str, str] = {
+    RecipientStatus.BOUNCED: SuppressionReason.BOUNCED,
+    RecipientStatus.COMPLAINED: SuppressionReason.COMPLAINED,
+}
+
+
+def _cap_note(match: _Match) -> str:
+    assert match.result is not None
+    words = " ".join(filter(None, [match.result.status, match.result.diagnostic]))
+    return f"{match.effect} report: {words}"[:500]
 
 
 def _match(
@@ -212,7 +248,12 @@ def _match(
             result=result,
             reason=f"unmatched: the recipient was never sent (it is {row.status})",
         )
-    return _Match(recipient_id=token.recipient_id, message_id=row.message_id, result=result)
+    return _Match(
+        recipient_id=token.recipient_id,
+        message_id=row.message_id,
+        result=result,
+        address=row.address,
+    )
 
 
 def _result_for(report: Report, address: str) -> RecipientReport | None:
