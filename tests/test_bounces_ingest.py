@@ -28,22 +28,15 @@ from mailqueue.contrib.status import anymail_status
 from mailqueue.store.models import BOUNCES, RecipientRow
 from mailqueue.worker.service import Deliverer
 
-SECRET = "b" * 32
+from .conftest import BOUNCE_DOMAIN as DOMAIN
+from .conftest import BOUNCE_SECRET as SECRET
 
 
 def sample(name: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
-DOMAIN = "bounce.example.com"
 CORPUS = Path(__file__).parent / "bounce_corpus"
-
-
-@pytest.fixture
-def verp(stack, smtp_server, monkeypatch):
-    monkeypatch.setenv("MAILQUEUE_BOUNCE_SECRET", SECRET)
-    stack.reconfigure(bounce_domain=DOMAIN)
-    return stack
 
 
 def send(stack, *to: str):
@@ -92,13 +85,6 @@ def recipient(stack, mid, address: str) -> dict:
 def bounce_rows(stack) -> list:
     with stack.engine.connect() as conn:
         return list(conn.execute(sa.select(BOUNCES).order_by(BOUNCES.c.id)))
-
-
-@pytest.fixture
-def endpoint(verp):
-    server = BounceServer(settings=verp.settings).start()
-    yield server
-    server.stop()
 
 
 def submit(server: BounceServer, rcpt: str, data: bytes) -> None:
