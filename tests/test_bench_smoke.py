@@ -85,3 +85,20 @@ def test_bench_runs_on_each_stack(tmp_path, stack):
         "mailqueue_over_naive",
     }
     assert "mailqueue_over_bare" in proc.stderr  # the printed summary
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgres"])
+def test_bounce_bench_runs_and_every_report_bounces_its_row(database):
+    args = ["--reports", "50"]
+    if database == "postgres":
+        require("postgres")
+        args += ["--database-url", POSTGRES_URL]  # it makes and drops its own database
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "ops" / "bench" / "bounces.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "50 DSNs ingested" in proc.stdout
+    assert "50 rows bounced, 0 unmatched, 0 unparsed" in proc.stdout

@@ -284,3 +284,31 @@ def test_without_a_bounce_domain_reports_are_kept_unmatched(stack, smtp_server, 
     assert recipient(stack, mid, "x@example.net")["status"] == "sent"
     (row,) = bounce_rows(stack)
     assert row.reason.startswith("unmatched: MAILQUEUE_BOUNCE_DOMAIN is not set")
+
+
+def test_reports_for_one_row_in_one_batch_apply_once_each_in_order(verp, smtp_server, tmp_path):
+    mid = send(verp, "angry@isp.example")
+    path = return_path(smtp_server, "angry@isp.example")
+    box = mailbox.Maildir(tmp_path / "b")
+    for name, data in [
+        ("1", dsn(path, "angry@isp.example")),
+        ("2", dsn(path, "angry@isp.example")),  # the same bounce again
+        ("3", dsn(path, "angry@isp.example", sample="arf_abuse.eml")),
+    ]:
+        (tmp_path / "b" / "new" / name).write_bytes(data)
+    del box
+
+    result = CliRunner().invoke(cli, ["bounces", "ingest", "--maildir", str(tmp_path / "b")])
+
+    assert result.output == "3 reports: 1 bounced, 1 complained; 0 unmatched, 0 unparsed\n"
+    assert recipient(verp, mid, "angry@isp.example")["status"] == "complained"
+    history = [a.status for a in mailqueue.get_attempts(str(mid))]
+    assert history == ["sent", "bounced", "complained"]
+    rows = bounce_rows(verp)
+    assert [(r.effect, r.reason) for r in rows] == [
+        ("bounced", None),
+        (None, "recorded; the recipient is already bounced or was not sent"),
+        ("complained", None),
+    ]
+    (entry,) = api.suppressions(address="angry@isp.example")
+    assert entry.reason == "complained"

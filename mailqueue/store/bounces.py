@@ -37,7 +37,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from ..bounces.parse import Kind, RecipientReport, Report, Verdict
-from ..bounces.verp import read_token, verifies
+from ..bounces.verp import Token, read_token, verifies
 from ..statuses import ErrorWord, SuppressionReason
 from .models import ATTEMPTS, BOUNCES, RECIPIENTS, RecipientStatus, utcnow
 from .suppression import NewSuppression, SuppressionStatements
@@ -118,38 +118,104 @@ def record_reports(
     suppress: SuppressionStatements | None = None,
     now: dt.datetime | None = None,
 ) -> list[BounceRecord]:
-    """``record_report`` for many reports in one transaction (a Maildir's worth)."""
+    """``record_report`` for many reports in one transaction (a Maildir's worth).
+
+    Statements per batch, not per report, where the outcome allows: one SELECT
+    of the rows the tokens name, one INSERT each for the attempt rows, the
+    suppressions and the reports; only the guarded UPDATE runs per row (its
+    row count says whether the status was still the one it may change).
+    """
     now = now or utcnow()
     with engine.begin() as conn:
-        return [_record(conn, item, bounce_domain, secret, suppress, now) for item in batch]
-
-
-def _record(
-    conn: sa.Connection,
-    incoming: Incoming,
-    bounce_domain: str | None,
-    secret: bytes,
-    suppress: SuppressionStatements | None,
-    now: dt.datetime,
-) -> BounceRecord:
-    report, envelope_to = incoming.report, incoming.envelope_to
-    match = _match(conn, report, envelope_to, bounce_domain, secret)
-    if match.recipient_id is not None and match.result is not None:
-        _apply(conn, match, f"bounces:{incoming.source}", now)
-        if match.effect and suppress is not None and match.address:
-            entry = NewSuppression(
-                address=match.address,
-                address_key=suppress.key_of(match.address),
-                reason=_SUPPRESSION_REASON[match.effect],
-                note=_cap_note(match),
+        tokens = [_token(item, bounce_domain) for item in batch]
+        rows = _rows(conn, {t.recipient_id for t in tokens if t is not None})
+        matches = [
+            _match(item.report, token, rows, bounce_domain, secret)
+            for item, token in zip(batch, tokens, strict=True)
+        ]
+        attempts: list[dict[str, Any]] = []
+        entries: dict[tuple[str, str], NewSuppression] = {}
+        sources = {id(m): item.source for item, m in zip(batch, matches, strict=True)}
+        for verdict in (Verdict.HARD, Verdict.COMPLAINT):  # a complaint may follow a bounce
+            group = [
+                m
+                for m in matches
+                if m.recipient_id is not None
+                and m.result is not None
+                and m.result.verdict == verdict
+            ]
+            for match in _apply_many(conn, group, now):
+                attempts.append(_attempt_row(match, f"bounces:{sources[id(match)]}", now))
+                if suppress is not None and match.address:
+                    entry = NewSuppression(
+                        address=match.address,
+                        address_key=suppress.key_of(match.address),
+                        reason=_SUPPRESSION_REASON[str(match.effect)],
+                        note=_cap_note(match),
+                    )
+                    entries[(entry.address_key, entry.scope)] = entry  # one per key: the last
+                    match.suppressed = True
+        if attempts:
+            conn.execute(_INSERT_ATTEMPT, attempts)
+        if entries and suppress is not None:
+            suppress._upsert(conn, list(entries.values()), now)
+        values = [
+            _bounce_values(item, match, now) for item, match in zip(batch, matches, strict=True)
+        ]
+        ids = (
+            conn.execute(
+                sa.insert(BOUNCES).returning(BOUNCES.c.id, sort_by_parameter_order=True), values
             )
-            suppress._upsert(conn, [entry], now)
-            match.suppressed = True
+            .scalars()
+            .all()
+        )
+    return [
+        BounceRecord(
+            id=int(row_id),
+            kind=v["kind"],
+            verdict=v["verdict"],
+            address=v["address"],
+            recipient_id=m.recipient_id,
+            message_id=m.message_id,
+            effect=m.effect,
+            reason=v["reason"],
+            suppressed=m.suppressed,
+        )
+        for row_id, v, m in zip(ids, values, matches, strict=True)
+    ]
+
+
+def _token(item: Incoming, bounce_domain: str | None) -> Token | None:
+    """The first VERP token among the addresses the report was sent to or names."""
+    report = item.report
+    if bounce_domain is None or report.kind == Kind.UNPARSED or not report.recipients:
+        return None
+    for candidate in (item.envelope_to, *report.addressed_to, *report.original_envelope_from):
+        if candidate:
+            token = read_token(candidate, domain=bounce_domain)
+            if token is not None:
+                return token
+    return None
+
+
+def _rows(conn: sa.Connection, ids: set[int]) -> dict[int, Any]:
+    """The recipient rows the tokens name (locked until commit on PostgreSQL)."""
+    if not ids:
+        return {}
+    query = sa.select(
+        RECIPIENTS.c.id, RECIPIENTS.c.message_id, RECIPIENTS.c.address, RECIPIENTS.c.status
+    ).where(RECIPIENTS.c.id.in_(sorted(ids)))
+    if conn.dialect.name == "postgresql":
+        query = query.with_for_update()
+    return {row.id: row for row in conn.execute(query)}
+
+
+def _bounce_values(item: Incoming, match: _Match, now: dt.datetime) -> dict[str, Any]:
+    report, envelope_to = item.report, item.envelope_to
     result = match.result or (report.recipients[0] if report.recipients else None)
-    reason = match.reason or (report.reason or None)
-    values: dict[str, Any] = {
+    return {
         "received_at": now,
-        "source": incoming.source[:16],
+        "source": item.source[:16],
         "envelope_to": envelope_to[:320] if envelope_to else None,
         "kind": str(report.kind),
         "verdict": str(result.verdict) if result else None,
@@ -160,7 +226,7 @@ def _record(
         "message_id": match.message_id,
         "recipient_id": match.recipient_id,
         "effect": match.effect,
-        "reason": reason,
+        "reason": match.reason or (report.reason or None),
         "results": [
             {
                 "address": r.address,
@@ -172,22 +238,9 @@ def _record(
             for r in report.recipients
         ]
         or None,
-        "raw_size": incoming.raw_size if incoming.raw_size is not None else len(incoming.raw),
-        "raw": incoming.raw[:RAW_KEPT],
+        "raw_size": item.raw_size if item.raw_size is not None else len(item.raw),
+        "raw": item.raw[:RAW_KEPT],
     }
-    row_id = conn.execute(sa.insert(BOUNCES).values(**values)).inserted_primary_key
-    assert row_id is not None
-    return BounceRecord(
-        id=int(row_id[0]),
-        kind=values["kind"],
-        verdict=values["verdict"],
-        address=values["address"],
-        recipient_id=match.recipient_id,
-        message_id=match.message_id,
-        effect=match.effect,
-        reason=reason,
-        suppressed=match.suppressed,
-    )
 
 
 _SUPPRESSION_REASON: dict[str, str] = {
@@ -203,9 +256,9 @@ def _cap_note(match: _Match) -> str:
 
 
 def _match(
-    conn: sa.Connection,
     report: Report,
-    envelope_to: str | None,
+    token: Token | None,
+    rows: dict[int, Any],
     bounce_domain: str | None,
     secret: bytes,
 ) -> _Match:
@@ -217,18 +270,9 @@ def _match(
         return _Match(
             reason="unmatched: MAILQUEUE_BOUNCE_DOMAIN is not set, so no return path names a row"
         )
-    candidates = [envelope_to or "", *report.addressed_to, *report.original_envelope_from]
-    token = next(
-        (t for t in (read_token(c, domain=bounce_domain) for c in candidates if c) if t), None
-    )
     if token is None:
         return _Match(reason=f"unmatched: no b+<token>@{bounce_domain} return path in the report")
-    query = sa.select(RECIPIENTS.c.message_id, RECIPIENTS.c.address, RECIPIENTS.c.status).where(
-        RECIPIENTS.c.id == token.recipient_id
-    )
-    if conn.dialect.name == "postgresql":
-        query = query.with_for_update()
-    row = conn.execute(query).first()
+    row = rows.get(token.recipient_id)
     if row is None or not verifies(
         token,
         secret=secret,
@@ -275,36 +319,78 @@ _EFFECTS: dict[Verdict, tuple[str, tuple[str, ...], str]] = {
 }
 
 
-def _apply(conn: sa.Connection, match: _Match, worker: str, now: dt.datetime) -> None:
-    assert match.result is not None and match.recipient_id is not None
-    effect = _EFFECTS.get(match.result.verdict)
-    if effect is None:
-        return  # delayed, soft, delivered: recorded, nothing changes
-    status, before, error = effect
+_INSERT_ATTEMPT = sa.insert(ATTEMPTS)
+
+
+def _change(match: _Match) -> dict[str, Any]:
+    """The recipient columns a match's report sets."""
+    assert match.result is not None
+    status, _, error = _EFFECTS[match.result.verdict]
     diagnostic = match.result.diagnostic or None
     code = re.match(r"([245]\d\d)[ -]", diagnostic or "")
-    values = {
+    return {
         "status": status,
         "smtp_code": int(code.group(1)) if code else None,
         "enhanced_code": match.result.status or None,
         "reply": diagnostic,
         "error": error,
     }
-    changed = conn.execute(
-        sa.update(RECIPIENTS)
-        .where(RECIPIENTS.c.id == match.recipient_id, RECIPIENTS.c.status.in_(before))
-        .values(updated_at=now, **values)
-    ).rowcount
-    if not changed:
-        match.reason = f"recorded; the recipient is already {status} or was not {before[0]}"
-        return
-    match.effect = status
-    conn.execute(
-        sa.insert(ATTEMPTS).values(
-            message_id=match.message_id,
-            recipient_id=match.recipient_id,
-            worker=worker,
-            at=now,
-            **values,
+
+
+def _apply_many(conn: sa.Connection, group: list[_Match], now: dt.datetime) -> list[_Match]:
+    """One guarded UPDATE for matches of one verdict; returns those that changed a row.
+
+    Each row changes only from a status its verdict may change (``_EFFECTS``),
+    checked in the UPDATE itself; RETURNING says which rows did. A row named
+    twice in the group is changed once, by the first report.
+    """
+    if not group:
+        return []
+    status, before, error = _EFFECTS[group[0].result.verdict]  # type: ignore[union-attr]
+    first: dict[int, _Match] = {}
+    for match in group:
+        assert match.recipient_id is not None
+        first.setdefault(match.recipient_id, match)
+    changes = {rid: _change(m) for rid, m in first.items()}
+
+    def column(name: str) -> Any:
+        kind = RECIPIENTS.c[name].type
+        return sa.case(
+            {rid: sa.literal(c[name], kind) for rid, c in changes.items()},
+            value=RECIPIENTS.c.id,
         )
+
+    changed = set(
+        conn.execute(
+            sa.update(RECIPIENTS)
+            .where(RECIPIENTS.c.id.in_(list(changes)), RECIPIENTS.c.status.in_(before))
+            .values(
+                status=status,
+                error=error,
+                updated_at=now,
+                smtp_code=column("smtp_code"),
+                enhanced_code=column("enhanced_code"),
+                reply=column("reply"),
+            )
+            .returning(RECIPIENTS.c.id)
+        ).scalars()
     )
+    done = []
+    for match in group:
+        rid = match.recipient_id
+        if rid is not None and rid in changed and first[rid] is match:
+            match.effect = status
+            done.append(match)
+        else:
+            match.reason = f"recorded; the recipient is already {status} or was not {before[0]}"
+    return done
+
+
+def _attempt_row(match: _Match, worker: str, now: dt.datetime) -> dict[str, Any]:
+    return {
+        "message_id": match.message_id,
+        "recipient_id": match.recipient_id,
+        "worker": worker,
+        "at": now,
+        **_change(match),
+    }
