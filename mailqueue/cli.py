@@ -1241,6 +1241,31 @@ def bounces_ingest(maildir: Path | None, mbox: Path | None) -> None:
     )
 
 
+@bounces.command("list")
+@click.option("--unmatched", is_flag=True, help="Only reports tied to no row (unparsed too).")
+@click.option("--limit", type=click.IntRange(1, 10000), default=50, show_default=True)
+@click.option("--before", type=int, help="Page: reports older than this id.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def bounces_list(unmatched: bool, limit: int, before: int | None, as_json: bool) -> None:
+    """Reports that came back, newest first, with what they did or why not."""
+    from .inbound import reports
+
+    _require_schema()
+    found = reports(unmatched=unmatched, limit=limit, before=before)
+    if as_json:
+        _echo_json([r.as_dict() for r in found])
+        return
+    for r in found:
+        what = r.effect or r.reason or r.verdict or ""
+        code = f" {r.enhanced_code}" if r.enhanced_code else ""
+        click.echo(
+            shown(
+                f"{r.id:>8}  {r.received_at:%Y-%m-%d %H:%M:%S}  {r.kind:<9} "
+                f"{r.address or '-'}{code}: {what}"
+            )
+        )
+
+
 @bounces.command("serve")
 @click.option(
     "--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback by default)."

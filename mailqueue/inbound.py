@@ -22,9 +22,9 @@ from . import metrics as _metrics
 from .bounces.parse import MAX_BYTES, parse_report
 from .config import Settings, get_settings
 from .store import Store, get_engine
-from .store.bounces import BounceRecord, Incoming, record_reports
+from .store.bounces import BounceInfo, BounceRecord, Incoming, list_reports, record_reports
 
-__all__ = ["BATCH", "IngestReport", "ingest", "ingest_maildir", "ingest_mbox"]
+__all__ = ["BATCH", "IngestReport", "ingest", "ingest_maildir", "ingest_mbox", "reports"]
 
 BATCH = 200
 """Reports recorded per transaction when reading a mailbox."""
@@ -165,3 +165,11 @@ def ingest_mbox(path: str | os.PathLike[str], *, settings: Settings | None = Non
 def _chunks(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+def reports(
+    *, unmatched: bool = False, limit: int = 50, before: int | None = None
+) -> list[BounceInfo]:
+    """Stored reports, newest first; ``unmatched``: only those tied to no row."""
+    engine = get_engine(get_settings().database_url)
+    return list_reports(engine, unmatched=unmatched, limit=limit, before=before)

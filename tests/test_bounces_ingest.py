@@ -10,6 +10,7 @@ history and ``mq_bounce`` are the judges.
 from __future__ import annotations
 
 import asyncio
+import json
 import mailbox
 import smtplib
 import uuid
@@ -217,6 +218,16 @@ def test_hostile_and_unknown_reports_are_kept_with_a_reason(verp, endpoint):
         ("unparsed", "not a bounce or complaint this reads (text/plain)"),
         ("unparsed", "refused: more than 64 Content-Type headers"),
     ]
+    # Kept and shown, never dropped: newest first, with the reason.
+    shown = CliRunner().invoke(cli, ["bounces", "list", "--unmatched"])
+    assert shown.exit_code == 0, shown.output
+    lines = shown.output.splitlines()
+    assert len(lines) == 2
+    assert lines[0].endswith("unparsed  -: refused: more than 64 Content-Type headers")
+    assert lines[1].endswith("unparsed  -: not a bounce or complaint this reads (text/plain)")
+    listed = json.loads(CliRunner().invoke(cli, ["bounces", "list", "--json"]).output)
+    assert [r["kind"] for r in listed] == ["unparsed", "unparsed"]
+    assert listed[0]["recipient_id"] is None and listed[0]["source"] == "smtp"
 
 
 def test_maildir_ingest_applies_a_complaint_and_moves_what_it_read(verp, smtp_server, tmp_path):

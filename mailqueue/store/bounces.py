@@ -42,7 +42,15 @@ from ..statuses import ErrorWord, SuppressionReason
 from .models import ATTEMPTS, BOUNCES, RECIPIENTS, RecipientStatus, utcnow
 from .suppression import NewSuppression, SuppressionStatements
 
-__all__ = ["RAW_KEPT", "BounceRecord", "Incoming", "record_report", "record_reports"]
+__all__ = [
+    "RAW_KEPT",
+    "BounceInfo",
+    "BounceRecord",
+    "Incoming",
+    "list_reports",
+    "record_report",
+    "record_reports",
+]
 
 RAW_KEPT = 64 * 1024
 """Bytes of each report kept in ``mq_bounce.raw`` for a human to read."""
@@ -394,3 +402,44 @@ def _attempt_row(match: _Match, worker: str, now: dt.datetime) -> dict[str, Any]
         "at": now,
         **_change(match),
     }
+
+
+@dataclasses.dataclass(frozen=True)
+class BounceInfo:
+    """One stored report, as ``mailqueue bounces list`` shows it."""
+
+    id: int
+    received_at: dt.datetime
+    source: str
+    kind: str
+    verdict: str | None
+    address: str | None
+    enhanced_code: str | None
+    effect: str | None
+    reason: str | None
+    message_id: uuid.UUID | None
+    recipient_id: int | None
+    diagnostic: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["received_at"] = self.received_at.isoformat()
+        data["message_id"] = str(self.message_id) if self.message_id else None
+        return data
+
+
+def list_reports(
+    engine: sa.Engine, *, unmatched: bool = False, limit: int = 50, before: int | None = None
+) -> list[BounceInfo]:
+    """Stored reports, newest first (``before``: an id, for the next page).
+
+    ``unmatched``: only those that changed no row and name none (unparsed ones too).
+    """
+    columns = [BOUNCES.c[f.name] for f in dataclasses.fields(BounceInfo)]
+    query = sa.select(*columns).order_by(BOUNCES.c.id.desc()).limit(limit)
+    if unmatched:
+        query = query.where(BOUNCES.c.recipient_id.is_(None))
+    if before is not None:
+        query = query.where(BOUNCES.c.id < before)
+    with engine.connect() as conn:
+        return [BounceInfo(*row) for row in conn.execute(query)]
