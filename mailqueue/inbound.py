@@ -12,19 +12,32 @@ is guarded by the recipient's status).
 
 from __future__ import annotations
 
+import json
 import mailbox
 import os
+import re
+import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import metrics as _metrics
-from .bounces.parse import MAX_BYTES, parse_report
+from .bounces.parse import MAX_BYTES, Kind, RecipientReport, Report, Verdict, parse_report
 from .config import Settings, get_settings
+from .errors import InvalidMessageError
 from .store import Store, get_engine
 from .store.bounces import BounceInfo, BounceRecord, Incoming, list_reports, record_reports
 
-__all__ = ["BATCH", "IngestReport", "ingest", "ingest_maildir", "ingest_mbox", "reports"]
+__all__ = [
+    "BATCH",
+    "MAX_EVENTS",
+    "IngestReport",
+    "ingest",
+    "ingest_events",
+    "ingest_maildir",
+    "ingest_mbox",
+    "reports",
+]
 
 BATCH = 200
 """Reports recorded per transaction when reading a mailbox."""
@@ -173,3 +186,96 @@ def reports(
     """Stored reports, newest first; ``unmatched``: only those tied to no row."""
     engine = get_engine(get_settings().database_url)
     return list_reports(engine, unmatched=unmatched, limit=limit, before=before)
+
+
+MAX_EVENTS = 1000
+"""Events in one ``POST /api/v1/events`` request."""
+
+_EVENT_VERDICTS = {
+    "bounced": Verdict.HARD,
+    "complained": Verdict.COMPLAINT,
+    "deferred": Verdict.DELAYED,
+    "delivered": Verdict.DELIVERED,
+}
+_EVENT_FIELDS = {"event", "recipient", "message_id", "return_path", "status", "diagnostic"}
+_PLAIN_ADDRESS = re.compile(r"[^\s<>()\[\],;:\"\\@]{1,64}@[^\s<>()\[\],;:\"\\@]{1,255}")
+_STATUS = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
+
+
+def _event(raw: object, where: str) -> Incoming:
+    if not isinstance(raw, dict):
+        raise InvalidMessageError("must be an object", field=where)
+    unknown = sorted(set(raw) - _EVENT_FIELDS)
+    if unknown:
+        raise InvalidMessageError(
+            f"unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(_EVENT_FIELDS))}",
+            field=where,
+        )
+    for name in _EVENT_FIELDS:
+        if name in raw and not isinstance(raw[name], str):
+            raise InvalidMessageError("must be a string", field=f"{where}.{name}")
+    event = raw.get("event", "")
+    if event not in _EVENT_VERDICTS:
+        raise InvalidMessageError(
+            f"must be one of {', '.join(sorted(_EVENT_VERDICTS))}", field=f"{where}.event"
+        )
+    recipient = raw.get("recipient", "")
+    if not _PLAIN_ADDRESS.fullmatch(recipient):
+        raise InvalidMessageError("must be one plain address", field=f"{where}.recipient")
+    status = raw.get("status", "")
+    if status and not _STATUS.fullmatch(status):
+        raise InvalidMessageError(
+            "must be an enhanced status code like 5.1.1", field=f"{where}.status"
+        )
+    diagnostic = raw.get("diagnostic", "")
+    if len(diagnostic) > 1000 or any(c in diagnostic for c in "\r\n\0"):
+        raise InvalidMessageError(
+            "must be one line of at most 1000 characters", field=f"{where}.diagnostic"
+        )
+    message_id = None
+    if "message_id" in raw:
+        try:
+            message_id = uuid.UUID(raw["message_id"])
+        except ValueError:
+            raise InvalidMessageError(
+                "must be a mailqueue message id", field=f"{where}.message_id"
+            ) from None
+    return_path = raw.get("return_path", "")
+    if message_id is None and not return_path:
+        raise InvalidMessageError(
+            "needs message_id (the id enqueue returned) or return_path (the VERP address)",
+            field=where,
+        )
+    verdict = _EVENT_VERDICTS[event]
+    if verdict == Verdict.HARD and status.startswith("4."):
+        verdict = Verdict.SOFT
+    actions = {"bounced": "failed", "complained": "complaint", "deferred": "delayed"}
+    action = actions.get(event) or str(event)
+    report = Report(
+        Kind.EVENT,
+        recipients=(RecipientReport(recipient, verdict, action, status, diagnostic),),
+        original_envelope_from=(return_path,) if return_path else (),
+    )
+    data = json.dumps(raw, sort_keys=True).encode()
+    return Incoming(report, data, "api", message_id=message_id)
+
+
+def ingest_events(body: object, *, settings: Settings | None = None) -> list[BounceRecord]:
+    """Record and apply normalized events (``{"events": [...]}``), all or none.
+
+    Each event: ``event`` (``bounced``, ``complained``, ``deferred``,
+    ``delivered``), ``recipient``, and ``message_id`` (the id ``enqueue``
+    returned) or ``return_path`` (the VERP address, checked like a bounce's);
+    optional ``status`` (``5.1.1``) and ``diagnostic``. Bad input raises
+    ``InvalidMessageError`` naming the field, and nothing is written.
+    """
+    settings = settings or get_settings()
+    if not isinstance(body, dict) or set(body) != {"events"}:
+        raise InvalidMessageError('must be {"events": [...]}', field="body")
+    events = body["events"]
+    if not isinstance(events, list) or not events:
+        raise InvalidMessageError("must be a non-empty list", field="events")
+    if len(events) > MAX_EVENTS:
+        raise InvalidMessageError(f"at most {MAX_EVENTS} events per request", field="events")
+    batch = [_event(raw, f"events[{i}]") for i, raw in enumerate(events)]
+    return _record(batch, settings)

@@ -323,3 +323,86 @@ def test_reports_for_one_row_in_one_batch_apply_once_each_in_order(verp, smtp_se
     ]
     (entry,) = api.suppressions(address="angry@isp.example")
     assert entry.reason == "complained"
+
+
+def test_events_posted_to_the_api_are_applied_by_message_id_or_return_path(verp, smtp_server):
+    from starlette.testclient import TestClient
+
+    from mailqueue.web.app import create_app
+
+    mid = send(verp, "esp-hard@example.net", "esp-spam@example.net", "esp-late@example.net")
+    path = return_path(smtp_server, "esp-spam@example.net")
+    auth = {"Authorization": "Bearer token-for-events"}
+    with TestClient(create_app(token="token-for-events")) as client:
+        assert client.post("/api/v1/events", json={"events": []}).status_code == 401
+        bad = client.post(
+            "/api/v1/events",
+            headers=auth,
+            json={"events": [{"event": "bounced", "recipient": "x@example.net"}]},
+        )
+        assert bad.status_code == 400
+        assert "message_id" in bad.text and "events[0]" in bad.text
+        # A bad event refuses the whole request: nothing written.
+        refused = client.post(
+            "/api/v1/events",
+            headers=auth,
+            json={
+                "events": [
+                    {
+                        "event": "bounced",
+                        "recipient": "esp-hard@example.net",
+                        "message_id": str(mid),
+                    },
+                    {
+                        "event": "exploded",
+                        "recipient": "esp-hard@example.net",
+                        "message_id": str(mid),
+                    },
+                ]
+            },
+        )
+        assert refused.status_code == 400 and "events[1].event" in refused.text
+        assert bounce_rows(verp) == []
+
+        ok = client.post(
+            "/api/v1/events",
+            headers=auth,
+            json={
+                "events": [
+                    {
+                        "event": "bounced",
+                        "recipient": "esp-hard@example.net",
+                        "message_id": str(mid),
+                        "status": "5.1.1",
+                        "diagnostic": "550 5.1.1 mailbox unavailable (via the ESP)",
+                    },
+                    {
+                        "event": "complained",
+                        "recipient": "esp-spam@example.net",
+                        "return_path": path,
+                    },
+                    {
+                        "event": "deferred",
+                        "recipient": "esp-late@example.net",
+                        "message_id": str(mid),
+                    },
+                    {"event": "bounced", "recipient": "nobody@example.net", "message_id": str(mid)},
+                ]
+            },
+        )
+    assert ok.status_code == 201, ok.text
+    effects = [(e["effect"], e["reason"]) for e in ok.json()["events"]]
+    assert effects == [
+        ("bounced", None),
+        ("complained", None),
+        (None, None),
+        (None, f"unmatched: message {mid} has no recipient nobody@example.net"),
+    ]
+    assert recipient(verp, mid, "esp-hard@example.net") == {
+        "status": "bounced",
+        "enhanced_code": "5.1.1",
+        "reply": "550 5.1.1 mailbox unavailable (via the ESP)",
+    }
+    assert recipient(verp, mid, "esp-spam@example.net")["status"] == "complained"
+    assert recipient(verp, mid, "esp-late@example.net")["status"] == "sent"
+    assert [e.reason for e in api.suppressions(address="esp-hard@example.net")] == ["bounced"]

@@ -91,6 +91,8 @@ class Kind(StrEnum):
     """An ARF feedback report (RFC 5965)."""
     TEXT = "text"
     """A non-standard text bounce, judged by the enhanced status codes in it."""
+    EVENT = "event"
+    """A normalized event posted to the JSON API (an ESP's webhook, translated)."""
     UNPARSED = "unparsed"
     """Not read: the reason says why. Kept and shown."""
 

@@ -94,6 +94,10 @@ class Incoming:
     envelope_to: str | None = None
     raw_size: int | None = None
     """The whole report's size when ``raw`` holds only its start."""
+    message_id: uuid.UUID | None = None
+    """For events from an authenticated caller (``POST /api/v1/events``): the
+    message the report names, matched with the recipient's address instead of
+    a VERP token."""
 
 
 def record_report(
@@ -137,8 +141,11 @@ def record_reports(
     with engine.begin() as conn:
         tokens = [_token(item, bounce_domain) for item in batch]
         rows = _rows(conn, {t.recipient_id for t in tokens if t is not None})
+        named = _named_rows(conn, [item for item in batch if item.message_id is not None])
         matches = [
-            _match(item.report, token, rows, bounce_domain, secret)
+            _match_named(item, named)
+            if item.message_id is not None
+            else _match(item.report, token, rows, bounce_domain, secret)
             for item, token in zip(batch, tokens, strict=True)
         ]
         attempts: list[dict[str, Any]] = []
@@ -216,6 +223,38 @@ def _rows(conn: sa.Connection, ids: set[int]) -> dict[int, Any]:
     if conn.dialect.name == "postgresql":
         query = query.with_for_update()
     return {row.id: row for row in conn.execute(query)}
+
+
+def _named_rows(conn: sa.Connection, items: list[Incoming]) -> dict[tuple[Any, str], Any]:
+    """Rows of the messages events name, by (message id, lower-case address)."""
+    ids = {item.message_id for item in items}
+    if not ids:
+        return {}
+    query = sa.select(
+        RECIPIENTS.c.id, RECIPIENTS.c.message_id, RECIPIENTS.c.address, RECIPIENTS.c.status
+    ).where(RECIPIENTS.c.message_id.in_(sorted(ids, key=str)))
+    if conn.dialect.name == "postgresql":
+        query = query.with_for_update()
+    return {(row.message_id, row.address.lower()): row for row in conn.execute(query)}
+
+
+def _match_named(item: Incoming, named: dict[tuple[Any, str], Any]) -> _Match:
+    report = item.report
+    if not report.recipients:
+        return _Match(reason="no recipient result to apply")
+    result = report.recipients[0]
+    row = named.get((item.message_id, result.address.lower()))
+    if row is None:
+        return _Match(
+            reason=f"unmatched: message {item.message_id} has no recipient {result.address}"
+        )
+    if row.status not in (RecipientStatus.SENT, *RecipientStatus.AFTER_SENT):
+        return _Match(
+            result=result, reason=f"unmatched: the recipient was never sent (it is {row.status})"
+        )
+    return _Match(
+        recipient_id=row.id, message_id=row.message_id, result=result, address=row.address
+    )
 
 
 def _bounce_values(item: Incoming, match: _Match, now: dt.datetime) -> dict[str, Any]:
