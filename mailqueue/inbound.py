@@ -82,6 +82,13 @@ def _record(batch: Sequence[Incoming], settings: Settings) -> list[BounceRecord]
         suppress=suppress,
     )
     _metrics.bounces_recorded(records)
+    if settings.on_terminal:
+        from .worker.hooks import notify_changed
+
+        store = suppress or Store(engine)
+        for message_id in dict.fromkeys(r.message_id for r in records if r.effect):
+            assert message_id is not None
+            notify_changed(settings.on_terminal, store, message_id)
     return records
 
 

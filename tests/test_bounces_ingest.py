@@ -127,6 +127,22 @@ def test_a_hard_bounce_over_smtp_turns_the_sent_recipient_bounced(verp, smtp_ser
     assert len(smtp_server.received_for("nobody@example.net")) == 1
 
 
+def test_a_bounce_calls_the_terminal_hook_with_the_new_status(verp, smtp_server, endpoint):
+    from . import contrib_helpers
+
+    endpoint.settings = verp.reconfigure(on_terminal="tests.contrib_helpers:record_terminal")
+    mid = send(verp, "nobody@example.net", "fine@example.net")
+    contrib_helpers.terminal_calls.clear()
+    path = return_path(smtp_server, "nobody@example.net")
+    submit(endpoint, path, dsn(path, "nobody@example.net"))
+    (info,) = contrib_helpers.terminal_calls
+    assert str(info.id) == str(mid)
+    assert {r.address: r.status for r in info.recipients} == {
+        "nobody@example.net": "bounced",
+        "fine@example.net": "sent",
+    }
+
+
 def test_suppression_on_bounce_can_be_turned_off(verp, smtp_server, endpoint):
     endpoint.settings = verp.reconfigure(bounce_suppress=False)
     mid = send(verp, "nobody@example.net")
