@@ -181,3 +181,45 @@ def test_without_a_bounce_domain_nothing_changes(sqlite_stack, smtp_server):
     (got,) = smtp_server.messages
     assert got.mail_from == "app@example.com"
     assert sorted(got.rcpt_tos) == ["one@example.net", "two@example.net"]
+
+
+def test_a_failure_after_an_accepted_transaction_keeps_that_recipient_sent(
+    sqlite_stack, smtp_server, monkeypatch
+):
+    """Fault injection: the second transaction's connection fails its AUTH (as a
+    fresh pooled connection can). The first recipient, already accepted, must be
+    recorded ``sent`` (never sent again); the second is deferred and sent later."""
+    from mailqueue.errors import AuthError
+    from mailqueue.store.models import MessageRow
+    from mailqueue.worker import service
+
+    monkeypatch.setenv("MAILQUEUE_BOUNCE_SECRET", SECRET.decode())
+    sqlite_stack.reconfigure(bounce_domain=DOMAIN)
+    real = service.deliver
+    calls = []
+
+    async def second_fails(*args, **kwargs):
+        calls.append(args[2])
+        if len(calls) == 2:
+            raise AuthError("535 5.7.8 authentication failed", code=535)
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(service, "deliver", second_fails)
+    mid = mailqueue.enqueue(
+        Message(sender="app@example.com", to=["a@example.net", "b@example.net"], text="x")
+    )
+    deliver(sqlite_stack, [mid])
+    by = {r.address: r.status for r in mailqueue.get_status(mid).recipients}
+    assert by == {"a@example.net": "sent", "b@example.net": "deferred"}
+
+    monkeypatch.setattr(service, "deliver", real)
+    table = MessageRow.__table__
+    with sqlite_stack.engine.begin() as conn:
+        conn.execute(sa.update(table).values(next_attempt_at=table.c.created_at))
+    deliver(sqlite_stack, [mid])
+    assert {r.address: r.status for r in mailqueue.get_status(mid).recipients} == {
+        "a@example.net": "sent",
+        "b@example.net": "sent",
+    }
+    assert len(smtp_server.received_for("a@example.net")) == 1
+    assert len(smtp_server.received_for("b@example.net")) == 1

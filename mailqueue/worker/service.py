@@ -335,8 +335,9 @@ class Deliverer:
         assert domain is not None
         results: list[RecipientResult] = []
         last: TransactionResult | None = None
-        error = None
-        for recipient in message.open_recipients:
+        error: SMTPError | None = None
+        recipients = message.open_recipients
+        for n, recipient in enumerate(recipients):
             return_path = make_return_path(
                 secret=secret,
                 domain=domain,
@@ -344,14 +345,30 @@ class Deliverer:
                 recipient_id=recipient.id,
                 address=recipient.address,
             )
-            last = await deliver(
-                pool,
-                return_path,
-                [recipient.address],
-                content,
-                smtputf8=message.smtputf8,
-                eightbit=message.eightbit,
-            )
+            try:
+                last = await deliver(
+                    pool,
+                    return_path,
+                    [recipient.address],
+                    content,
+                    smtputf8=message.smtputf8,
+                    eightbit=message.eightbit,
+                )
+            except Exception as exc:
+                if not any(r.status == "sent" for r in results):
+                    raise  # nothing accepted yet: handled as for one transaction
+                # Some recipients were accepted in earlier transactions: their
+                # results must be recorded (never sent twice), so the rest are
+                # deferred instead of the whole attempt being dropped.
+                cause = (
+                    exc
+                    if isinstance(exc, SMTPError)
+                    else ConnectError(f"{type(exc).__name__}: {exc}", retryable=True)
+                )
+                rest = [r.address for r in recipients[n:]]
+                results.extend(failed_everyone(rest, "deferred", cause).recipients)
+                error = error or cause
+                break
             results.extend(last.recipients)
             error = error or last.error
         return TransactionResult(
