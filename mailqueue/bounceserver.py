@@ -2,7 +2,8 @@
 
 Point the bounce domain's MX (or a transport map) here. It accepts RCPT only
 for addresses at ``MAILQUEUE_BOUNCE_DOMAIN`` (everything else: 550, it is no
-relay), refuses messages over ``max_size`` at SIZE and DATA (552), and
+relay), refuses messages over ``max_size`` at SIZE and DATA (552), answers 451 to a
+client address past ``rate_per_minute`` reports a minute, and
 answers 250 only once the report is recorded, one ``mq_bounce`` row per
 envelope recipient. If the database is unreachable it answers 451, so the
 sending MTA keeps the report and tries again: nothing is lost. The parser
@@ -16,6 +17,7 @@ import asyncio
 import logging
 import signal
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -31,6 +33,9 @@ log = logging.getLogger("mailqueue.bounces")
 MAX_SIZE = 10 * 1024 * 1024
 """Largest report accepted (bytes). DSNs return at most ~50 kB of the original."""
 
+RATE_PER_MINUTE = 600
+"""Reports one client address may send per minute; more get 451 (the MTA retries)."""
+
 MAX_RECIPIENTS = 20
 """Envelope recipients of one report (a bounce has one)."""
 
@@ -38,6 +43,16 @@ MAX_RECIPIENTS = 20
 class _Handler:
     def __init__(self, server: BounceServer) -> None:
         self.server = server
+
+    async def handle_MAIL(
+        self, smtp: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        peer = session.peer[0] if isinstance(session.peer, tuple) else str(session.peer)
+        if not self.server.rate.allow(peer):
+            return "451 4.7.1 too many reports from your address; try again later"
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return "250 OK"
 
     async def handle_RCPT(
         self, smtp: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
@@ -67,6 +82,26 @@ class _Handler:
         return "250 2.0.0 report recorded"
 
 
+class _Rate:
+    """At most ``per_minute`` reports (MAIL commands) per client address, per minute."""
+
+    def __init__(self, per_minute: int) -> None:
+        self.per_minute = per_minute
+        self.window: dict[str, tuple[float, int]] = {}
+
+    def allow(self, peer: str) -> bool:
+        now = time.monotonic()
+        start, count = self.window.get(peer, (now, 0))
+        if now - start >= 60:
+            start, count = now, 0
+        if count >= self.per_minute:
+            return False
+        if len(self.window) > 10_000:  # many clients: forget the old windows
+            self.window = {p: w for p, w in self.window.items() if now - w[0] < 60}
+        self.window[peer] = (start, count + 1)
+        return True
+
+
 class BounceServer:
     """The endpoint on its own event loop (``start``/``stop``) or in the foreground."""
 
@@ -78,6 +113,7 @@ class BounceServer:
         settings: Settings | None = None,
         max_size: int = MAX_SIZE,
         max_concurrent: int = 8,
+        rate_per_minute: int = RATE_PER_MINUTE,
         on_record: Callable[[Any], None] = lambda record: None,
     ) -> None:
         self.settings = settings or get_settings()
@@ -90,6 +126,7 @@ class BounceServer:
         self.host, self.port = host, port
         self.max_size = max_size
         self.max_concurrent = max_concurrent
+        self.rate = _Rate(rate_per_minute)
         self.on_record = on_record
         self._server: asyncio.base_events.Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -149,7 +186,9 @@ class BounceServer:
         self._loop = None
 
 
-def serve(host: str, port: int, *, max_size: int = MAX_SIZE) -> None:
+def serve(
+    host: str, port: int, *, max_size: int = MAX_SIZE, rate_per_minute: int = RATE_PER_MINUTE
+) -> None:
     """Run in the foreground until SIGINT/SIGTERM, printing a line per report."""
 
     def show(record: Any) -> None:
@@ -159,7 +198,9 @@ def serve(host: str, port: int, *, max_size: int = MAX_SIZE) -> None:
             flush=True,
         )
 
-    server = BounceServer(host, port, max_size=max_size, on_record=show)
+    server = BounceServer(
+        host, port, max_size=max_size, rate_per_minute=rate_per_minute, on_record=show
+    )
 
     async def main() -> None:
         await server.listen()

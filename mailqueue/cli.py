@@ -1278,7 +1278,14 @@ def bounces_list(unmatched: bool, limit: int, before: int | None, as_json: bool)
     show_default=True,
     help="Largest report accepted (bytes).",
 )
-def bounces_serve(host: str, port: int, max_size: int) -> None:
+@click.option(
+    "--rate",
+    type=click.IntRange(min=1),
+    default=600,
+    show_default=True,
+    help="Reports one client address may send per minute (more: 451, retried).",
+)
+def bounces_serve(host: str, port: int, max_size: int, rate: int) -> None:
     """Take reports over SMTP for MAILQUEUE_BOUNCE_DOMAIN only, and record them."""
     from .bounceserver import serve
     from .config import get_settings
@@ -1291,7 +1298,7 @@ def bounces_serve(host: str, port: int, max_size: int) -> None:
     _require_schema()
     _serve_metrics(multiprocess=False)
     with _binding("--port"):
-        serve(host, port, max_size=max_size)
+        serve(host, port, max_size=max_size, rate_per_minute=rate)
 
 
 # -- the suppression list ----------------------------------------------------------------

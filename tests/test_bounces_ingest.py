@@ -422,3 +422,19 @@ def test_events_posted_to_the_api_are_applied_by_message_id_or_return_path(verp,
     assert recipient(verp, mid, "esp-spam@example.net")["status"] == "complained"
     assert recipient(verp, mid, "esp-late@example.net")["status"] == "sent"
     assert [e.reason for e in api.suppressions(address="esp-hard@example.net")] == ["bounced"]
+
+
+def test_the_endpoint_answers_451_past_its_rate_per_client(verp):
+    server = BounceServer(settings=verp.settings, rate_per_minute=2).start()
+    try:
+        rcpt = f"b+1-aaaaaaaaaaaaaaaa@{DOMAIN}"
+        report = (CORPUS / "autoreply.eml").read_bytes()
+        submit(server, rcpt, report)
+        submit(server, rcpt, report)
+        with pytest.raises(smtplib.SMTPSenderRefused) as refused:
+            submit(server, rcpt, report)
+        assert refused.value.smtp_code == 451
+        assert b"too many reports" in refused.value.smtp_error
+    finally:
+        server.stop()
+    assert len(bounce_rows(verp)) == 2
