@@ -42,6 +42,7 @@ from .store.suppression import (
     LIST_SCOPE,
     NewSuppression,
     SuppressionInfo,
+    address_key,
     scopes_for,
     sender_domain_scope,
 )
@@ -78,6 +79,7 @@ __all__ = [
     "SuppressionInfo",
     "check_list_id",
     "suppression_counts",
+    "suppression_key",
     "TAG_KEY",
     "cancel_relay",
     "find_by_idempotency_key",
@@ -1057,6 +1059,13 @@ def is_suppressed(address: str, *, sender: str | None = None, list_id: str | Non
     mail_from = _suppression_address(sender, field="sender") if sender is not None else ""
     scopes = scopes_for(mail_from, check_list_id(list_id))
     return store.find_suppression(key, scopes) is not None
+
+
+def suppression_key(address: str) -> str:
+    """What ``address`` is compared by on the suppression list (no validation)."""
+    return address_key(
+        address.strip(), fold_local=get_settings().suppression_local_case_insensitive
+    )
 
 
 def suppression_counts() -> dict[str, int]:

@@ -642,7 +642,7 @@ class Settings:
     queue_name: str = "mailqueue"
     on_terminal: str | None = None
     """``module:callable`` the worker calls with a ``MessageInfo`` when a message
-    reaches a terminal status (sent, partial, failed, cancelled)."""
+    reaches a terminal status (sent, partial, failed, cancelled, suppressed)."""
     relays: Mapping[str, RelayConfig] = field(default_factory=dict)
     """Further named relays; a message names one with ``relay=``."""
     limits_redis_url: str | None = None

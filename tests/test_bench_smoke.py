@@ -45,6 +45,9 @@ def test_bench_runs_on_each_stack(tmp_path, stack):
             "--enqueue-messages", "30",
             "--latency-calls", "5",
             "--multi-messages", "10",
+            "--suppression-rows", "200",
+            "--suppression-messages", "20",
+            "--suppression-rounds", "2",
             *memory,
             "--concurrency", "1",
             "--pool-size", "2",
@@ -85,6 +88,10 @@ def test_bench_runs_on_each_stack(tmp_path, stack):
         "mailqueue_over_naive",
     }
     assert "mailqueue_over_bare" in proc.stderr  # the printed summary
+    sup = figures["suppression"]  # the list swapped in and out, every message still sent
+    assert [r["suppression_rows"] for r in sup["runs"]["loaded"]] == [200, 200]
+    assert [r["suppression_rows"] for r in sup["runs"]["empty"]] == [0, 0]
+    assert all(r["msg_per_s"] > 0 for runs in sup["runs"].values() for r in runs)
 
 
 @pytest.mark.parametrize("database", ["sqlite", "postgres"])

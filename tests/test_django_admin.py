@@ -413,3 +413,37 @@ def test_the_admin_database_setting_names_where_the_tables_are(seeded, boss):
         (error,) = check_database()
     assert error.id == "mailqueue.E001"
     assert "'nowhere'" in error.msg and "DATABASES" in error.hint
+
+
+# -- the suppression list (issue #17) ---------------------------------------------------
+
+
+def test_suppressed_recipients_show_and_filter_and_the_list_is_read_only(seeded, boss):
+    with seeded.stack.engine.begin() as conn:
+        conn.execute(sa.text("DELETE FROM mq_suppression"))
+    from mailqueue import api
+
+    api.suppress("Fay@Example.org", reason="unsubscribed", scope="list:news.example.com")
+    api.suppress("gus@example.org", reason="bounced", note="hard bounce")
+    mid = mailqueue.enqueue(
+        Message(subject="Weekly", sender="shop@example.com", to="Fay@example.org", text="hi"),
+        list_id="news.example.com",
+    )
+    deliver(seeded.stack, [mid])
+    assert _status(seeded.stack, mid) == ("suppressed", {"Fay@example.org": "suppressed"})
+
+    listed = boss.get(LIST + "?" + urlencode({"status": "suppressed"})).content.decode()
+    assert _rows(listed) == ["Weekly"]
+    detail = unescape(boss.get(page(mid)).content.decode())
+    assert "suppressed: unsubscribed (list:news.example.com)" in detail
+    assert "news.example.com" in detail
+
+    entries = boss.get("/admin/mailqueue/suppression/").content.decode()
+    assert "Fay@example.org" in entries and "gus@example.org" in entries
+    bounced = boss.get("/admin/mailqueue/suppression/?reason=bounced").content.decode()
+    assert "gus@example.org" in bounced and "Fay@example.org" not in bounced
+    found = boss.get("/admin/mailqueue/suppression/?q=Fay@EXAMPLE.org").content.decode()
+    assert "Fay@example.org" in found and "gus@example.org" not in found
+    assert boss.get("/admin/mailqueue/suppression/add/").status_code == 403
+    with seeded.stack.engine.begin() as conn:
+        conn.execute(sa.text("DELETE FROM mq_suppression"))

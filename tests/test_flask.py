@@ -349,3 +349,26 @@ def test_a_lazy_subject_is_sent_as_its_text(sqlite_stack, smtp_server):
         mid = mail_.send(Message(Lazy(), recipients=["a@example.org"], body="x"))  # type: ignore[arg-type]
     deliver(sqlite_stack, [mid])
     assert parsed(smtp_server.messages[0])["Subject"] == "Willkommen"
+
+
+def test_the_extension_suppresses_and_list_mail_to_that_address_is_withheld(
+    app, stack, smtp_server
+):
+    from mailqueue.contrib.flask import Message as FlaskMessage
+
+    with app.app_context():
+        entry = mail.suppress(
+            "Ana@Example.org", reason="unsubscribed", scope="list:news.example.org"
+        )
+        assert (entry.address, entry.scope) == ("Ana@example.org", "list:news.example.org")
+        assert mail.is_suppressed("Ana@example.org", list_id="news.example.org")
+        news = FlaskMessage(
+            "News", recipients=["Ana@example.org"], body="hi", list_id="news.example.org"
+        )
+        receipt = FlaskMessage("Receipt", recipients=["Ana@example.org"], body="thanks")
+        ids = [mail.send(news, session=False), mail.send(receipt, session=False)]
+    deliver(stack, ids)
+    assert [mailqueue.get_status(i).status for i in ids] == ["suppressed", "sent"]
+    assert [parsed(m)["Subject"] for m in smtp_server.messages] == ["Receipt"]
+    with app.app_context():
+        assert mail.unsuppress("Ana@example.org", scope="list:news.example.org") is True

@@ -420,3 +420,112 @@ def test_metrics_count_suppressed_recipients_once_and_the_list_per_reason(stack,
     metrics.observe_queue(stack.engine)
     assert sample("mailqueue_suppressions", reason="complained") == 1
     assert sample("mailqueue_suppressions", reason="bounced") == 0
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+def test_migration_0006_adds_the_list_and_list_id_and_reverses(kind, tmp_path):
+    import uuid
+
+    import sqlalchemy as sa
+    from alembic import command
+
+    from mailqueue.migrate import alembic_config, upgrade
+
+    from .conftest import POSTGRES_URL, require
+
+    drop = None
+    if kind == "sqlite":
+        url = f"sqlite:///{tmp_path / 'm.db'}"
+    else:
+        require("postgres")
+        name = f"mq_mig_{uuid.uuid4().hex[:10]}"
+        admin = sa.create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+        url = sa.engine.make_url(POSTGRES_URL).set(database=name).render_as_string(False)
+
+        def drop() -> None:
+            from mailqueue.store import dispose_engines
+
+            dispose_engines()
+            with admin.connect() as conn:
+                conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            admin.dispose()
+
+    def shape() -> tuple[set[str], set[str], set[str]]:
+        engine = sa.create_engine(url)
+        try:
+            inspector = sa.inspect(engine)
+            tables = set(inspector.get_table_names())
+            columns = {c["name"] for c in inspector.get_columns("mq_message")}
+            unique = (
+                {u["name"] for u in inspector.get_unique_constraints("mq_suppression")}
+                | {i["name"] for i in inspector.get_indexes("mq_suppression") if i["unique"]}
+                if "mq_suppression" in tables
+                else set()
+            )
+        finally:
+            engine.dispose()
+        return tables, columns, unique
+
+    try:
+        upgrade(url, "0005")
+        tables, columns, _ = shape()
+        assert "mq_suppression" not in tables and "list_id" not in columns
+        upgrade(url, "0006")
+        tables, columns, unique = shape()
+        assert "mq_suppression" in tables and "list_id" in columns
+        assert "uq_mq_suppression_key_scope" in unique
+        command.downgrade(alembic_config(url), "0005")
+        tables, columns, _ = shape()
+        assert "mq_suppression" not in tables and "list_id" not in columns
+        engine = sa.create_engine(url)
+        listing = (
+            "SELECT name FROM sqlite_master WHERE type = 'index'"
+            if kind == "sqlite"
+            else "SELECT indexname FROM pg_indexes WHERE tablename = 'mq_message'"
+        )
+        with engine.connect() as conn:
+            indexes = set(conn.execute(sa.text(listing)).scalars())
+        engine.dispose()
+        assert "ix_mq_message_tag_created" in indexes  # mq_message was not rebuilt
+        upgrade(url, "0006")
+    finally:
+        if drop:
+            drop()
+
+
+def test_anymail_calls_a_suppressed_recipient_rejected(sqlite_stack, smtp_server):
+    from mailqueue.contrib.status import anymail_statuses
+
+    api.suppress("x@example.com", reason="complained")
+    mid = mailqueue.enqueue(
+        Message(sender="a@example.org", to=["x@example.com", "y@example.com"], text="t")
+    )
+    deliver(sqlite_stack, [mid])
+    assert anymail_statuses(mailqueue.get_status(mid)) == {"rejected", "sent"}
+
+
+def test_a_deferred_recipient_suppressed_before_its_retry_is_never_sent(stack, smtp_server):
+    """The bounce/complaint arrives while the recipient waits for a retry."""
+    from .test_delivery import make_due
+
+    smtp_server.defer = ["slow@*"]
+    mid = mailqueue.enqueue(
+        Message(sender="a@example.org", to=["slow@example.com", "ok@example.com"], text="t")
+    )
+    deliver(stack, [mid])
+    assert statuses(mid) == {"slow@example.com": "deferred", "ok@example.com": "sent"}
+    api.suppress("slow@example.com", reason="complained")
+    smtp_server.defer = []
+    make_due(stack, [mid])
+    deliver(stack, [mid])
+    info = mailqueue.get_status(mid)
+    assert info.status == "partial"
+    by_address = {r.address: r for r in info.recipients}
+    assert (by_address["slow@example.com"].status, by_address["slow@example.com"].attempts) == (
+        "suppressed",
+        1,  # the deferred try counts; the suppression is not an attempt
+    )
+    assert smtp_server.received_for("slow@example.com") == []
+    assert len(smtp_server.received_for("ok@example.com")) == 1

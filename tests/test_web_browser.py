@@ -201,6 +201,7 @@ def test_status_page_shows_counts_chart_and_filters(browser, live_web, sqlite_st
         "partial": 1,
         "failed": 1,
         "cancelled": 0,
+        "suppressed": 0,
     }
     assert _counts(browser, "recipient-counts")["failed"] == 2
     bars = browser.find_elements(By.CSS_SELECTOR, "svg.chart rect.sent")

@@ -75,7 +75,16 @@ from typing import Any
 
 import blinker
 
-from ..api import MessageInfo, enqueue, get_status, get_status_by_key
+from ..api import (
+    MessageInfo,
+    SuppressionInfo,
+    enqueue,
+    get_status,
+    get_status_by_key,
+    is_suppressed,
+    suppress,
+    unsuppress,
+)
 from ..config import compare_databases, hide_password
 from ..errors import ConfigError, HeaderInjectionError, InvalidMessageError
 from ..message import Attachment as _Attachment
@@ -230,7 +239,8 @@ class Message:
     fields; ``date`` is set when the message is sent if it is ``None``.
 
     mailqueue's per-message options are keyword arguments too: ``relay``,
-    ``send_at`` (an aware datetime), ``idempotency_key`` and ``metadata``.
+    ``send_at`` (an aware datetime), ``idempotency_key``, ``metadata`` and
+    ``list_id`` (the mailing list, for ``list:`` suppressions).
     After a send, ``mailqueue_id`` holds the queued message's id.
     """
 
@@ -256,6 +266,7 @@ class Message:
         send_at: dt.datetime | None = None,
         idempotency_key: str | None = None,
         metadata: dict[str, Any] | None = None,
+        list_id: str | None = None,
     ) -> None:
         state = _current_state()
         if not sender and state is not None:
@@ -282,6 +293,7 @@ class Message:
         self.send_at = send_at
         self.idempotency_key = idempotency_key
         self.metadata = metadata
+        self.list_id = list_id
         self.mailqueue_id: str | None = None
 
     @property
@@ -729,6 +741,7 @@ class MailQueue:
                 send_at=message.send_at,
                 idempotency_key=message.idempotency_key,
                 metadata=message.metadata,
+                list_id=message.list_id,
             )
         message.mailqueue_id = mid
         email_dispatched.send(self._app(), message=message)
@@ -764,6 +777,31 @@ class MailQueue:
 
     def get_status_by_key(self, idempotency_key: str) -> MessageInfo:
         return get_status_by_key(idempotency_key)
+
+    def suppress(
+        self,
+        address: str,
+        *,
+        reason: str = "manual",
+        scope: str | None = None,
+        note: str | None = None,
+    ) -> SuppressionInfo:
+        """Put ``address`` on the suppression list (``mailqueue.api.suppress``): queued
+        and future mail to it ends ``suppressed``, never sent. E.g. in an unsubscribe
+        view: ``mail.suppress(addr, reason="unsubscribed", scope="list:news.example.com")``."""
+        apply_config(self._config)
+        return suppress(address, reason=reason, scope=scope, note=note)
+
+    def unsuppress(self, address: str, *, scope: str | None = None) -> bool:
+        """Take ``address`` off the list (``mailqueue.api.unsuppress``)."""
+        apply_config(self._config)
+        return unsuppress(address, scope=scope)
+
+    def is_suppressed(
+        self, address: str, *, sender: str | None = None, list_id: str | None = None
+    ) -> bool:
+        apply_config(self._config)
+        return is_suppressed(address, sender=sender, list_id=list_id)
 
     @contextmanager
     def record_messages(self) -> Iterator[list[Message]]:

@@ -3,7 +3,7 @@
 The table is new, so its unique (address_key, scope) index is built with it:
 no live rows to lock. ``list_id`` is a nullable column without a default,
 which PostgreSQL adds without rewriting ``mq_message`` (a catalog change,
-brief lock only).
+brief lock only), as does SQLite (``ALTER TABLE … ADD COLUMN``).
 
 Revision ID: 0006
 Revises: 0005
@@ -36,12 +36,12 @@ def upgrade() -> None:
         sa.UniqueConstraint("address_key", "scope", name="uq_mq_suppression_key_scope"),
     )
     op.create_index("ix_mq_suppression_created", "mq_suppression", ["created_at", "id"])
-    with op.batch_alter_table("mq_message") as batch:
-        batch.add_column(sa.Column("list_id", sa.String(255), nullable=True))
+    op.add_column("mq_message", sa.Column("list_id", sa.String(255), nullable=True))
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("mq_message") as batch:
-        batch.drop_column("list_id")
+    # Plain ALTER TABLE … DROP COLUMN (SQLite 3.35+, which mailqueue needs anyway): a
+    # batch "move and copy" would rebuild mq_message without its expression index.
+    op.drop_column("mq_message", "list_id")
     op.drop_index("ix_mq_suppression_created", table_name="mq_suppression")
     op.drop_table("mq_suppression")

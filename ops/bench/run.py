@@ -895,6 +895,106 @@ def phase_attachment(stack: Stack, children: Children, size_mb: int) -> dict[str
     }
 
 
+# -- the suppression list's cost (issue #17) -------------------------------------------
+
+_FULL = "mq_suppression_full"
+"""The loaded list waits under this name; ``swap_suppressions`` trades it with the live one."""
+
+
+def load_suppressions(engine: sa.Engine, n: int) -> float:
+    """``n`` entries into a side table shaped like ``mq_suppression`` (COPY on
+    PostgreSQL, executemany on SQLite); returns the seconds it took. Their keys
+    (``user<i>-9@example.org``) sit among the bench's recipients' in the index
+    (``user<i>-<r>``, r < 5) but never equal one: every message is looked up,
+    none is withheld, so the figure is the lookup's cost alone."""
+    t0 = time.monotonic()
+    now = dt.datetime.now(dt.UTC)
+    keys = (f"user{i}-9@example.org" for i in range(n))
+    with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            conn.execute(sa.text(f"CREATE TABLE {_FULL} (LIKE mq_suppression INCLUDING ALL)"))
+            raw = conn.connection.driver_connection
+            with (
+                raw.cursor() as cur,
+                cur.copy(
+                    f"COPY {_FULL} (address, address_key, reason, scope, created_at) FROM STDIN"
+                ) as copy,
+            ):
+                for key in keys:
+                    copy.write_row((key, key, "bounced", "", now))
+        else:
+            conn.execute(
+                sa.text(
+                    f"CREATE TABLE {_FULL} (id INTEGER PRIMARY KEY, address VARCHAR(320) NOT NULL,"
+                    " address_key VARCHAR(320) NOT NULL, reason VARCHAR(16) NOT NULL,"
+                    " scope VARCHAR(262) NOT NULL DEFAULT '', created_at DATETIME NOT NULL,"
+                    " note TEXT)"
+                )
+            )
+            stamp = now.replace(tzinfo=None).isoformat(sep=" ")
+            raw = conn.connection.driver_connection
+            raw.executemany(
+                f"INSERT INTO {_FULL} (address, address_key, reason, scope, created_at)"
+                " VALUES (?, ?, 'bounced', '', ?)",
+                ((key, key, stamp) for key in keys),
+            )
+            conn.execute(sa.text(f"CREATE UNIQUE INDEX uq_{_FULL} ON {_FULL} (address_key, scope)"))
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(sa.text(f"ANALYZE {_FULL}"))
+    return round(time.monotonic() - t0, 1)
+
+
+def swap_suppressions(engine: sa.Engine) -> None:
+    """Trade the live list and the side table, in one transaction (renames only:
+    the workers' next claim reads the other one)."""
+    with engine.begin() as conn:
+        for old, new in (
+            ("mq_suppression", "mq_suppression_swap"),
+            (_FULL, "mq_suppression"),
+            ("mq_suppression_swap", _FULL),
+        ):
+            conn.execute(sa.text(f"ALTER TABLE {old} RENAME TO {new}"))
+
+
+def live_suppressions(engine: sa.Engine) -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(sa.text("SELECT count(*) FROM mq_suppression")).scalar_one())
+
+
+def phase_suppression(
+    stack: Stack, children: Children, n: int, rows: int, rounds: int
+) -> dict[str, Any]:
+    """End to end (as ``phase_mailqueue``) with an empty list and with ``rows``
+    entries, alternated ``rounds`` times in the same run (this machine drifts
+    more between runs than the cost measured)."""
+    loaded_s = load_suppressions(stack.engine, rows)
+    say(f"[{stack.kind}] suppression list: {rows} rows loaded in {loaded_s} s")
+    runs: dict[str, list[dict[str, Any]]] = {"empty": [], "loaded": []}
+    loaded = False
+    for r in range(rounds):
+        for want in ("empty", "loaded") if r % 2 == 0 else ("loaded", "empty"):
+            if (want == "loaded") != loaded:
+                swap_suppressions(stack.engine)
+                loaded = not loaded
+            entries = live_suppressions(stack.engine)
+            assert entries == (rows if loaded else 0), entries
+            run = phase_mailqueue(stack, children, n, 1, f"suppression {want} ({entries} rows)")
+            run["suppression_rows"] = entries
+            runs[want].append(run)
+            say(f"[{stack.kind}] suppression {want}: {run['msg_per_s']} msg/s")
+    best = {k: max(x["msg_per_s"] for x in v) for k, v in runs.items()}
+    median = {k: statistics.median(x["msg_per_s"] for x in v) for k, v in runs.items()}
+    return {
+        "rows": rows,
+        "load_seconds": loaded_s,
+        "runs": runs,
+        "best_msg_per_s": best,
+        "median_msg_per_s": median,
+        "loaded_over_empty_best": round(best["loaded"] / best["empty"], 3),
+        "loaded_over_empty_median": round(median["loaded"] / median["empty"], 3),
+    }
+
+
 def run_stack(kind: str, args: argparse.Namespace, sink: Sink, children: Children) -> dict:
     workdir = Path(tempfile.mkdtemp(prefix=f"mq-bench-{kind}-"))
     stack = Stack(kind, workdir, sink, args)
@@ -939,6 +1039,19 @@ def run_stack(kind: str, args: argparse.Namespace, sink: Sink, children: Childre
                 stack, children, args.multi_messages, 5, "5 recipients"
             )
             say(f"[{kind}] 5 rcpt: {result['mailqueue_5_recipients']['msg_per_s']} msg/s")
+        if args.suppression_rows and kind in args.suppression_stacks:
+            result["suppression"] = phase_suppression(
+                stack,
+                children,
+                args.suppression_messages or args.messages,
+                args.suppression_rows,
+                args.suppression_rounds,
+            )
+            sup = result["suppression"]
+            say(
+                f"[{kind}] suppression {sup['rows']} rows / empty: best "
+                f"{sup['loaded_over_empty_best']}, median {sup['loaded_over_empty_median']}"
+            )
         result["worker_rss_after_runs_mb"] = [
             round(r / 2**20, 1) for r in worker_children_rss(worker)
         ]
@@ -1005,6 +1118,13 @@ def summary(result: dict[str, Any]) -> str:
             lines.append(f"  worker RSS by depth       {s['memory_depth']}")
         if "attachment" in s:
             lines.append(f"  attachment                {s['attachment']}")
+        if "suppression" in s:
+            sup = s["suppression"]
+            lines.append(
+                f"  suppression list          {sup['rows']} rows: msg/s best "
+                f"{sup['best_msg_per_s']}, median {sup['median_msg_per_s']}; loaded/empty best "
+                f"{sup['loaded_over_empty_best']}, median {sup['loaded_over_empty_median']}"
+            )
     if result.get("smtp_source"):
         lines.append(f"smtp-source (raw limit): {result['smtp_source']['msg_per_s']} msg/s")
     return "\n".join(lines)
@@ -1035,10 +1155,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bare-connections", type=int, default=8, help="bare: reused connections")
     p.add_argument("--batch-size", type=int, default=500, help="ids per Celery task")
     p.add_argument("--smtp-source", action="store_true", help="also run Postfix's smtp-source")
+    p.add_argument(
+        "--suppression-rows",
+        type=int,
+        default=0,
+        help="end to end with an empty suppression list and with this many entries (1000000)",
+    )
+    p.add_argument(
+        "--suppression-messages", type=int, default=0, help="messages per such run (--messages)"
+    )
+    p.add_argument("--suppression-rounds", type=int, default=2, help="alternations of the two")
+    p.add_argument("--suppression-stacks", default="pg,embedded", help="stacks that run it")
     p.add_argument("--timeout", type=float, default=600, help="seconds per phase")
     p.add_argument("--output", type=Path, default=HERE / "results")
     args = p.parse_args(argv)
     args.memory_stacks = args.memory_stacks.split(",")
+    args.suppression_stacks = args.suppression_stacks.split(",")
 
     # SIGTERM ends the run through the ``finally`` below: every child is stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

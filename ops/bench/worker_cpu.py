@@ -15,6 +15,10 @@ machine drift hits every variant alike. Example::
 
     .venv/bin/python ops/bench/worker_cpu.py --messages 5000 --rounds 3 --loops asyncio,uvloop
 
+``--suppression-rows 1000000`` loads that many suppression list entries
+(none matching a recipient) and runs every variant twice per round, with
+the list empty and loaded, so the claim's lookup is priced on its own.
+
 ``EXPERIMENT_SQL="stmt; stmt"`` runs statements on the fresh database after
 it is migrated, e.g. dropping an index to see what its upkeep costs.
 """
@@ -151,6 +155,9 @@ def main() -> None:
     ap.add_argument("--pool-size", type=int, default=8)
     ap.add_argument("--loops", default="asyncio,uvloop", help="comma list: asyncio, uvloop")
     ap.add_argument(
+        "--suppression-rows", type=int, default=0, help="also each variant with this list"
+    )
+    ap.add_argument(
         "--statements",
         action="store_true",
         help="print the top statements (needs pg_stat_statements in shared_preload_libraries)",
@@ -187,13 +194,27 @@ def main() -> None:
             with get_engine(url).begin() as conn:
                 for statement in setup:
                     conn.execute(sa.text(statement))
+        variants = [(kind, None) for kind in args.loops.split(",")]
+        loaded = False
+        if args.suppression_rows:
+            from mailqueue.store import get_engine
+
+            took = bench.load_suppressions(get_engine(url), args.suppression_rows)
+            print(f"suppression list: {args.suppression_rows} rows loaded in {took} s")
+            variants = [(k, state) for k, _ in variants for state in ("empty", "loaded")]
         results: dict[str, list[dict[str, float]]] = {}
         for r in range(args.rounds):
-            for kind in args.loops.split(","):
+            for kind, state in variants if r % 2 == 0 else variants[::-1]:
+                if state is not None and (state == "loaded") != loaded:
+                    from mailqueue.store import get_engine
+
+                    bench.swap_suppressions(get_engine(url))
+                    loaded = not loaded
+                name = f"{kind}/{state}" if state else kind
                 res = one_round(kind, args.messages, args.batch_size)
-                results.setdefault(kind, []).append(res)
+                results.setdefault(name, []).append(res)
                 print(
-                    f"round {r + 1}/{args.rounds} {kind:8s} {res['msg_per_s']:7.0f} msg/s  "
+                    f"round {r + 1}/{args.rounds} {name:14s} {res['msg_per_s']:7.0f} msg/s  "
                     f"worker {res['worker_us']:6.1f} µs/msg (user {res['user_us']:6.1f})  "
                     f"postgres {res['postgres_us']:6.1f} µs/msg  "
                     f"{res['outcomes_per_commit']:.1f} outcomes/commit",
@@ -204,7 +225,7 @@ def main() -> None:
             med: dict[str, Any] = {
                 k: round(statistics.median(x[k] for x in rows), 1) for k in rows[0]
             }
-            print(f"  {kind:8s} {med}")
+            print(f"  {kind:14s} {med}")
     finally:
         from mailqueue import _reset_caches
 

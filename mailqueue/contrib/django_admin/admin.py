@@ -46,9 +46,16 @@ from ...config import Settings
 from ...errors import NotFoundError
 from ...statuses import MessageStatus, RecipientStatus
 from .. import CONFIG_NAMES, apply_config
-from .models import Attempt, Message, Recipient, Relay, TagOf, database_alias
+from .models import Attempt, Message, Recipient, Relay, Suppression, TagOf, database_alias
 
-__all__ = ["ACTION_LIMIT", "COUNT_CAP", "CappedPaginator", "MessageAdmin", "RelayAdmin"]
+__all__ = [
+    "ACTION_LIMIT",
+    "COUNT_CAP",
+    "CappedPaginator",
+    "MessageAdmin",
+    "RelayAdmin",
+    "SuppressionAdmin",
+]
 
 COUNT_CAP = 10_000
 """The paginator counts this many matching rows at most ("more than 10000 messages")."""
@@ -213,6 +220,7 @@ class MessageAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
                     "last_reply",
                     "worker",
                     "idempotency_key",
+                    "list_id",
                     "meta",
                 )
             },
@@ -527,3 +535,48 @@ class RelayAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Any]:
         return super().get_queryset(request).using(database_alias())
+
+
+@admin.register(Suppression)
+class SuppressionAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+    """The suppression list, read-only: entries are written through mailqueue
+    (``mailqueue suppress``, ``mailqueue.api.suppress``, the status page), which
+    computes the key a recipient is compared by."""
+
+    list_display = ("address", "reason", "scope_shown", "created_at", "note")
+    list_filter = ("reason",)
+    search_fields = ("address_key",)
+    search_help_text = "An address, whole (the domain's case does not matter)."
+    fields = ("address", "address_key", "reason", "scope_shown", "created_at", "note")
+    readonly_fields = ("scope_shown",)
+    ordering = ("-id",)
+    sortable_by = ("created_at",)
+    show_full_result_count = False
+    show_facets = admin.ShowFacets.NEVER
+    paginator = CappedPaginator
+    list_per_page = 100
+
+    @admin.display(description="scope")
+    def scope_shown(self, obj: Suppression) -> str:
+        return obj.scope or "everywhere"
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Any]:
+        return super().get_queryset(request).using(database_alias())
+
+    def get_search_results(
+        self, request: HttpRequest, queryset: QuerySet[Any], search_term: str
+    ) -> tuple[QuerySet[Any], bool]:
+        """The address's key, exactly (served by the unique index), never a scan."""
+        term = search_term.strip()
+        if not term:
+            return queryset, False
+        return queryset.filter(address_key=api.suppression_key(term)), False

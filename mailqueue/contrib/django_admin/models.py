@@ -13,9 +13,17 @@ from typing import Any
 from django.conf import settings
 from django.db import models
 
-from ...statuses import MessageStatus, RecipientStatus
+from ...statuses import MessageStatus, RecipientStatus, SuppressionReason
 
-__all__ = ["Attempt", "Message", "Recipient", "Relay", "TagOf", "database_alias"]
+__all__ = [
+    "Attempt",
+    "Message",
+    "Recipient",
+    "Relay",
+    "Suppression",
+    "TagOf",
+    "database_alias",
+]
 
 
 def database_alias() -> str:
@@ -81,6 +89,7 @@ class Message(models.Model):
     last_error = models.CharField(max_length=64, null=True)
     last_reply = models.TextField(null=True)
     worker = models.CharField(max_length=64, null=True)
+    list_id = models.CharField("list id", max_length=255, null=True)
 
     class Meta:
         managed = False
@@ -164,3 +173,25 @@ class Relay(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+
+class Suppression(models.Model):
+    """An address on the suppression list (``mq_suppression``); edited through
+    ``mailqueue suppress``, the JSON API or the status page, so the keys stay right."""
+
+    id = models.BigAutoField(primary_key=True)
+    address = models.CharField(max_length=320)
+    address_key = models.CharField("compared as", max_length=320)
+    reason = models.CharField(max_length=16, choices=[(r, r) for r in SuppressionReason.ALL])
+    scope = models.CharField(max_length=262, blank=True)
+    created_at = models.DateTimeField()
+    note = models.TextField(null=True)
+
+    class Meta:
+        managed = False
+        db_table = "mq_suppression"
+        default_permissions = ("view",)
+        verbose_name = "suppressed address"
+
+    def __str__(self) -> str:
+        return f"{self.address} ({self.scope or 'everywhere'})"
