@@ -438,3 +438,22 @@ def test_the_endpoint_answers_451_past_its_rate_per_client(verp):
     finally:
         server.stop()
     assert len(bounce_rows(verp)) == 2
+
+
+def test_migration_0008_is_the_one_head_and_reverses(tmp_path):
+    from alembic import command
+    from alembic.script import ScriptDirectory
+
+    from mailqueue.migrate import alembic_config, upgrade
+
+    url = f"sqlite:///{tmp_path / 'm.db'}"
+    config = alembic_config(url)
+    assert ScriptDirectory.from_config(config).get_heads() == ["0008"]
+    upgrade(url)
+    engine = sa.create_engine(url)
+    assert "mq_bounce" in sa.inspect(engine).get_table_names()
+    command.downgrade(config, "-1")
+    assert "mq_bounce" not in sa.inspect(engine).get_table_names()
+    upgrade(url)
+    assert "mq_bounce" in sa.inspect(engine).get_table_names()
+    engine.dispose()
