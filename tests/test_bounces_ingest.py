@@ -422,6 +422,14 @@ def test_events_posted_to_the_api_are_applied_by_message_id_or_return_path(verp,
     assert recipient(verp, mid, "esp-spam@example.net")["status"] == "complained"
     assert recipient(verp, mid, "esp-late@example.net")["status"] == "sent"
     assert [e.reason for e in api.suppressions(address="esp-hard@example.net")] == ["bounced"]
+    with TestClient(create_app(token="token-for-events")) as client:
+        listed = client.get("/api/v1/bounces?unmatched=1", headers=auth).json()
+        assert [b["reason"] for b in listed["bounces"]] == [
+            f"unmatched: message {mid} has no recipient nobody@example.net"
+        ]
+        everything = client.get("/api/v1/bounces?limit=2", headers=auth).json()
+        assert len(everything["bounces"]) == 2 and everything["next_before"] is not None
+        assert client.get("/api/v1/bounces").status_code == 401
 
 
 def test_the_endpoint_answers_451_past_its_rate_per_client(verp):

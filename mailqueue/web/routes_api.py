@@ -74,6 +74,26 @@ async def api_enqueue(request: Request) -> Any:
 
 
 @endpoint
+async def api_bounces(request: Request) -> Any:
+    """Stored reports, newest first; ``unmatched=1``: only those tied to no row."""
+    params = request.query_params
+    limit = _limit(params, 50)
+    before = _param(params, "before")
+    if before is not None and not before.isdigit():
+        raise InvalidMessageError("must be a report id (a whole number)", field="before")
+    unmatched = _param(params, "unmatched") in ("1", "true", "yes")
+    rows = await run_in_threadpool(
+        lambda: inbound.reports(
+            unmatched=unmatched, limit=limit, before=int(before) if before is not None else None
+        )
+    )
+    return {
+        "bounces": [r.as_dict() for r in rows],
+        "next_before": rows[-1].id if len(rows) == limit else None,
+    }
+
+
+@endpoint
 async def api_events(request: Request) -> Any:
     """Normalized bounce/complaint events (an ESP's webhooks, translated): see docs/bounces.md."""
     current = get_settings()
@@ -157,6 +177,7 @@ def routes() -> list[Route]:
         Route("/api/v1/messages", api_list),
         Route("/api/v1/messages", api_enqueue, methods=["POST"]),
         Route("/api/v1/events", api_events, methods=["POST"]),
+        Route("/api/v1/bounces", api_bounces),
         Route("/api/v1/messages/{message_id}", api_status),
         Route("/api/v1/messages/{message_id}/retry", api_retry, methods=["POST"]),
         Route("/api/v1/messages/{message_id}/cancel", api_cancel, methods=["POST"]),
