@@ -1,11 +1,14 @@
 """Record a report that came back, tie it to its recipient row, apply what it says.
 
-One transaction per report:
+One transaction per batch of reports (one report from the SMTP endpoint, up
+to ``inbound.BATCH`` from a mailbox):
 
 1. the return path's VERP token (the SMTP envelope recipient, else the
    report's own ``Delivered-To``/``To``, else the return path the report
    quotes) names a recipient row; the token must verify for exactly that row
-   (message id, recipient id, address) or the report stays unmatched;
+   (message id, recipient id, address) or the report stays unmatched. An
+   event from the authenticated JSON API may name its row by message id and
+   address instead;
 2. the report's result for that recipient is picked (by address, original
    address, or the only result there is);
 3. the effect, guarded by the row's current status in the UPDATE itself:
@@ -132,10 +135,10 @@ def record_reports(
 ) -> list[BounceRecord]:
     """``record_report`` for many reports in one transaction (a Maildir's worth).
 
-    Statements per batch, not per report, where the outcome allows: one SELECT
-    of the rows the tokens name, one INSERT each for the attempt rows, the
-    suppressions and the reports; only the guarded UPDATE runs per row (its
-    row count says whether the status was still the one it may change).
+    Statements per batch, not per report: one SELECT of the rows the tokens
+    name, one guarded UPDATE per verdict (its RETURNING says which rows still
+    had a status it may change), one INSERT each for the attempt rows, the
+    suppressions and the reports.
     """
     now = now or utcnow()
     with engine.begin() as conn:
