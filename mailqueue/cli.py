@@ -1264,6 +1264,100 @@ def demo(messages: int, workdir: Path, concurrency: int, timeout: float) -> None
     sys.exit(run_demo(messages=messages, workdir=workdir, concurrency=concurrency, timeout=timeout))
 
 
+@cli.group()
+def bounces() -> None:
+    """Read the bounces and complaints that come back (see docs/bounces.md)."""
+
+
+@bounces.command("ingest")
+@click.option(
+    "--maildir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="A Maildir the MTA fills: reads new/, moves each report to cur/.",
+)
+@click.option(
+    "--mbox",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="An mbox the MTA fills: reads it, moves its reports to <mbox>.done.",
+)
+def bounces_ingest(maildir: Path | None, mbox: Path | None) -> None:
+    """Record and apply every report in a mailbox, then move it out of the way."""
+    from .inbound import ingest_maildir, ingest_mbox
+
+    if (maildir is None) == (mbox is None):
+        raise click.UsageError("give one of --maildir or --mbox")
+    _require_schema()
+    try:
+        outcome = ingest_maildir(maildir) if maildir is not None else ingest_mbox(mbox)  # type: ignore[arg-type]
+    except FileNotFoundError as exc:
+        raise click.ClickException(str(exc)) from None
+    applied = ", ".join(f"{n} {s}" for s, n in sorted(outcome.applied.items())) or "none changed"
+    click.echo(
+        f"{outcome.read} reports: {applied}; {outcome.unmatched} unmatched, "
+        f"{outcome.unparsed} unparsed"
+    )
+
+
+@bounces.command("list")
+@click.option("--unmatched", is_flag=True, help="Only reports tied to no row (unparsed too).")
+@click.option("--limit", type=click.IntRange(1, 10000), default=50, show_default=True)
+@click.option("--before", type=int, help="Page: reports older than this id.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def bounces_list(unmatched: bool, limit: int, before: int | None, as_json: bool) -> None:
+    """Reports that came back, newest first, with what they did or why not."""
+    from .inbound import reports
+
+    _require_schema()
+    found = reports(unmatched=unmatched, limit=limit, before=before)
+    if as_json:
+        _echo_json([r.as_dict() for r in found])
+        return
+    for r in found:
+        what = r.effect or r.reason or r.verdict or ""
+        code = f" {r.enhanced_code}" if r.enhanced_code else ""
+        click.echo(
+            shown(
+                f"{r.id:>8}  {r.received_at:%Y-%m-%d %H:%M:%S}  {r.kind:<9} "
+                f"{r.address or '-'}{code}: {what}"
+            )
+        )
+
+
+@bounces.command("serve")
+@click.option(
+    "--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback by default)."
+)
+@click.option("--port", type=_PORT, default=2526, show_default=True, help="Port to bind (0: any).")
+@click.option(
+    "--max-size",
+    type=click.IntRange(min=1),
+    default=10 * 1024 * 1024,
+    show_default=True,
+    help="Largest report accepted (bytes).",
+)
+@click.option(
+    "--rate",
+    type=click.IntRange(min=1),
+    default=600,
+    show_default=True,
+    help="Reports one client address may send per minute (more: 451, retried).",
+)
+def bounces_serve(host: str, port: int, max_size: int, rate: int) -> None:
+    """Take reports over SMTP for MAILQUEUE_BOUNCE_DOMAIN only, and record them."""
+    from .bounceserver import serve
+    from .config import get_settings
+
+    if get_settings().bounce_domain is None:
+        raise click.ClickException(
+            "MAILQUEUE_BOUNCE_DOMAIN is not set: set it (and MAILQUEUE_BOUNCE_SECRET) to "
+            "the domain whose mail this endpoint takes"
+        )
+    _require_schema()
+    _serve_metrics(multiprocess=False)
+    with _binding("--port"):
+        serve(host, port, max_size=max_size, rate_per_minute=rate)
+
+
 # -- the suppression list ----------------------------------------------------------------
 
 _REASONS = click.Choice(["unsubscribed", "bounced", "complained", "manual"])

@@ -599,6 +599,9 @@ def _default_database_url() -> str:
     return default_urls()["database"]
 
 
+BOUNCE_SECRET_ENV = "MAILQUEUE_BOUNCE_SECRET"
+
+
 def _default_broker_url() -> str:
     return default_urls()["broker"]
 
@@ -697,6 +700,13 @@ class Settings:
     """A status page login lasts this long (sessions live in the web process)."""
     web_auth_failures_per_min: int = 10
     """Wrong tokens (login or bearer) one client address may send per minute."""
+    bounce_domain: str | None = None
+    """With it, each recipient is sent with its own signed return path
+    ``b+<token>@<bounce_domain>`` (``bounces/verp.py``), so a bounce names its row.
+    The HMAC secret is ``MAILQUEUE_BOUNCE_SECRET``, read from the environment only."""
+    bounce_suppress: bool = True
+    """A recipient that a report turns ``bounced`` or ``complained`` also puts its
+    address on the suppression list (everywhere), so no later mail goes to it."""
     suppression_local_case_insensitive: bool = False
     """Compare suppressed addresses' local parts ignoring case (``Bob@x`` = ``bob@x``).
     Off by default: RFC 5321 leaves the local part's case to the receiving host.
@@ -735,6 +745,19 @@ class Settings:
         if self.unsubscribe_per_min < 1:
             raise ValueError("MAILQUEUE_UNSUBSCRIBE_PER_MIN must be at least 1")
         _check_unsubscribe(self.unsubscribe_url, self.unsubscribe_mailto, self.unsubscribe_secret)
+        if self.bounce_domain is not None:
+            domain = self.bounce_domain
+            if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?", domain):
+                raise ValueError(
+                    f"MAILQUEUE_BOUNCE_DOMAIN must be a plain domain name, not {domain!r}"
+                )
+            if len(os.environ.get(BOUNCE_SECRET_ENV, "").encode()) < 16:
+                raise ValueError(
+                    f"MAILQUEUE_BOUNCE_DOMAIN is set, so {BOUNCE_SECRET_ENV} must be too: "
+                    "at least 16 random bytes (e.g. `python -c 'import secrets; "
+                    "print(secrets.token_urlsafe(32))'`), the same in the environment of "
+                    "every worker and of the processes that read bounces"
+                )
         limited = [r.name for r in self.all_relays if r.has_cluster_limits]
         if limited and self.cluster_redis_url is None:
             raise ValueError(
@@ -742,6 +765,12 @@ class Settings:
                 "which all workers share through Redis: set MAILQUEUE_LIMITS_REDIS_URL "
                 "(or use a redis:// broker)"
             )
+
+    @property
+    def bounce_secret(self) -> bytes:
+        """The VERP HMAC secret, from the environment each time: never a field, so
+        it is in no repr, dump or row."""
+        return os.environ.get(BOUNCE_SECRET_ENV, "").encode()
 
     @property
     def limits(self) -> Limits:
@@ -948,6 +977,8 @@ _ENV: dict[str, tuple[str, Any]] = {
     "MAILQUEUE_API_MAX_DEPTH": ("api_max_depth", int),
     "MAILQUEUE_WEB_SESSION_S": ("web_session_s", float),
     "MAILQUEUE_WEB_AUTH_FAILURES_PER_MIN": ("web_auth_failures_per_min", int),
+    "MAILQUEUE_BOUNCE_DOMAIN": ("bounce_domain", str),
+    "MAILQUEUE_BOUNCE_SUPPRESS": ("bounce_suppress", _to_bool),
     "MAILQUEUE_SUPPRESSION_LOCAL_CASE_INSENSITIVE": (
         "suppression_local_case_insensitive",
         _to_bool,
@@ -964,6 +995,7 @@ OTHER_NAMES: dict[str, str] = {
     "MAILQUEUE_CONFIG": "a TOML file with the same settings (config.settings_from_env)",
     "MAILQUEUE_HOME": "the folder of the default SQLite database and broker (config)",
     "MAILQUEUE_LOG_JSON": "log JSON lines (logging_setup)",
+    "MAILQUEUE_BOUNCE_SECRET": "the VERP return paths' HMAC secret, env only (config, bounces)",
     "MAILQUEUE_METRICS_PORT": "Prometheus metrics port of worker and scheduler (metrics)",
     "MAILQUEUE_METRICS_ADDR": "the address the metrics listen on (metrics)",
     "MAILQUEUE_EVENT_LOOP": "the worker's event loop, uvloop or asyncio (worker/loop.py)",

@@ -51,6 +51,9 @@ Metric names:
 ``mailqueue_scheduler_dispatched_total``    counter    ids handed to the broker
 ``mailqueue_scheduler_undispatched_total``  counter    ids the broker refused
 ``mailqueue_scheduler_last_tick_timestamp`` gauge      unix time of the last finished tick
+``mailqueue_bounce_reports_total``          counter    reports that came back (``kind``: dsn/
+                                                       complaint/text/unparsed, ``effect``:
+                                                       bounced/complained/recorded/unmatched)
 ==========================================  =========  ==========================================
 """
 
@@ -235,6 +238,11 @@ class _Metrics:
             "Unix time when the scheduler last finished a tick",
             multiprocess_mode="max",
         )
+        self.bounce_reports = Counter(
+            "mailqueue_bounce_reports_total",
+            "Bounces and complaints that came back, by kind and what they did",
+            ["kind", "effect"],
+        )
         self._relays_seen: set[str] = set()
         self._worker_marked = False
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
@@ -401,6 +409,22 @@ def _observe_attempt(message: Any, result: Any, outcome: Any) -> None:
         m.child(m.replies, relay, reply_class(r.code)).inc()
     if outcome.recipients or suppressed:
         m.child(m.messages, relay, derive_status(final.values())).inc()
+
+
+def bounces_recorded(records: Iterable[Any]) -> None:
+    """After reports that came back were recorded (``inbound``)."""
+    try:
+        m = get()
+        for record in records:
+            if record.effect:
+                effect = record.effect
+            elif record.recipient_id is None and record.kind != "unparsed":
+                effect = "unmatched"
+            else:
+                effect = "recorded"
+            m.child(m.bounce_reports, record.kind, effect).inc()
+    except Exception:  # noqa: BLE001 - metrics never stop ingesting
+        log.debug("metrics: bounces_recorded failed", exc_info=True)
 
 
 def pool_changed(pool: Any) -> None:

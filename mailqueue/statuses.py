@@ -8,7 +8,10 @@ Recipient: ``pending`` (not tried yet), ``sent`` (the relay accepted it),
 ``deferred`` (a temporary failure; tried again at the message's
 ``next_attempt_at``), ``failed`` (refused for good, or expired),
 ``cancelled``, ``suppressed`` (its address is on the suppression list: found
-when a worker claimed the message, so never sent; not a failure).
+when a worker claimed the message, so never sent; not a failure). After
+``sent``, a report that came back may turn it ``bounced`` (a hard bounce: the
+next hop refused it for good) or ``complained`` (the recipient reported it as
+spam); see ``bounces``.
 
 Message, derived from its recipients: ``queued``, ``sending`` (a worker holds
 its lease), ``deferred``, ``sent`` (all accepted), ``partial`` (terminal:
@@ -58,8 +61,14 @@ class RecipientStatus(StrEnum):
     FAILED = "failed"
     CANCELLED = "cancelled"
     SUPPRESSED = "suppressed"
-    ALL = nonmember((PENDING, SENT, DEFERRED, FAILED, CANCELLED, SUPPRESSED))
+    BOUNCED = "bounced"
+    """Was ``sent``; a delivery status notification then said it failed for good."""
+    COMPLAINED = "complained"
+    """Was ``sent``; the recipient then reported it as spam (an ARF report)."""
+    ALL = nonmember((PENDING, SENT, DEFERRED, FAILED, CANCELLED, SUPPRESSED, BOUNCED, COMPLAINED))
     """Every recipient status, in the order the CLI and the status page list them."""
+    AFTER_SENT = nonmember((BOUNCED, COMPLAINED))
+    """What a report that came back after the relay's 250 can make a ``sent`` recipient."""
     OPEN = nonmember((PENDING, DEFERRED))
     """Recipients that a delivery attempt still carries."""
 
@@ -79,6 +88,10 @@ class ErrorWord(StrEnum):
 
     EXPIRED = "Expired"
     """The message outlived its lifetime: its open recipients failed."""
+    BOUNCED = "Bounced"
+    """A bounce (DSN) that came back after the 250 said it failed for good."""
+    COMPLAINED = "Complained"
+    """A complaint (ARF) that came back after the 250."""
     RELAY_PAUSED = "RelayPaused"
     """Its relay is paused after an auth or TLS failure: deferred, not tried."""
     SUPPRESSED = "Suppressed"

@@ -21,6 +21,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -227,6 +228,7 @@ def pg_database() -> Iterator[str]:
 def _truncate(url: str) -> None:
     engine = get_engine(url)
     with engine.begin() as conn:
+        conn.execute(sa.text("DELETE FROM mq_bounce"))
         conn.execute(sa.text("DELETE FROM mq_recipient"))
         conn.execute(sa.text("DELETE FROM mq_message"))
         conn.execute(sa.text("DELETE FROM mq_relay"))  # no pause left over by an earlier test
@@ -347,3 +349,25 @@ def wait_until(
             return
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what or predicate}")
+
+
+BOUNCE_DOMAIN = "bounce.example.com"
+BOUNCE_SECRET = "b" * 32
+
+
+@pytest.fixture
+def verp(stack: Stack, smtp_server: DevServer, monkeypatch: pytest.MonkeyPatch) -> Stack:
+    """``stack`` with a bounce domain: each recipient sent with its own VERP return path."""
+    monkeypatch.setenv("MAILQUEUE_BOUNCE_SECRET", BOUNCE_SECRET)
+    stack.reconfigure(bounce_domain=BOUNCE_DOMAIN)
+    return stack
+
+
+@pytest.fixture
+def endpoint(verp: Stack) -> Iterator[Any]:
+    """``mailqueue bounces serve``'s server for ``verp``'s bounce domain, on a free port."""
+    from mailqueue.bounceserver import BounceServer
+
+    server = BounceServer(settings=verp.settings).start()
+    yield server
+    server.stop()

@@ -157,3 +157,20 @@ def test_the_unsubscribe_cost_script_runs():
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "plain" in proc.stdout and "unsubscribe" in proc.stdout
     assert proc.stdout.count("µs/recipient") == 2
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgres"])
+def test_bounce_bench_runs_and_every_report_bounces_its_row(database):
+    args = ["--reports", "50"]
+    if database == "postgres":
+        require("postgres")
+        args += ["--database-url", POSTGRES_URL]  # it makes and drops its own database
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "ops" / "bench" / "bounces.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "50 DSNs ingested" in proc.stdout
+    assert "50 rows bounced, 0 unmatched, 0 unparsed" in proc.stdout

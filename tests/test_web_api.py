@@ -63,6 +63,8 @@ def test_api_shows_a_refused_recipient_and_retry_then_cancel_change_it(stack, sm
         "failed": 1,
         "cancelled": 0,
         "suppressed": 0,
+        "bounced": 0,
+        "complained": 0,
     }
 
     series = client.get("/api/v1/series?window=1h", headers=AUTH).json()

@@ -1,8 +1,9 @@
 """Status back to the app: lookups by key or metadata, and Anymail's vocabulary.
 
 mailqueue's own words (``pending``, ``sent``, ``deferred``, ``failed``,
-``cancelled``, ``suppressed`` per recipient) are precise about SMTP; apps that already speak
-`Anymail <https://anymail.dev>`_'s vocabulary can translate them with
+``cancelled``, ``suppressed``, ``bounced``, ``complained`` per recipient) are
+precise about SMTP; apps that already speak `Anymail <https://anymail.dev>`_'s
+vocabulary can translate them with
 :func:`anymail_status` (one recipient) or :func:`anymail_statuses` (a
 message: the set of its recipients' words, like Anymail's
 ``message.anymail_status.status``).
@@ -17,6 +18,8 @@ mailqueue recipient    condition                                Anymail
 ``failed``             ``error == "Expired"`` (gave up)         ``bounced``
 ``failed``             anything else (TLS, auth, no code)       ``failed``
 ``cancelled``          cancelled before it was sent             ``failed``
+``bounced``            sent, then a DSN said it failed for good ``bounced``
+``complained``         sent, then reported as spam (ARF)        ``complained``
 ``suppressed``         on the suppression list, never sent      ``rejected``
 ===================== ======================================== ===========
 """
@@ -36,13 +39,15 @@ __all__ = [
     "get_status_by_key",
 ]
 
-ANYMAIL_WORDS = ("queued", "sent", "rejected", "failed", "deferred", "bounced")
+ANYMAIL_WORDS = ("queued", "sent", "rejected", "failed", "deferred", "bounced", "complained")
 
 _SIMPLE: dict[str, str] = {
     RecipientStatus.PENDING: "queued",
     RecipientStatus.DEFERRED: "deferred",
     RecipientStatus.SENT: "sent",
     RecipientStatus.CANCELLED: "failed",
+    RecipientStatus.BOUNCED: "bounced",
+    RecipientStatus.COMPLAINED: "complained",
     # Anymail's own word for a recipient the ESP's suppression list withheld.
     RecipientStatus.SUPPRESSED: "rejected",
 }

@@ -36,6 +36,7 @@ from ..statuses import TERMINAL_MESSAGE, MessageStatus, RecipientStatus
 
 __all__ = [
     "Base",
+    "BounceRow",
     "MessageRow",
     "RecipientRow",
     "MessageStatus",
@@ -206,6 +207,55 @@ class AttemptRow(Base):
 
 
 ATTEMPTS = cast(Table, AttemptRow.__table__)
+
+
+class BounceRow(Base):
+    """One report that came back (a bounce or a complaint), matched or not.
+
+    Every report is kept, whatever it turned out to be: ``kind`` ``unparsed``
+    and ``recipient_id`` NULL ("unmatched") rows are shown with their
+    ``reason``, never dropped. ``raw`` keeps its first bytes for a human to
+    read; the VERP secret is never here (tokens are checked, not stored).
+    """
+
+    __tablename__ = "mq_bounce"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    source: Mapped[str] = mapped_column(String(16))
+    """``smtp`` (``mailqueue bounces serve``), ``maildir``, ``mbox``."""
+    envelope_to: Mapped[str | None] = mapped_column(String(320), nullable=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    verdict: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    address: Mapped[str | None] = mapped_column(String(320), nullable=True)
+    """The recipient the report is about, as the report names it."""
+    enhanced_code: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    diagnostic: Mapped[str | None] = mapped_column(Text, nullable=True)
+    feedback_type: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    message_id: Mapped[uuid.UUID | None] = mapped_column(
+        Uuid, ForeignKey("mq_message.id", ondelete="SET NULL"), nullable=True
+    )
+    recipient_id: Mapped[int | None] = mapped_column(
+        BigId, ForeignKey("mq_recipient.id", ondelete="SET NULL"), nullable=True
+    )
+    """The row it was applied to or recorded against; NULL: unmatched."""
+    effect: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    """The status it gave the recipient (``bounced``, ``complained``), or NULL: none."""
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    """Why it was not read, not matched or not applied."""
+    results: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, nullable=True)
+    """Every recipient result the report holds."""
+    raw_size: Mapped[int] = mapped_column(Integer)
+    raw: Mapped[bytes] = mapped_column(LargeBinary)
+    """The report's first ``RAW_KEPT`` bytes."""
+
+    __table_args__ = (
+        Index("ix_mq_bounce_received_at", "received_at"),
+        Index("ix_mq_bounce_recipient_id", "recipient_id"),
+    )
+
+
+BOUNCES = cast(Table, BounceRow.__table__)
 
 
 class SuppressionRow(Base):

@@ -9,7 +9,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from .. import api
+from .. import api, inbound
 from ..config import get_settings
 from ..errors import InvalidMessageError, NotFoundError
 from . import payload
@@ -74,6 +74,50 @@ async def api_enqueue(request: Request) -> Any:
 
 
 @endpoint
+async def api_bounces(request: Request) -> Any:
+    """Stored reports, newest first; ``unmatched=1``: only those tied to no row."""
+    params = request.query_params
+    limit = _limit(params, 50)
+    before = _param(params, "before")
+    if before is not None and not before.isdigit():
+        raise InvalidMessageError("must be a report id (a whole number)", field="before")
+    unmatched = _param(params, "unmatched") in ("1", "true", "yes")
+    rows = await run_in_threadpool(
+        lambda: inbound.reports(
+            unmatched=unmatched, limit=limit, before=int(before) if before is not None else None
+        )
+    )
+    return {
+        "bounces": [r.as_dict() for r in rows],
+        "next_before": rows[-1].id if len(rows) == limit else None,
+    }
+
+
+@endpoint
+async def api_events(request: Request) -> Any:
+    """Normalized bounce/complaint events (an ESP's webhooks, translated): see docs/bounces.md."""
+    current = get_settings()
+    raw = await read_body(request, current.api_body_limit)
+    body = payload.load_json(raw, max_depth=current.api_max_depth)
+    records = await run_in_threadpool(inbound.ingest_events, body)
+    web_of(request).cache.clear()
+    return JSONResponse(
+        {
+            "events": [
+                {
+                    "id": r.id,
+                    "recipient_id": r.recipient_id,
+                    "effect": r.effect,
+                    "reason": r.reason,
+                }
+                for r in records
+            ]
+        },
+        status_code=201,
+    )
+
+
+@endpoint
 async def api_suppressions(request: Request) -> Any:
     params = request.query_params
     limit = min(_limit(params, 100), 10000)
@@ -132,6 +176,8 @@ def routes() -> list[Route]:
         Route("/api/v1/series", api_series),
         Route("/api/v1/messages", api_list),
         Route("/api/v1/messages", api_enqueue, methods=["POST"]),
+        Route("/api/v1/events", api_events, methods=["POST"]),
+        Route("/api/v1/bounces", api_bounces),
         Route("/api/v1/messages/{message_id}", api_status),
         Route("/api/v1/messages/{message_id}/retry", api_retry, methods=["POST"]),
         Route("/api/v1/messages/{message_id}/cancel", api_cancel, methods=["POST"]),

@@ -8,6 +8,11 @@ runs in a thread of the worker process (blocking code is fine); an exception
 is logged and never undoes or retries the delivery. It is best effort: a
 worker killed between the commit and the call skips it (poll ``get_status``
 for certainty), and nothing calls it for ``cancel()`` (the caller knows).
+
+A report that comes back later (``inbound``: a bounce or a complaint that
+turned a recipient ``bounced`` or ``complained``) calls it again with the
+message's new ``MessageInfo``: the message was terminal already, and what is
+new is in its recipients.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from ..store import admin
 from ..store.models import TERMINAL_MESSAGE
 from ..store.queue import Store
 
-__all__ = ["notify_if_terminal", "resolve_callable"]
+__all__ = ["notify_changed", "notify_if_terminal", "resolve_callable"]
 
 log = logging.getLogger("mailqueue.worker")
 
@@ -56,4 +61,12 @@ async def notify_if_terminal(path: str, store: Store, message_id: uuid.UUID) -> 
     try:
         await asyncio.to_thread(_notify, path, store, message_id)
     except Exception:  # noqa: BLE001 - the delivery is recorded; the callback is advisory
+        log.exception("MAILQUEUE_ON_TERMINAL callback %s failed for %s", path, message_id)
+
+
+def notify_changed(path: str, store: Store, message_id: uuid.UUID) -> None:
+    """Call the hook for a message a report changed (from a thread; never raises)."""
+    try:
+        _notify(path, store, message_id)
+    except Exception:  # noqa: BLE001 - the report is recorded; the callback is advisory
         log.exception("MAILQUEUE_ON_TERMINAL callback %s failed for %s", path, message_id)

@@ -30,10 +30,11 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wai
 
 from .. import metrics as _metrics
 from ..backoff import backoff_s
+from ..bounces.verp import make_return_path
 from ..config import RelayConfig, Settings
 from ..errors import AuthError, ConnectError, SMTPError, TLSError
 from ..logging_setup import log_attempt
-from ..smtp.delivery import TransactionResult, deliver, failed_everyone
+from ..smtp.delivery import RecipientResult, TransactionResult, deliver, failed_everyone
 from ..smtp.dkim import DkimSigner, load_signer
 from ..smtp.pool import Pool, pool_for_relay
 from ..statuses import ErrorWord
@@ -100,7 +101,6 @@ def plan_outcome(
 
 
 def _expired_result(message: ClaimedMessage) -> TransactionResult:
-    from ..smtp.delivery import RecipientResult
 
     reply = "message expired in the queue before it could be delivered"
     return TransactionResult(
@@ -306,7 +306,7 @@ class Deliverer:
                         content = await asyncio.to_thread(
                             self.store.load_content, message.id, message.size
                         )
-                    if message.unsubscribe:
+                    if message.unsubscribe or self.settings.bounce_domain is not None:
                         result, early = await self._deliver_each(message, pool, addresses, content)
                     else:
                         if message.list_id is not None:
@@ -343,8 +343,10 @@ class Deliverer:
         pool: Pool,
         addresses: Sequence[str],
         content: bytes | bytearray,
+        mail_from: str | None = None,
     ) -> TransactionResult:
-        """DKIM-sign ``content`` (when a key or the relay asks) and send it to ``addresses``."""
+        """DKIM-sign ``content`` (when a key or the relay asks) and send it to ``addresses``
+        (from ``mail_from``, the message's envelope sender unless a VERP return path)."""
         required = pool.relay.dkim == "required"
         unsigned: SMTPError | None = None
         if self._dkim is not None or required:
@@ -353,7 +355,7 @@ class Deliverer:
             return failed_everyone(addresses, "failed", unsigned)
         return await deliver(
             pool,
-            message.mail_from,
+            mail_from or message.mail_from,
             addresses,
             content,
             smtputf8=message.smtputf8,
@@ -367,8 +369,14 @@ class Deliverer:
         addresses: Sequence[str],
         content: bytes | bytearray,
     ) -> tuple[TransactionResult, list[RecipientOutcome]]:
-        """One transaction per recipient, each copy with its own List-Unsubscribe;
-        the merged result, and the acceptances already recorded.
+        """One transaction per recipient; the merged result, and the acceptances
+        already recorded.
+
+        Two features need a copy per recipient: ``unsubscribe=True`` (each copy
+        carries its own List-Unsubscribe) and ``MAILQUEUE_BOUNCE_DOMAIN`` (each
+        transaction has its own signed VERP return path, ``bounces/verp.py``, so a
+        bounce names its row); the copy's bytes are the same for every recipient
+        when only the second asks.
 
         The copies go out concurrently, at most the relay's pool size of them
         being made and sent at once across all messages (``_copy_slots``). Each
@@ -380,22 +388,47 @@ class Deliverer:
         copies it hit (others may have been accepted) and pauses the relay.
         """
         early: list[RecipientOutcome] = []
-        base = unsubscribe_base(self.settings, self._unsubscribe_signer, message, content)
+        signer = self._unsubscribe_signer
+        base: bytes | bytearray | SMTPError = content
+        if message.unsubscribe:
+            base = unsubscribe_base(self.settings, signer, message, content)
+        elif message.list_id is not None:
+            base = with_list_id(content, message.list_id)
         if isinstance(base, SMTPError):
             return failed_everyone(addresses, "failed", base), early
+        shared: bytes | bytearray = base
         ids = {r.address: r.id for r in message.open_recipients}
-        signer = self._unsubscribe_signer
-        assert signer is not None
+        domain, secret = self.settings.bounce_domain, self.settings.bounce_secret
+
+        def envelope_sender(address: str) -> str | None:
+            if domain is None:
+                return None
+            return make_return_path(
+                secret=secret,
+                domain=domain,
+                message_id=message.id,
+                recipient_id=ids[address],
+                address=address,
+            )
+
+        def copy_for(address: str) -> bytes | bytearray | SMTPError:
+            if not message.unsubscribe:
+                return shared
+            assert signer is not None  # unsubscribe_base refused the message otherwise
+            return personal_copy(self.settings, signer, message, address, bytes(shared))
+
         broken: list[AuthError | TLSError] = []
         room = self._copy_slots(pool)
 
         async def one(address: str) -> TransactionResult:
             async with room:
-                copy = personal_copy(self.settings, signer, message, address, base)
+                copy = copy_for(address)
                 if isinstance(copy, SMTPError):
                     return failed_everyone([address], "failed", copy)
                 try:
-                    result = await self._sign_and_send(message, pool, [address], copy)
+                    result = await self._sign_and_send(
+                        message, pool, [address], copy, envelope_sender(address)
+                    )
                 except (AuthError, TLSError) as exc:
                     broken.append(exc)
                     return failed_everyone([address], "deferred", exc)

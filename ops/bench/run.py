@@ -348,7 +348,7 @@ class Stack:
     def clear(self) -> None:
         with self.engine.begin() as conn:
             if self.kind == "pg":
-                conn.execute(sa.text("TRUNCATE mq_attempt, mq_recipient, mq_message"))
+                conn.execute(sa.text("TRUNCATE mq_bounce, mq_attempt, mq_recipient, mq_message"))
             else:
                 conn.execute(sa.text("DELETE FROM mq_attempt"))
                 conn.execute(sa.text("DELETE FROM mq_recipient"))

@@ -141,7 +141,7 @@ def one_round(loop_kind: str, n: int, batch: int) -> dict[str, float]:
     settings = get_settings()
     engine = get_engine(settings.database_url)
     with engine.begin() as conn:
-        conn.execute(sa.text("TRUNCATE mq_attempt, mq_recipient, mq_message"))
+        conn.execute(sa.text("TRUNCATE mq_bounce, mq_attempt, mq_recipient, mq_message"))
     prepared = bench.prepare_many(n)
     store = Store(engine)
     store.insert(prepared)
