@@ -188,7 +188,8 @@ def test_a_failure_after_an_accepted_transaction_keeps_that_recipient_sent(
 ):
     """Fault injection: the second transaction's connection fails its AUTH (as a
     fresh pooled connection can). The first recipient, already accepted, must be
-    recorded ``sent`` (never sent again); the second is deferred and sent later."""
+    recorded ``sent`` (never sent again); the second is deferred, the relay paused, and
+    it is sent once the relay is resumed."""
     from mailqueue.errors import AuthError
     from mailqueue.store.models import MessageRow
     from mailqueue.worker import service
@@ -212,6 +213,9 @@ def test_a_failure_after_an_accepted_transaction_keeps_that_recipient_sent(
     by = {r.address: r.status for r in mailqueue.get_status(mid).recipients}
     assert by == {"a@example.net": "sent", "b@example.net": "deferred"}
 
+    # An auth failure pauses the relay (as for one transaction); the operator resumes it.
+    assert [r["name"] for r in mailqueue.api.relays() if r["paused"]] == ["default"]
+    assert mailqueue.api.resume_relay("default")
     monkeypatch.setattr(service, "deliver", real)
     table = MessageRow.__table__
     with sqlite_stack.engine.begin() as conn:
