@@ -7,11 +7,14 @@ message is the queue's safety argument:
 1. ``claim``: the rows are leased to this worker in one transaction; a
    duplicate task finds nothing to claim.
 2. send: through the relay's pool; the lease is renewed while we work.
-3. ``record``: each message's outcome is written as soon as its DATA reply
-   arrives (outcomes that arrive together share one commit), before the
-   connection is used for anything else by this message. A crash between
-   the relay's 250 and this commit is the one window in which a recipient
-   can receive a second copy.
+3. ``record``: each message's outcome is committed as soon as its DATA
+   reply arrives, while ``deliver`` still holds the connection (its
+   ``before_release``): a connection carries its next message only after
+   the previous one's outcome is in SQL. Outcomes from concurrent
+   connections share one commit. A crash between the relay's 250 and this
+   commit is the one window in which a recipient can receive a second copy,
+   and it holds at most one message per connection (the pool's size per
+   process), however slow the commit.
 """
 
 from __future__ import annotations
@@ -260,6 +263,14 @@ class Deliverer:
 
     async def _deliver_one(self, message: ClaimedMessage) -> MessageOutcome | None:
         now = utcnow()
+        outcome: MessageOutcome | None = None
+
+        async def commit(result: TransactionResult) -> None:
+            """Record the outcome while ``deliver`` still holds the connection."""
+            nonlocal outcome
+            outcome = plan_outcome(message, result, settings=self.settings, now=utcnow())
+            await self._recorder.record(outcome)
+
         open_recipients = message.open_recipients
         addresses = [r.address for r in open_recipients]
         if not open_recipients:
@@ -302,6 +313,7 @@ class Deliverer:
                             content,
                             smtputf8=message.smtputf8,
                             eightbit=message.eightbit,
+                            before_release=commit,
                         )
                 except (AuthError, TLSError) as exc:
                     await self._pause(pool.relay, exc)
@@ -314,8 +326,9 @@ class Deliverer:
                 if paused_until is not None:
                     self._paused.pop(pool.relay.name, None)
                     await asyncio.to_thread(resume_relay, self.store.engine, pool.relay.name)
-        outcome = plan_outcome(message, result, settings=self.settings, now=utcnow())
-        await self._recorder.record(outcome)
+        if outcome is None:  # no connection carried it: nothing was held for the commit
+            await commit(result)
+        assert outcome is not None
         _metrics.observe_attempt(message, result, outcome)
         log_attempt(message, outcome)
         if self.settings.on_terminal:  # MAILQUEUE_ON_TERMINAL (see hooks.py)
