@@ -23,6 +23,15 @@ through ``MAILQUEUE_DKIM__BENCH__*`` as a deployment would. Example::
     .venv/bin/python ops/bench/worker_cpu.py --messages 3000 --rounds 3 --loops uvloop \
         --dkim none,rsa,rsa+ed25519
 
+Duplicate window (``--window``): ``held`` is the worker as shipped (a
+connection is held until its message's outcome is committed, issue #21);
+``released`` monkeypatches the worker, for this bench only, to hand the
+connection back when the DATA reply arrives and commit afterwards (the
+behaviour before #21), so both are measured in one run. Example::
+
+    .venv/bin/python ops/bench/worker_cpu.py --messages 3000 --rounds 3 --loops uvloop \
+        --window held,released
+
 ``EXPERIMENT_SQL="stmt; stmt"`` runs statements on the fresh database after
 it is migrated, e.g. dropping an index to see what its upkeep costs.
 """
@@ -128,6 +137,27 @@ def use_dkim(env: dict[str, str]) -> None:
     configure(settings_from_env())
 
 
+WINDOWS = ("held", "released")
+
+
+def use_window(window: str) -> None:
+    """``released``: ``deliver`` runs the worker's commit after the connection is back."""
+    from mailqueue.smtp import delivery
+    from mailqueue.worker import service
+
+    if window == "held":
+        service.deliver = delivery.deliver
+        return
+
+    async def deliver_then_commit(*args: Any, before_release: Any = None, **kw: Any) -> Any:
+        result = await delivery.deliver(*args, **kw)
+        if before_release is not None:
+            await before_release(result)
+        return result
+
+    service.deliver = deliver_then_commit
+
+
 def one_round(loop_kind: str, n: int, batch: int) -> dict[str, float]:
     from mailqueue.config import get_settings
     from mailqueue.store import Store, get_engine
@@ -205,6 +235,7 @@ def main() -> None:
     ap.add_argument("--pool-size", type=int, default=8)
     ap.add_argument("--loops", default="asyncio,uvloop", help="comma list: asyncio, uvloop")
     ap.add_argument("--dkim", default="none", help="comma list: " + ", ".join(DKIM_VARIANTS))
+    ap.add_argument("--window", default="held", help="comma list: " + ", ".join(WINDOWS))
     ap.add_argument(
         "--statements",
         action="store_true",
@@ -246,29 +277,37 @@ def main() -> None:
         unknown = sorted(set(dkim_variants) - set(DKIM_VARIANTS))
         if unknown:
             raise SystemExit(f"--dkim: unknown {unknown}; choose from {', '.join(DKIM_VARIANTS)}")
+        windows = args.window.split(",")
+        if sorted(set(windows) - set(WINDOWS)):
+            raise SystemExit(f"--window: choose from {', '.join(WINDOWS)}")
         keys = make_keys()
         results: dict[str, list[dict[str, float]]] = {}
         for r in range(args.rounds):
             for loop_kind in args.loops.split(","):
                 for dkim in dkim_variants:
-                    kind = loop_kind if dkim_variants == ["none"] else f"{loop_kind}/{dkim}"
-                    use_dkim(dkim_env(dkim, keys))
-                    res = one_round(loop_kind, args.messages, args.batch_size)
-                    results.setdefault(kind, []).append(res)
-                    print(
-                        f"round {r + 1}/{args.rounds} {kind:8s} {res['msg_per_s']:7.0f} msg/s  "
-                        f"worker {res['worker_us']:6.1f} µs/msg (user {res['user_us']:6.1f})  "
-                        f"postgres {res['postgres_us']:6.1f} µs/msg  "
-                        f"{res['outcomes_per_commit']:.1f} outcomes/commit",
-                        flush=True,
-                    )
+                    for window in windows:
+                        kind = loop_kind if dkim_variants == ["none"] else f"{loop_kind}/{dkim}"
+                        if windows != ["held"]:
+                            kind += f"/{window}"
+                        use_dkim(dkim_env(dkim, keys))
+                        use_window(window)
+                        res = one_round(loop_kind, args.messages, args.batch_size)
+                        results.setdefault(kind, []).append(res)
+                        print(
+                            f"round {r + 1}/{args.rounds} {kind:8s} "
+                            f"{res['msg_per_s']:7.0f} msg/s  "
+                            f"worker {res['worker_us']:6.1f} µs/msg (user {res['user_us']:6.1f})  "
+                            f"postgres {res['postgres_us']:6.1f} µs/msg  "
+                            f"{res['outcomes_per_commit']:.1f} outcomes/commit",
+                            flush=True,
+                        )
         print("medians:")
         for kind, rows in results.items():
             med: dict[str, Any] = {
                 k: round(statistics.median(x[k] for x in rows), 1) for k in rows[0]
             }
             print(f"  {kind:8s} {med}")
-        if len(dkim_variants) > 1:
+        if len(dkim_variants) > 1 and windows == ["held"]:
             print("DKIM cost, worker CPU per message over unsigned (same loop, medians):")
             for loop_kind in args.loops.split(","):
                 base = statistics.median(x["worker_us"] for x in results[f"{loop_kind}/none"])
