@@ -689,6 +689,11 @@ class Settings:
     """Further named relays; a message names one with ``relay=``."""
     limits_redis_url: str | None = None
     """Redis for the relays' cluster-wide limits; default: the broker, when it is Redis."""
+    commit_before_reuse: bool = False
+    """Hold each connection until the outcome of the message it carried is committed
+    (issue #21): a worker killed mid-batch then resends at most one message per
+    connection, however slow the commit, at a measured cost in throughput
+    (ops/bench/README.md, "The duplicate window")."""
     dispatch: str = "background"
     """How enqueue hands committed ids to the broker: ``background`` (a thread, so the
     call returns after its commit; see ``worker/handoff.py``) or ``inline``."""
@@ -963,6 +968,7 @@ _ENV: dict[str, tuple[str, Any]] = {
     "MAILQUEUE_ON_TERMINAL": ("on_terminal", str),
     "MAILQUEUE_LIMITS_REDIS_URL": ("limits_redis_url", str),
     "MAILQUEUE_DISPATCH": ("dispatch", str),
+    "MAILQUEUE_COMMIT_BEFORE_REUSE": ("commit_before_reuse", _to_bool),
     "MAILQUEUE_RELAY_URL": ("relay.url", str),
     "MAILQUEUE_POOL_SIZE": ("relay.pool_size", int),
     "MAILQUEUE_POOL_MAX_MESSAGES": ("relay.max_messages_per_connection", int),

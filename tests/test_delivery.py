@@ -374,3 +374,107 @@ def test_a_retry_whose_broker_cannot_be_built_returns_and_leaves_it_to_the_sched
     deliver(stack, [mid])
     assert copies(smtp_server, "no@example.com") == 1  # refused once, then delivered once
     assert mailqueue.get_status(mid).status == "sent"
+
+
+def _deliver_holding_first_commit(stack, smtp_server, *, messages, release_when):
+    """Deliver ``messages`` messages in one batch while the first group commit is held
+    until ``release_when(events)`` holds (or two seconds pass), and return the
+    order of events: ("MAIL", sender) and ("DATA", sender) as the server reads
+    them (DATA: the content taken, just before its 250), ("commit", senders)."""
+    events: list[tuple[str, object]] = []
+    lock = threading.Lock()
+    changed = threading.Condition(lock)
+
+    def log(event: tuple[str, object]) -> None:
+        with changed:
+            events.append(event)
+            changed.notify_all()
+
+    def on_sender(address: str) -> None:
+        log(("MAIL", address))
+
+    smtp_server.on_sender = on_sender
+    smtp_server.on_message = lambda received: log(("DATA", received.mail_from))
+    ids = [
+        mailqueue.enqueue(
+            Message(sender=f"app{i}@example.com", to=[f"r{i}@example.com"], subject="s", text="t")
+        )
+        for i in range(messages)
+    ]
+    store = stack.store
+    record = store.record
+    senders = {uuid.UUID(str(mid)): f"app{i}@example.com" for i, mid in enumerate(ids)}
+
+    def held_record(outcomes, **kw):
+        with changed:
+            if not any(kind == "commit" for kind, _ in events):
+                # Give a second message every chance to go out on a freed connection.
+                changed.wait_for(lambda: release_when(events), timeout=2.0)
+        record(outcomes, **kw)
+        log(("commit", sorted(senders[o.message_id] for o in outcomes)))
+
+    store.record = held_record
+
+    async def go() -> BatchReport:
+        deliverer = Deliverer(stack.settings, store)
+        try:
+            return await deliverer.deliver_batch([uuid.UUID(str(i)) for i in ids])
+        finally:
+            await deliverer.aclose()
+
+    report = asyncio.run(go())
+    assert report.recipients == {"sent": messages}
+    return events
+
+
+def test_a_connection_carries_no_next_message_before_the_outcome_is_committed(stack, smtp_server):
+    """Issue #21, with MAILQUEUE_COMMIT_BEFORE_REUSE: with one connection and the first
+    commit held, the second message's MAIL reaches the relay only after the first
+    outcome is committed (so a crash can cost at most one resent message per connection)."""
+    stack.reconfigure(relay_pool_size=1, commit_before_reuse=True)
+    events = _deliver_holding_first_commit(
+        stack,
+        smtp_server,
+        messages=3,
+        release_when=lambda ev: sum(kind == "MAIL" for kind, _ in ev) >= 2,
+    )
+    events = [e for e in events if e[0] != "DATA"]
+    mails = [e for e in events if e[0] == "MAIL"]
+    commits = [e for e in events if e[0] == "commit"]
+    assert len(mails) == 3 and len({m.session_id for m in smtp_server.messages}) == 1
+    for mail, commit in zip(mails, commits, strict=True):
+        assert events.index(mail) < events.index(commit)  # sent, then committed …
+    for commit, next_mail in zip(commits, mails[1:], strict=False):
+        assert events.index(commit) < events.index(next_mail)  # … before the next goes out
+
+
+def test_by_default_a_connection_carries_the_next_message_while_the_commit_runs(
+    stack, smtp_server
+):
+    """The default (throughput first, ops/bench/README.md "The duplicate window"): the
+    connection goes back to the pool with the DATA reply, so with the first commit
+    held, the next message's MAIL reaches the relay before that commit."""
+    stack.reconfigure(relay_pool_size=1)
+    events = _deliver_holding_first_commit(
+        stack,
+        smtp_server,
+        messages=2,
+        release_when=lambda ev: sum(kind == "MAIL" for kind, _ in ev) >= 2,
+    )
+    first_commit = next(i for i, e in enumerate(events) if e[0] == "commit")
+    assert [e[0] for e in events[:first_commit]].count("MAIL") == 2
+
+
+def test_concurrent_connections_still_send_while_a_commit_is_held(stack, smtp_server):
+    """Holding a connection until its outcome is committed does not serialize the
+    pool: the other connections send meanwhile, and their outcomes share a commit."""
+    stack.reconfigure(relay_pool_size=3, commit_before_reuse=True)
+    events = _deliver_holding_first_commit(
+        stack,
+        smtp_server,
+        messages=3,
+        release_when=lambda ev: sum(kind == "DATA" for kind, _ in ev) == 3,
+    )
+    first_commit = next(i for i, e in enumerate(events) if e[0] == "commit")
+    assert sorted(e[0] for e in events[:first_commit]) == ["DATA"] * 3 + ["MAIL"] * 3
+    assert sum(len(e[1]) for e in events if e[0] == "commit") == 3

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import NamedTuple
 
 import aiosmtplib
@@ -269,22 +269,33 @@ async def deliver(
     smtputf8: bool = False,
     eightbit: bool = False,
     attempts: int = 3,
+    before_release: Callable[[TransactionResult], Awaitable[None]] | None = None,
 ) -> TransactionResult:
     """Deliver one envelope through ``pool``: the queue-less core every path shares.
 
     Failures before DATA (a refused connect, a reused session found dead)
     are retried at once on a fresh connection, up to ``attempts`` times
     within a few seconds; if they persist, every recipient is deferred.
+
+    ``before_release`` is awaited once with the result that is returned.
+    When a connection carried the transaction, it runs while that connection
+    is still held, so the queue commits the outcome before the connection
+    carries another message: a crash then costs at most one resent message
+    per connection. (When no connection got as far as DATA, nothing was
+    delivered, and it runs after the last try.) If it raises, the exception
+    propagates and the connection is closed, never retried.
     """
     relay = pool.relay
+    hook_ran = False  # its exceptions are the caller's, never a reason to resend
 
     async def attempt_once() -> TransactionResult:
+        nonlocal hook_ran
         async with pool.connection() as conn:
             if pool.limits is not None:
                 # The relay's cluster-wide rate. Reserved once a connection is in
                 # hand: a reservation made while waiting for a slot would be lost.
                 await pool.limits.pace()
-            return await send_transaction(
+            result = await send_transaction(
                 conn,
                 mail_from,
                 recipients,
@@ -294,6 +305,13 @@ async def deliver(
                 smtputf8=smtputf8,
                 eightbit=eightbit,
             )
+            if before_release is not None:
+                hook_ran = True
+                await before_release(result)
+            return result
+
+    def worth_a_quick_retry(exc: BaseException) -> bool:
+        return not hook_ran and _worth_a_quick_retry(exc)
 
     try:
         # The first try runs outside tenacity: its per-attempt bookkeeping was
@@ -303,19 +321,27 @@ async def deliver(
         try:
             return await attempt_once()
         except Exception as exc:  # noqa: BLE001 - the predicate below decides
-            if attempts <= 1 or not _worth_a_quick_retry(exc):
+            if attempts <= 1 or not worth_a_quick_retry(exc):
                 raise
         await asyncio.sleep(min(2.0, 0.1 + random.uniform(0, 1)))
         async for attempt in AsyncRetrying(
             stop=stop_after_attempt(attempts - 1),
             wait=wait_exponential_jitter(multiplier=0.2, max=2.0),
-            retry=retry_if_exception(_worth_a_quick_retry),
+            retry=retry_if_exception(worth_a_quick_retry),
             reraise=True,
         ):
             with attempt:
                 return await attempt_once()
     except _DroppedBeforeData as exc:
-        return exc.result
+        if hook_ran:
+            raise
+        result = exc.result
     except ConnectError as exc:
-        return failed_everyone(recipients, "deferred", exc)
-    raise AssertionError("unreachable")  # pragma: no cover
+        if hook_ran:
+            raise
+        result = failed_everyone(recipients, "deferred", exc)
+    else:  # pragma: no cover
+        raise AssertionError("unreachable")
+    if before_release is not None:
+        await before_release(result)
+    return result

@@ -7,11 +7,14 @@ message is the queue's safety argument:
 1. ``claim``: the rows are leased to this worker in one transaction; a
    duplicate task finds nothing to claim.
 2. send: through the relay's pool; the lease is renewed while we work.
-3. ``record``: each message's outcome is written as soon as its DATA reply
-   arrives (outcomes that arrive together share one commit), before the
-   connection is used for anything else by this message. A crash between
-   the relay's 250 and this commit is the one window in which a recipient
-   can receive a second copy.
+3. ``record``: each message's outcome is committed as soon as its DATA
+   reply arrives, while ``deliver`` still holds the connection (its
+   ``before_release``): a connection carries its next message only after
+   the previous one's outcome is in SQL. Outcomes from concurrent
+   connections share one commit. A crash between the relay's 250 and this
+   commit is the one window in which a recipient can receive a second copy,
+   and it holds at most one message per connection (the pool's size per
+   process), however slow the commit.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field, replace
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential
@@ -278,6 +281,15 @@ class Deliverer:
     async def _deliver_one(self, message: ClaimedMessage) -> MessageOutcome | None:
         now = utcnow()
         early: list[RecipientOutcome] = []  # acceptances recorded as they came
+        outcome: MessageOutcome | None = None
+
+        async def commit(result: TransactionResult) -> None:
+            """Record the outcome while ``deliver`` still holds the connection
+            (``MAILQUEUE_COMMIT_BEFORE_REUSE``)."""
+            nonlocal outcome
+            outcome = plan_outcome(message, result, settings=self.settings, now=utcnow())
+            await self._recorder.record(outcome)
+
         open_recipients = message.open_recipients
         addresses = [r.address for r in open_recipients]
         if not open_recipients:
@@ -311,7 +323,13 @@ class Deliverer:
                     else:
                         if message.list_id is not None:
                             content = with_list_id(content, message.list_id)
-                        result = await self._sign_and_send(message, pool, addresses, content)
+                        result = await self._sign_and_send(
+                            message,
+                            pool,
+                            addresses,
+                            content,
+                            before_release=commit if self.settings.commit_before_reuse else None,
+                        )
                 except (AuthError, TLSError) as exc:
                     await self._pause(pool.relay, exc)
                     await self._release(message, self._paused[pool.relay.name], exc)
@@ -323,12 +341,13 @@ class Deliverer:
                 if paused_until is not None:
                     self._paused.pop(pool.relay.name, None)
                     await asyncio.to_thread(resume_relay, self.store.engine, pool.relay.name)
-        ids = {r.recipient_id for r in early}
-        recorded = {r.address for r in message.recipients if r.id in ids}
-        outcome = plan_outcome(
-            message, result, settings=self.settings, now=utcnow(), recorded=recorded
-        )
-        await self._recorder.record(outcome)
+        if outcome is None:  # not recorded while a connection was held
+            ids = {r.recipient_id for r in early}
+            recorded = {r.address for r in message.recipients if r.id in ids}
+            outcome = plan_outcome(
+                message, result, settings=self.settings, now=utcnow(), recorded=recorded
+            )
+            await self._recorder.record(outcome)
         _metrics.observe_attempt(
             message, result, replace(outcome, recipients=(*early, *outcome.recipients))
         )
@@ -344,6 +363,8 @@ class Deliverer:
         addresses: Sequence[str],
         content: bytes | bytearray,
         mail_from: str | None = None,
+        *,
+        before_release: Callable[[TransactionResult], Awaitable[None]] | None = None,
     ) -> TransactionResult:
         """DKIM-sign ``content`` (when a key or the relay asks) and send it to ``addresses``
         (from ``mail_from``, the message's envelope sender unless a VERP return path)."""
@@ -360,6 +381,7 @@ class Deliverer:
             content,
             smtputf8=message.smtputf8,
             eightbit=message.eightbit,
+            before_release=before_release,
         )
 
     async def _deliver_each(
@@ -420,6 +442,21 @@ class Deliverer:
         broken: list[AuthError | TLSError] = []
         room = self._copy_slots(pool)
 
+        async def accept(result: TransactionResult) -> None:
+            """Record this copy's acceptances now, as a non-final outcome."""
+            sent = tuple(
+                RecipientOutcome(ids[r.address], r.status, r.code, r.enhanced_code, r.reply, None)
+                for r in result.recipients
+                if r.status == RecipientStatus.SENT
+            )
+            if sent:
+                accepted = MessageOutcome(message.id, None, recipients=sent, final=False)
+                await self._recorder.record(accepted)
+                early.extend(sent)
+                log_attempt(message, accepted)
+
+        held = self.settings.commit_before_reuse  # record before the connection is reused
+
         async def one(address: str) -> TransactionResult:
             async with room:
                 copy = copy_for(address)
@@ -427,23 +464,18 @@ class Deliverer:
                     return failed_everyone([address], "failed", copy)
                 try:
                     result = await self._sign_and_send(
-                        message, pool, [address], copy, envelope_sender(address)
+                        message,
+                        pool,
+                        [address],
+                        copy,
+                        envelope_sender(address),
+                        before_release=accept if held else None,
                     )
                 except (AuthError, TLSError) as exc:
                     broken.append(exc)
                     return failed_everyone([address], "deferred", exc)
-                sent = tuple(
-                    RecipientOutcome(
-                        ids[r.address], r.status, r.code, r.enhanced_code, r.reply, None
-                    )
-                    for r in result.recipients
-                    if r.status == RecipientStatus.SENT
-                )
-                if sent:
-                    accepted = MessageOutcome(message.id, None, recipients=sent, final=False)
-                    await self._recorder.record(accepted)
-                    early.extend(sent)
-                    log_attempt(message, accepted)
+                if not held:
+                    await accept(result)
                 return result
 
         results = await asyncio.gather(*(one(a) for a in addresses))

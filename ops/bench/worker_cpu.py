@@ -27,6 +27,15 @@ through ``MAILQUEUE_DKIM__BENCH__*`` as a deployment would. Example::
 (none matching a recipient) and runs every variant twice per round, with
 the list empty and loaded, so the claim's lookup is priced on its own.
 
+Duplicate window (``--window``): ``released`` is the worker's default (the
+connection goes back to the pool when the DATA reply arrives; the outcome is
+committed right after); ``held`` sets ``MAILQUEUE_COMMIT_BEFORE_REUSE``
+(the connection is held until its message's outcome is committed, issue #21),
+so both are measured in one run. Example::
+
+    .venv/bin/python ops/bench/worker_cpu.py --messages 3000 --rounds 3 --loops uvloop \
+        --window released,held
+
 ``EXPERIMENT_SQL="stmt; stmt"`` runs statements on the fresh database after
 it is migrated, e.g. dropping an index to see what its upkeep costs.
 """
@@ -122,13 +131,18 @@ def make_keys() -> tuple[str, str]:
     return pem, base64.b64encode(bytes(nacl.signing.SigningKey.generate())).decode("ascii")
 
 
-def use_dkim(env: dict[str, str]) -> None:
-    """Settings for the next round: the base environment plus ``env``'s DKIM keys."""
+WINDOWS = ("released", "held")
+
+
+def use_dkim(env: dict[str, str], window: str = "released") -> None:
+    """Settings for the next round: the base environment plus ``env``'s DKIM keys, and
+    ``MAILQUEUE_COMMIT_BEFORE_REUSE`` for the ``held`` window."""
     from mailqueue.config import configure, settings_from_env
 
     for name in [k for k in os.environ if k.startswith("MAILQUEUE_DKIM__")]:
         del os.environ[name]
     os.environ.update(env)
+    os.environ["MAILQUEUE_COMMIT_BEFORE_REUSE"] = "true" if window == "held" else "false"
     configure(settings_from_env())
 
 
@@ -209,6 +223,7 @@ def main() -> None:
     ap.add_argument("--pool-size", type=int, default=8)
     ap.add_argument("--loops", default="asyncio,uvloop", help="comma list: asyncio, uvloop")
     ap.add_argument("--dkim", default="none", help="comma list: " + ", ".join(DKIM_VARIANTS))
+    ap.add_argument("--window", default="released", help="comma list: " + ", ".join(WINDOWS))
     ap.add_argument(
         "--suppression-rows", type=int, default=0, help="also each variant with this list"
     )
@@ -255,8 +270,14 @@ def main() -> None:
             raise SystemExit(f"--dkim: unknown {unknown}; choose from {', '.join(DKIM_VARIANTS)}")
         keys = make_keys() if dkim_variants != ["none"] else ("", "")
         # (loop, DKIM variant, suppression list state or None): every round runs each
-        variants: list[tuple[str, str, str | None]] = [
-            (kind, dkim, None) for kind in args.loops.split(",") for dkim in dkim_variants
+        windows = args.window.split(",")
+        if sorted(set(windows) - set(WINDOWS)):
+            raise SystemExit(f"--window: choose from {', '.join(WINDOWS)}")
+        variants: list[tuple[str, str, str, str | None]] = [
+            (kind, dkim, window, None)
+            for kind in args.loops.split(",")
+            for dkim in dkim_variants
+            for window in windows
         ]
         loaded = False
         if args.suppression_rows:
@@ -264,18 +285,21 @@ def main() -> None:
 
             took = bench.load_suppressions(get_engine(url), args.suppression_rows)
             print(f"suppression list: {args.suppression_rows} rows loaded in {took} s")
-            variants = [(k, d, state) for k, d, _ in variants for state in ("empty", "loaded")]
+            variants = [
+                (k, d, w, state) for k, d, w, _ in variants for state in ("empty", "loaded")
+            ]
         results: dict[str, list[dict[str, float]]] = {}
         for r in range(args.rounds):
-            for kind, dkim, state in variants if r % 2 == 0 else variants[::-1]:
+            for kind, dkim, window, state in variants if r % 2 == 0 else variants[::-1]:
                 if state is not None and (state == "loaded") != loaded:
                     from mailqueue.store import get_engine
 
                     bench.swap_suppressions(get_engine(url))
                     loaded = not loaded
                 name = kind if dkim_variants == ["none"] else f"{kind}/{dkim}"
+                name = name if windows == ["released"] else f"{name}/{window}"
                 name = f"{name}/{state}" if state else name
-                use_dkim(dkim_env(dkim, keys))
+                use_dkim(dkim_env(dkim, keys), window)
                 res = one_round(kind, args.messages, args.batch_size)
                 results.setdefault(name, []).append(res)
                 print(
@@ -291,7 +315,7 @@ def main() -> None:
                 k: round(statistics.median(x[k] for x in rows), 1) for k in rows[0]
             }
             print(f"  {kind:14s} {med}")
-        if len(dkim_variants) > 1 and not args.suppression_rows:
+        if len(dkim_variants) > 1 and not args.suppression_rows and windows == ["released"]:
             print("DKIM cost, worker CPU per message over unsigned (same loop, medians):")
             for loop_kind in args.loops.split(","):
                 base = statistics.median(x["worker_us"] for x in results[f"{loop_kind}/none"])
