@@ -448,9 +448,7 @@ def test_a_connection_carries_no_next_message_before_the_outcome_is_committed(st
         assert events.index(commit) < events.index(next_mail)  # … before the next goes out
 
 
-def test_by_default_a_connection_carries_the_next_message_while_the_commit_runs(
-    stack, smtp_server
-):
+def test_by_default_a_connection_carries_the_next_message_while_the_commit_runs(stack, smtp_server):
     """The default (throughput first, ops/bench/README.md "The duplicate window"): the
     connection goes back to the pool with the DATA reply, so with the first commit
     held, the next message's MAIL reaches the relay before that commit."""
