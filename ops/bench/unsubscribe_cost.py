@@ -43,7 +43,7 @@ def one_round(variant: str, messages: int, recipients: int) -> dict[str, float]:
     settings = get_settings()
     engine = get_engine(settings.database_url)
     with engine.begin() as conn:
-        conn.execute(sa.text("TRUNCATE mq_attempt, mq_recipient, mq_message"))
+        conn.execute(sa.text("TRUNCATE mq_bounce, mq_attempt, mq_recipient, mq_message"))
     batch = [
         mailqueue.Message(
             sender=bench.SENDER,
