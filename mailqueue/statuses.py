@@ -18,7 +18,8 @@ its lease), ``deferred``, ``sent`` (all accepted), ``partial`` (terminal:
 some accepted, the rest failed, cancelled or suppressed), ``failed`` (none
 accepted, some failed), ``cancelled`` (every recipient cancelled),
 ``suppressed`` (none accepted, none failed, at least one suppressed: nothing
-went wrong, the list withheld it).
+went wrong, the list withheld it). A ``complained`` recipient counts as
+accepted (the mail reached its mailbox), a ``bounced`` one as failed.
 
 Suppression reasons (:class:`SuppressionReason`): ``unsubscribed``,
 ``bounced``, ``complained``, ``manual``.

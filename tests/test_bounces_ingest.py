@@ -108,6 +108,8 @@ def test_a_hard_bounce_over_smtp_turns_the_sent_recipient_bounced(verp, smtp_ser
         "User unknown in virtual mailbox table",
     }
     assert recipient(verp, mid, "fine@example.net")["status"] == "sent"
+    # The message's status follows its recipients (one delivered, one bounced).
+    assert mailqueue.get_status(mid).status == "partial"
     history = [(a.address, a.status) for a in mailqueue.get_attempts(str(mid))]
     assert ("nobody@example.net", "sent") in history and history[-1] == (
         "nobody@example.net",
@@ -141,6 +143,7 @@ def test_a_bounce_calls_the_terminal_hook_with_the_new_status(verp, smtp_server,
         "nobody@example.net": "bounced",
         "fine@example.net": "sent",
     }
+    assert info.status == "partial"
 
 
 def test_suppression_on_bounce_can_be_turned_off(verp, smtp_server, endpoint):
@@ -268,6 +271,8 @@ def test_maildir_ingest_applies_a_complaint_and_moves_what_it_read(verp, smtp_se
     assert recipient(verp, mid, "bounce@example.net")["status"] == "bounced"
     words = {r.address: anymail_status(r) for r in mailqueue.get_status(mid).recipients}
     assert words == {"angry@isp.example": "complained", "bounce@example.net": "bounced"}
+    # A complaint came from a mailbox the mail reached; the bounce did not.
+    assert mailqueue.get_status(mid).status == "partial"
     assert list((tmp_path / "bounces" / "new").iterdir()) == []
     moved = sorted(p.name for p in (tmp_path / "bounces" / "cur").iterdir())
     assert len(moved) == 3 and all(name.endswith(":2,S") for name in moved)

@@ -147,6 +147,7 @@ def test_a_real_postfix_dsn_turns_the_recipient_bounced_and_suppresses_it(
     assert b"Reporting-MTA: dns; mx.postfix-test.example" in row.raw
     history = [a.status for a in mailqueue.get_attempts(str(mid))]
     assert history == ["sent", "bounced"]
+    assert mailqueue.get_status(str(mid)).status == "failed"  # its only recipient bounced
 
     (entry,) = api.suppressions(address="nobody@example.net")
     assert entry.reason == "bounced"

@@ -75,7 +75,9 @@ def derive_status(statuses: Iterable[str]) -> str:
     if counts.get(RecipientStatus.PENDING):
         return MessageStatus.QUEUED
     total = sum(counts.values())
-    sent = counts.get(RecipientStatus.SENT, 0)
+    # A complaint came from a mailbox the mail reached: delivered. A bounce did not
+    # reach one: it counts as failed (below), so a message that bounced is not "sent".
+    sent = counts.get(RecipientStatus.SENT, 0) + counts.get(RecipientStatus.COMPLAINED, 0)
     if total and sent == total:
         return MessageStatus.SENT
     if sent:
