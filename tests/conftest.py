@@ -13,6 +13,7 @@ unreachable the tests that need it are skipped with a reason, except with
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -208,21 +209,40 @@ def smtp_server(request: pytest.FixtureRequest) -> Iterator[DevServer]:
         server.stop()
 
 
-@pytest.fixture(scope="session")
-def pg_database() -> Iterator[str]:
-    """A throw-away PostgreSQL database for this test session, migrated to head."""
+@contextlib.contextmanager
+def new_pg_database(prefix: str) -> Iterator[str]:
+    """The URL of a new, empty PostgreSQL database, dropped afterwards."""
     require("postgres")
-    name = f"mq_test_{uuid.uuid4().hex[:10]}"
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
     admin = sa.create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
         conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    url = sa.engine.make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
-    upgrade(url)
-    yield url
-    dispose_engines()
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    try:
+        yield sa.engine.make_url(POSTGRES_URL).set(database=name).render_as_string(False)
+    finally:
+        dispose_engines()
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def pg_database() -> Iterator[str]:
+    """A throw-away PostgreSQL database for this test session, migrated to head."""
+    with new_pg_database("mq_test") as url:
+        upgrade(url)
+        yield url
+
+
+@pytest.fixture
+def empty_database(kind: str, tmp_path: Path) -> Iterator[str]:
+    """For a migration test parametrized by ``kind`` (``sqlite`` or ``postgres``): the
+    URL of a new database with no tables yet."""
+    if kind == "sqlite":
+        yield f"sqlite:///{tmp_path / 'm.db'}"
+        return
+    with new_pg_database("mq_mig") as url:
+        yield url
 
 
 def _truncate(url: str) -> None:

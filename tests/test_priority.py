@@ -264,7 +264,7 @@ def _message_indexes(engine: sa.Engine) -> set[str]:
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "postgres"])
-def test_migration_0007_gives_existing_rows_the_normal_lane_and_reverses(kind, tmp_path):
+def test_migration_0007_gives_existing_rows_the_normal_lane_and_reverses(kind, empty_database):
     """A message written before lanes existed is ``normal`` after the upgrade and is
     dispatched to the queue it always used; the downgrade drops only the column."""
     import uuid
@@ -273,23 +273,7 @@ def test_migration_0007_gives_existing_rows_the_normal_lane_and_reverses(kind, t
 
     from mailqueue.migrate import alembic_config, upgrade
 
-    from .conftest import POSTGRES_URL, require
-
-    drop = None
-    if kind == "sqlite":
-        url = f"sqlite:///{tmp_path / 'm.db'}"
-    else:
-        require("postgres")
-        name = f"mq_mig_{uuid.uuid4().hex[:10]}"
-        admin = sa.create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-        url = sa.engine.make_url(POSTGRES_URL).set(database=name).render_as_string(False)
-
-        def drop() -> None:
-            with admin.connect() as conn:
-                conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-            admin.dispose()
+    url = empty_database
 
     engine = sa.create_engine(url)
     try:
@@ -319,8 +303,6 @@ def test_migration_0007_gives_existing_rows_the_normal_lane_and_reverses(kind, t
             assert conn.execute(sa.text("SELECT count(*) FROM mq_message")).scalar() == 1
     finally:
         engine.dispose()
-        if drop:
-            drop()
 
 
 def test_a_retried_message_goes_back_to_its_own_lane(stack, smtp_server, monkeypatch):

@@ -423,34 +423,13 @@ def test_metrics_count_suppressed_recipients_once_and_the_list_per_reason(stack,
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "postgres"])
-def test_migration_0006_adds_the_list_and_list_id_and_reverses(kind, tmp_path):
-    import uuid
-
+def test_migration_0006_adds_the_list_and_list_id_and_reverses(kind, empty_database):
     import sqlalchemy as sa
     from alembic import command
 
     from mailqueue.migrate import alembic_config, upgrade
 
-    from .conftest import POSTGRES_URL, require
-
-    drop = None
-    if kind == "sqlite":
-        url = f"sqlite:///{tmp_path / 'm.db'}"
-    else:
-        require("postgres")
-        name = f"mq_mig_{uuid.uuid4().hex[:10]}"
-        admin = sa.create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-        url = sa.engine.make_url(POSTGRES_URL).set(database=name).render_as_string(False)
-
-        def drop() -> None:
-            from mailqueue.store import dispose_engines
-
-            dispose_engines()
-            with admin.connect() as conn:
-                conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-            admin.dispose()
+    url = empty_database
 
     def shape() -> tuple[set[str], set[str], set[str]]:
         engine = sa.create_engine(url)
@@ -468,31 +447,27 @@ def test_migration_0006_adds_the_list_and_list_id_and_reverses(kind, tmp_path):
             engine.dispose()
         return tables, columns, unique
 
-    try:
-        upgrade(url, "0005")
-        tables, columns, _ = shape()
-        assert "mq_suppression" not in tables and "list_id" not in columns
-        upgrade(url, "0006")
-        tables, columns, unique = shape()
-        assert "mq_suppression" in tables and "list_id" in columns
-        assert "uq_mq_suppression_key_scope" in unique
-        command.downgrade(alembic_config(url), "0005")
-        tables, columns, _ = shape()
-        assert "mq_suppression" not in tables and "list_id" not in columns
-        engine = sa.create_engine(url)
-        listing = (
-            "SELECT name FROM sqlite_master WHERE type = 'index'"
-            if kind == "sqlite"
-            else "SELECT indexname FROM pg_indexes WHERE tablename = 'mq_message'"
-        )
-        with engine.connect() as conn:
-            indexes = set(conn.execute(sa.text(listing)).scalars())
-        engine.dispose()
-        assert "ix_mq_message_tag_created" in indexes  # mq_message was not rebuilt
-        upgrade(url, "0006")
-    finally:
-        if drop:
-            drop()
+    upgrade(url, "0005")
+    tables, columns, _ = shape()
+    assert "mq_suppression" not in tables and "list_id" not in columns
+    upgrade(url, "0006")
+    tables, columns, unique = shape()
+    assert "mq_suppression" in tables and "list_id" in columns
+    assert "uq_mq_suppression_key_scope" in unique
+    command.downgrade(alembic_config(url), "0005")
+    tables, columns, _ = shape()
+    assert "mq_suppression" not in tables and "list_id" not in columns
+    engine = sa.create_engine(url)
+    listing = (
+        "SELECT name FROM sqlite_master WHERE type = 'index'"
+        if kind == "sqlite"
+        else "SELECT indexname FROM pg_indexes WHERE tablename = 'mq_message'"
+    )
+    with engine.connect() as conn:
+        indexes = set(conn.execute(sa.text(listing)).scalars())
+    engine.dispose()
+    assert "ix_mq_message_tag_created" in indexes  # mq_message was not rebuilt
+    upgrade(url, "0006")
 
 
 def test_anymail_calls_a_suppressed_recipient_rejected(sqlite_stack, smtp_server):

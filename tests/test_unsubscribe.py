@@ -593,7 +593,7 @@ def test_mailqueue_web_unsubscribe_only_needs_the_secret_and_no_token(sqlite_sta
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "postgres"])
-def test_migration_0008_adds_the_flag_false_for_queued_mail_and_downgrades(kind, tmp_path):
+def test_migration_0008_adds_the_flag_false_for_queued_mail_and_downgrades(kind, empty_database):
     """Queued rows from before 0008 read ``unsubscribe = false`` (sent as before);
     the downgrade drops the column without rebuilding mq_message (its indexes stay)."""
     import sqlalchemy as sa
@@ -601,26 +601,7 @@ def test_migration_0008_adds_the_flag_false_for_queued_mail_and_downgrades(kind,
 
     from mailqueue.migrate import alembic_config, upgrade
 
-    from .conftest import POSTGRES_URL, require
-
-    drop = None
-    if kind == "sqlite":
-        url = f"sqlite:///{tmp_path / 'm.db'}"
-    else:
-        require("postgres")
-        name = f"mq_mig_{uuid.uuid4().hex[:10]}"
-        admin = sa.create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-        url = sa.engine.make_url(POSTGRES_URL).set(database=name).render_as_string(False)
-
-        def drop() -> None:
-            from mailqueue.store import dispose_engines
-
-            dispose_engines()
-            with admin.connect() as conn:
-                conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-            admin.dispose()
+    url = empty_database
 
     def run(sql: str, **params: object) -> list[object]:
         engine = sa.create_engine(url)
@@ -636,28 +617,24 @@ def test_migration_0008_adds_the_flag_false_for_queued_mail_and_downgrades(kind,
         if kind == "sqlite"
         else "SELECT indexname FROM pg_indexes WHERE tablename = 'mq_message'"
     )
-    try:
-        upgrade(url, "0007")
-        now = "2026-12-06 00:00:00"
-        run(
-            "INSERT INTO mq_message (id, created_at, updated_at, status, relay, mail_from, "
-            "subject, size, content, smtputf8, eightbit, attempts, next_attempt_at, expires_at) "
-            "VALUES (:id, :now, :now, 'queued', 'default', 'a@example.com', '', 1, :c, "
-            ":f, :f, 0, :now, :now)",
-            id=uuid.uuid4().hex if kind == "sqlite" else str(uuid.uuid4()),
-            now=now,
-            c=b"x",
-            f=False,
-        )
-        upgrade(url, "0008")
-        assert run("SELECT unsubscribe FROM mq_message") in ([False], [0])
-        command.downgrade(alembic_config(url), "0007")
-        engine = sa.create_engine(url)
-        columns = {c["name"] for c in sa.inspect(engine).get_columns("mq_message")}
-        engine.dispose()
-        assert "unsubscribe" not in columns and "list_id" in columns
-        assert "ix_mq_message_tag_created" in set(run(indexes))
-        upgrade(url, "0008")
-    finally:
-        if drop:
-            drop()
+    upgrade(url, "0007")
+    now = "2026-12-06 00:00:00"
+    run(
+        "INSERT INTO mq_message (id, created_at, updated_at, status, relay, mail_from, "
+        "subject, size, content, smtputf8, eightbit, attempts, next_attempt_at, expires_at) "
+        "VALUES (:id, :now, :now, 'queued', 'default', 'a@example.com', '', 1, :c, "
+        ":f, :f, 0, :now, :now)",
+        id=uuid.uuid4().hex if kind == "sqlite" else str(uuid.uuid4()),
+        now=now,
+        c=b"x",
+        f=False,
+    )
+    upgrade(url, "0008")
+    assert run("SELECT unsubscribe FROM mq_message") in ([False], [0])
+    command.downgrade(alembic_config(url), "0007")
+    engine = sa.create_engine(url)
+    columns = {c["name"] for c in sa.inspect(engine).get_columns("mq_message")}
+    engine.dispose()
+    assert "unsubscribe" not in columns and "list_id" in columns
+    assert "ix_mq_message_tag_created" in set(run(indexes))
+    upgrade(url, "0008")

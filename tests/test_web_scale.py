@@ -279,56 +279,32 @@ def _index_names(url: str) -> set[str]:
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "postgres"])
-def test_migrations_0003_and_0005_change_indexes_only_and_reverse(kind, tmp_path):
+def test_migrations_0003_and_0005_change_indexes_only_and_reverse(kind, empty_database):
     from mailqueue.migrate import alembic_config, upgrade
 
-    from .conftest import POSTGRES_URL, require
+    url = empty_database
 
-    if kind == "sqlite":
-        url, drop = f"sqlite:///{tmp_path / 'm.db'}", None
-    else:
-        require("postgres")
-        import uuid
+    from alembic import command
 
-        name = f"mq_mig_{uuid.uuid4().hex[:10]}"
-        admin = sa.create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-        url = sa.engine.make_url(POSTGRES_URL).set(database=name).render_as_string(False)
-
-        def drop() -> None:
-            from mailqueue.store import dispose_engines
-
-            dispose_engines()
-            with admin.connect() as conn:
-                conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-            admin.dispose()
-
-    try:
-        from alembic import command
-
-        upgrade(url, "0002")
-        before = _index_names(url)
-        upgrade(url, "0003")
-        after = _index_names(url)
-        added = {
-            "ix_mq_message_status_created",
-            "ix_mq_message_relay_created",
-            "ix_mq_message_from_created",
-            "ix_mq_message_tag_created",
-            "ix_mq_recipient_sent_at",
-            "ix_mq_recipient_status_updated",
-        }
-        assert after == before | added
-        command.downgrade(alembic_config(url), "0002")
-        assert _index_names(url) == before
-        upgrade(url, "0003")
-        assert _index_names(url) == after
-        # 0005 drops the status index that (status, updated_at) makes redundant.
-        upgrade(url, "0005")
-        assert _index_names(url) == after - {"ix_mq_recipient_status"}
-        command.downgrade(alembic_config(url), "0004")
-        assert _index_names(url) == after
-    finally:
-        if drop:
-            drop()
+    upgrade(url, "0002")
+    before = _index_names(url)
+    upgrade(url, "0003")
+    after = _index_names(url)
+    added = {
+        "ix_mq_message_status_created",
+        "ix_mq_message_relay_created",
+        "ix_mq_message_from_created",
+        "ix_mq_message_tag_created",
+        "ix_mq_recipient_sent_at",
+        "ix_mq_recipient_status_updated",
+    }
+    assert after == before | added
+    command.downgrade(alembic_config(url), "0002")
+    assert _index_names(url) == before
+    upgrade(url, "0003")
+    assert _index_names(url) == after
+    # 0005 drops the status index that (status, updated_at) makes redundant.
+    upgrade(url, "0005")
+    assert _index_names(url) == after - {"ix_mq_recipient_status"}
+    command.downgrade(alembic_config(url), "0004")
+    assert _index_names(url) == after
