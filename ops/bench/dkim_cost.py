@@ -68,7 +68,8 @@ def _message(size_kb: int) -> bytes:
     return envelope.data
 
 
-def _keys() -> tuple[str, str]:
+def make_keys() -> tuple[str, str]:
+    """An RSA-2048 PEM and an Ed25519 seed (base64), new for each run."""
     private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     pem = private.private_bytes(
         serialization.Encoding.PEM,
@@ -93,7 +94,7 @@ def main() -> int:
     args = parser.parse_args()
 
     data = _message(args.size_kb)
-    pem, seed = _keys()
+    pem, seed = make_keys()
     base = {
         "MAILQUEUE_DKIM__EXAMPLE_COM__SELECTOR": "s2026",
         "MAILQUEUE_DKIM__EXAMPLE_COM__KEY": pem,

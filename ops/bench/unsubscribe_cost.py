@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
 import sys
 import time
@@ -28,7 +27,7 @@ import sqlalchemy as sa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run as bench  # noqa: E402  (the PostgreSQL URL and sender)
-from worker_cpu import start_sink  # noqa: E402
+from worker_cpu import sink_and_database  # noqa: E402
 
 VARIANTS = ("plain", "unsubscribe")
 
@@ -102,27 +101,12 @@ def main() -> None:
     ap.add_argument("--pool-size", type=int, default=8)
     args = ap.parse_args()
 
-    from mailqueue.config import configure, settings_from_env
-    from mailqueue.migrate import upgrade
-
-    sink, port = start_sink()
-    db = f"mq_unsub_{uuid.uuid4().hex[:8]}"
-    admin = sa.create_engine(bench.PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{db}"'))
-    try:
-        url = bench.PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{db}"
-        os.environ.update(
-            MAILQUEUE_DATABASE_URL=url,
-            MAILQUEUE_RELAY_URL=f"smtp://127.0.0.1:{port}",
-            MAILQUEUE_POOL_SIZE=str(args.pool_size),
-            MAILQUEUE_POOL_MAX_MESSAGES=str(10**9),
-            MAILQUEUE_EHLO_NAME="bench.example.com",
-            MAILQUEUE_UNSUBSCRIBE_URL="https://mail.example.com",
-            MAILQUEUE_UNSUBSCRIBE_SECRET=uuid.uuid4().hex,
-        )
-        configure(settings_from_env())
-        upgrade(url)
+    with sink_and_database(
+        "mq_unsub",
+        args.pool_size,
+        MAILQUEUE_UNSUBSCRIBE_URL="https://mail.example.com",
+        MAILQUEUE_UNSUBSCRIBE_SECRET=uuid.uuid4().hex,
+    ):
         results: dict[str, list[dict[str, float]]] = {}
         for r in range(args.rounds):
             for variant in VARIANTS:
@@ -138,14 +122,6 @@ def main() -> None:
         for variant, rows in results.items():
             med = {k: round(statistics.median(r[k] for r in rows), 1) for k in rows[0]}
             print(f"  {variant:11s} {med}")
-    finally:
-        sink.terminate()
-        from mailqueue.store import dispose_engines
-
-        dispose_engines()
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)'))
-        admin.dispose()
 
 
 if __name__ == "__main__":

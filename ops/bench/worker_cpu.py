@@ -43,6 +43,7 @@ it is migrated, e.g. dropping an index to see what its upkeep costs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import socket
@@ -51,6 +52,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +61,7 @@ import sqlalchemy as sa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run as bench  # noqa: E402  (the same messages and PostgreSQL settings)
+from dkim_cost import make_keys  # noqa: E402  (an RSA-2048 PEM and an Ed25519 seed)
 
 STATEMENTS = False
 
@@ -114,23 +117,6 @@ def dkim_env(variant: str, keys: tuple[str, str]) -> dict[str, str]:
     return env
 
 
-def make_keys() -> tuple[str, str]:
-    """An RSA-2048 PEM and an Ed25519 seed (base64), new for each run."""
-    import base64
-
-    import nacl.signing
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
-
-    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    pem = private.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.TraditionalOpenSSL,
-        serialization.NoEncryption(),
-    ).decode("ascii")
-    return pem, base64.b64encode(bytes(nacl.signing.SigningKey.generate())).decode("ascii")
-
-
 WINDOWS = ("released", "held")
 
 
@@ -144,6 +130,40 @@ def use_dkim(env: dict[str, str], window: str = "released") -> None:
     os.environ.update(env)
     os.environ["MAILQUEUE_COMMIT_BEFORE_REUSE"] = "true" if window == "held" else "false"
     configure(settings_from_env())
+
+
+@contextlib.contextmanager
+def sink_and_database(prefix: str, pool_size: int, **env: str) -> Iterator[str]:
+    """``smtp-sink`` and a new PostgreSQL database, migrated, with mailqueue configured
+    to use both (plus ``env``); yields the database URL, and drops it afterwards."""
+    from mailqueue import _reset_caches
+    from mailqueue.config import configure, settings_from_env
+    from mailqueue.migrate import upgrade
+
+    sink, port = start_sink()
+    db = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    admin = sa.create_engine(bench.PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{db}"'))
+    try:
+        url = bench.PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{db}"
+        os.environ.update(
+            MAILQUEUE_DATABASE_URL=url,
+            MAILQUEUE_RELAY_URL=f"smtp://127.0.0.1:{port}",
+            MAILQUEUE_POOL_SIZE=str(pool_size),
+            MAILQUEUE_POOL_MAX_MESSAGES=str(10**9),
+            MAILQUEUE_EHLO_NAME="bench.example.com",
+            **env,
+        )
+        configure(settings_from_env())
+        upgrade(url)
+        yield url
+    finally:
+        _reset_caches()  # disposes the engines, so the database can be dropped
+        sink.terminate()
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)'))
+        admin.dispose()
 
 
 def one_round(loop_kind: str, n: int, batch: int) -> dict[str, float]:
@@ -236,25 +256,7 @@ def main() -> None:
     global STATEMENTS
     STATEMENTS = args.statements
 
-    from mailqueue.config import configure, settings_from_env
-    from mailqueue.migrate import upgrade
-
-    sink, port = start_sink()
-    db = f"mq_cpu_{uuid.uuid4().hex[:8]}"
-    admin = sa.create_engine(bench.PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{db}"'))
-    try:
-        url = bench.PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{db}"
-        os.environ.update(
-            MAILQUEUE_DATABASE_URL=url,
-            MAILQUEUE_RELAY_URL=f"smtp://127.0.0.1:{port}",
-            MAILQUEUE_POOL_SIZE=str(args.pool_size),
-            MAILQUEUE_POOL_MAX_MESSAGES=str(10**9),
-            MAILQUEUE_EHLO_NAME="bench.example.com",
-        )
-        configure(settings_from_env())
-        upgrade(url)
+    with sink_and_database("mq_cpu", args.pool_size) as url:
         setup = [q for q in os.environ.get("EXPERIMENT_SQL", "").split(";") if q.strip()]
         if STATEMENTS:
             setup.append("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
@@ -269,10 +271,10 @@ def main() -> None:
         if unknown:
             raise SystemExit(f"--dkim: unknown {unknown}; choose from {', '.join(DKIM_VARIANTS)}")
         keys = make_keys() if dkim_variants != ["none"] else ("", "")
-        # (loop, DKIM variant, suppression list state or None): every round runs each
         windows = args.window.split(",")
         if sorted(set(windows) - set(WINDOWS)):
             raise SystemExit(f"--window: choose from {', '.join(WINDOWS)}")
+        # (loop, DKIM variant, window, suppression list state or None): each round runs each
         variants: list[tuple[str, str, str, str | None]] = [
             (kind, dkim, window, None)
             for kind in args.loops.split(",")
@@ -322,13 +324,6 @@ def main() -> None:
                 for dkim in dkim_variants:
                     us = statistics.median(x["worker_us"] for x in results[f"{loop_kind}/{dkim}"])
                     print(f"  {loop_kind}/{dkim:12s} {us:7.1f} µs/msg  ({us - base:+7.1f} µs)")
-    finally:
-        from mailqueue import _reset_caches
-
-        _reset_caches()
-        sink.terminate()
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)'))
 
 
 if __name__ == "__main__":
