@@ -210,6 +210,28 @@ def test_what_the_relay_received_verifies_with_rsa_and_ed25519(
         assert {b"cc", b"reply-to", b"list-unsubscribe", b"list-unsubscribe-post"} <= set(signed)
 
 
+def test_with_a_bounce_domain_each_recipients_copy_verifies(
+    sqlite_stack, smtp_server, keys, tmp_path, monkeypatch
+):
+    """VERP sends one transaction per recipient, each with its own return path; the
+    bytes are the same for all (the return path is no header), so they are signed once
+    and every copy the relay received carries that same valid signature."""
+    monkeypatch.setenv("MAILQUEUE_BOUNCE_SECRET", "s" * 32)
+    with_dkim(sqlite_stack, keys, tmp_path)
+    settings = sqlite_stack.reconfigure(bounce_domain="bounce.example.com")
+    mid = mailqueue.enqueue(MESSAGES["multipart with attachment"])
+
+    deliver(settings, sqlite_stack.store, [mid])
+
+    assert mailqueue.get_status(mid).status == "sent"
+    copies = smtp_server.messages
+    assert sorted(a for m in copies for a in m.rcpt_tos) == ["ann@example.org", "bob@example.org"]
+    assert len({m.mail_from for m in copies}) == 2  # a return path each
+    assert all(m.mail_from.endswith("@bounce.example.com") for m in copies)
+    (received,) = {m.data for m in copies}
+    assert verify_each(received, keys.dns()) == [True, True]
+
+
 @pytest.mark.both_paths
 def test_a_raw_message_with_dots_and_bare_line_feeds_verifies(
     sqlite_stack, smtp_server, keys, tmp_path

@@ -33,12 +33,10 @@ def with_list_id(content: bytes | bytearray, list_id: str) -> bytes | bytearray:
 
 
 def unsubscribe_base(
-    settings: Settings,
-    signer: Signer | None,
-    message: ClaimedMessage,
-    content: bytes | bytearray,
+    settings: Settings, signer: Signer | None, content: bytes | bytearray
 ) -> bytes | SMTPError:
-    """What every copy shares (``content`` with List-Id), or why no copy can be sent."""
+    """What every copy shares (``content``, List-Id already added), or why no copy can
+    be sent."""
     if signer is None or not settings.unsubscribe_url:
         missing = " and ".join(
             name
@@ -55,10 +53,7 @@ def unsubscribe_base(
         )
         # the reply too: it is what each recipient's row shows
         return SMTPError(reason, reply=reason, retryable=False)
-    base = bytes(content)
-    if message.list_id is not None and not has_header(base, b"list-id"):
-        base = add_headers(base, list_id_header(message.list_id))
-    return base
+    return bytes(content)
 
 
 def personal_copy(

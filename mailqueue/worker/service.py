@@ -318,11 +318,11 @@ class Deliverer:
                         content = await asyncio.to_thread(
                             self.store.load_content, message.id, message.size
                         )
+                    if message.list_id is not None:
+                        content = with_list_id(content, message.list_id)
                     if message.unsubscribe or self.settings.bounce_domain is not None:
                         result, early = await self._deliver_each(message, pool, addresses, content)
                     else:
-                        if message.list_id is not None:
-                            content = with_list_id(content, message.list_id)
                         result = await self._sign_and_send(
                             message,
                             pool,
@@ -364,25 +364,35 @@ class Deliverer:
         content: bytes | bytearray,
         mail_from: str | None = None,
         *,
+        sign: bool = True,
         before_release: Callable[[TransactionResult], Awaitable[None]] | None = None,
     ) -> TransactionResult:
-        """DKIM-sign ``content`` (when a key or the relay asks) and send it to ``addresses``
-        (from ``mail_from``, the message's envelope sender unless a VERP return path)."""
-        required = pool.relay.dkim == "required"
-        unsigned: SMTPError | None = None
-        if self._dkim is not None or required:
-            content, unsigned = await self._sign(message, content, pool.relay)
-        if unsigned is not None and required:
-            return failed_everyone(addresses, "failed", unsigned)
+        """DKIM-sign ``content`` (unless ``sign`` is false: signed already) and send it to
+        ``addresses`` (from ``mail_from``, the message's envelope sender unless a VERP
+        return path)."""
+        signed = await self._signed(message, pool, content) if sign else content
+        if isinstance(signed, SMTPError):
+            return failed_everyone(addresses, "failed", signed)
         return await deliver(
             pool,
             mail_from or message.mail_from,
             addresses,
-            content,
+            signed,
             smtputf8=message.smtputf8,
             eightbit=message.eightbit,
             before_release=before_release,
         )
+
+    async def _signed(
+        self, message: ClaimedMessage, pool: Pool, content: bytes | bytearray
+    ) -> bytes | bytearray | SMTPError:
+        """``content`` DKIM-signed when a key or the relay asks (unsigned when it cannot
+        be signed), or why not when the relay requires a signature (``dkim=required``)."""
+        required = pool.relay.dkim == "required"
+        if self._dkim is None and not required:
+            return content
+        content, unsigned = await self._sign(message, content, pool.relay)
+        return unsigned if unsigned is not None and required else content
 
     async def _deliver_each(
         self,
@@ -398,7 +408,7 @@ class Deliverer:
         carries its own List-Unsubscribe) and ``MAILQUEUE_BOUNCE_DOMAIN`` (each
         transaction has its own signed VERP return path, ``bounces/verp.py``, so a
         bounce names its row); the copy's bytes are the same for every recipient
-        when only the second asks.
+        when only the second asks, so they are signed once.
 
         The copies go out concurrently, at most the relay's pool size of them
         being made and sent at once across all messages (``_copy_slots``). Each
@@ -411,11 +421,11 @@ class Deliverer:
         """
         early: list[RecipientOutcome] = []
         signer = self._unsubscribe_signer
-        base: bytes | bytearray | SMTPError = content
-        if message.unsubscribe:
-            base = unsubscribe_base(self.settings, signer, message, content)
-        elif message.list_id is not None:
-            base = with_list_id(content, message.list_id)
+        base: bytes | bytearray | SMTPError = (
+            unsubscribe_base(self.settings, signer, content)
+            if message.unsubscribe
+            else await self._signed(message, pool, content)  # one copy for all
+        )
         if isinstance(base, SMTPError):
             return failed_everyone(addresses, "failed", base), early
         shared: bytes | bytearray = base
@@ -469,6 +479,7 @@ class Deliverer:
                         [address],
                         copy,
                         envelope_sender(address),
+                        sign=message.unsubscribe,  # the shared copy is signed already
                         before_release=accept if held else None,
                     )
                 except (AuthError, TLSError) as exc:
