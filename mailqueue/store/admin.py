@@ -12,7 +12,7 @@ from sqlalchemy import Engine, func, select, update
 
 from ..priority import priority_word
 from .models import ATTEMPTS, MESSAGES, RECIPIENTS, MessageStatus, RecipientStatus, utcnow
-from .queue import derive_status
+from .record import rederive_statuses
 
 __all__ = [
     "MessageInfo",
@@ -272,13 +272,8 @@ def cancel(engine: Engine, message_id: str | uuid.UUID) -> MessageInfo:
             .where(R.c.message_id == mid, R.c.status.in_(RecipientStatus.OPEN))
             .values(status=RecipientStatus.CANCELLED, updated_at=now)
         )
-        statuses = list(conn.execute(select(R.c.status).where(R.c.message_id == mid)).scalars())
         if exists != MessageStatus.SENDING:
-            conn.execute(
-                update(M)
-                .where(M.c.id == mid)
-                .values(status=derive_status(statuses), updated_at=now, dispatched_at=None)
-            )
+            rederive_statuses(conn, [mid], updated_at=now, dispatched_at=None)
     return get_status(engine, mid)
 
 

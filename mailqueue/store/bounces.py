@@ -42,8 +42,8 @@ import sqlalchemy as sa
 from ..bounces.parse import Kind, RecipientReport, Report, Verdict
 from ..bounces.verp import Token, read_token, verifies
 from ..statuses import ErrorWord, SuppressionReason
-from .models import ATTEMPTS, BOUNCES, MESSAGES, RECIPIENTS, RecipientStatus, utcnow
-from .record import derive_status
+from .models import ATTEMPTS, BOUNCES, RECIPIENTS, RecipientStatus, utcnow
+from .record import rederive_statuses
 from .suppression import NewSuppression, SuppressionStatements
 
 __all__ = [
@@ -176,7 +176,7 @@ def record_reports(
                     match.suppressed = True
         if attempts:
             conn.execute(_INSERT_ATTEMPT, attempts)
-            _rederive(conn, {a["message_id"] for a in attempts}, now)
+            rederive_statuses(conn, {a["message_id"] for a in attempts}, updated_at=now)
         if entries and suppress is not None:
             suppress._upsert(conn, list(entries.values()), now)
         values = [
@@ -203,24 +203,6 @@ def record_reports(
         )
         for row_id, v, m in zip(ids, values, matches, strict=True)
     ]
-
-
-def _rederive(conn: sa.Connection, message_ids: set[Any], now: dt.datetime) -> None:
-    """The messages' statuses from their recipients' again (invariant 4): one whose
-    only recipient bounced is ``failed`` now, one with some bounced ``partial``."""
-    statuses: dict[Any, list[str]] = {}
-    for mid, status in conn.execute(
-        sa.select(RECIPIENTS.c.message_id, RECIPIENTS.c.status).where(
-            RECIPIENTS.c.message_id.in_(list(message_ids))
-        )
-    ):
-        statuses.setdefault(mid, []).append(status)
-    for mid, found in statuses.items():
-        conn.execute(
-            sa.update(MESSAGES)
-            .where(MESSAGES.c.id == mid)
-            .values(status=derive_status(found), updated_at=now)
-        )
 
 
 def _token(item: Incoming, bounce_domain: str | None) -> Token | None:

@@ -31,7 +31,7 @@ from sqlalchemy import (
 from .admin import _MESSAGE_COLUMNS, MessageInfo, _info, parse_id
 from .models import TERMINAL_MESSAGE, MessageRow, MessageStatus, RecipientRow, RecipientStatus
 from .models import utcnow as _utcnow
-from .queue import derive_status
+from .record import rederive_statuses
 
 __all__ = [
     "Filters",
@@ -256,17 +256,7 @@ def cancel_relay(engine: Engine, relay: str, *, chunk: int = 500) -> int:
                 .where(R.c.message_id.in_(part), R.c.status.in_(RecipientStatus.OPEN))
                 .values(status=RecipientStatus.CANCELLED, updated_at=now)
             )
-            statuses: dict[uuid.UUID, list[str]] = {}
-            for mid, status in conn.execute(
-                select(R.c.message_id, R.c.status).where(R.c.message_id.in_(part))
-            ):
-                statuses.setdefault(mid, []).append(status)
-            for mid, words in statuses.items():
-                conn.execute(
-                    update(M)
-                    .where(M.c.id == mid)
-                    .values(status=derive_status(words), updated_at=now, dispatched_at=None)
-                )
+            rederive_statuses(conn, part, updated_at=now, dispatched_at=None)
             done += len(part)
     return done
 

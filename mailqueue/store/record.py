@@ -21,7 +21,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Engine, bindparam, text
+from sqlalchemy import Connection, Engine, bindparam, select, text, update
 
 from .models import (
     ATTEMPTS,
@@ -33,7 +33,13 @@ from .models import (
     utcnow,
 )
 
-__all__ = ["RecipientOutcome", "MessageOutcome", "RecordStatements", "derive_status"]
+__all__ = [
+    "RecipientOutcome",
+    "MessageOutcome",
+    "RecordStatements",
+    "derive_status",
+    "rederive_statuses",
+]
 
 M = MESSAGES
 R = RECIPIENTS
@@ -88,6 +94,22 @@ def derive_status(statuses: Iterable[str]) -> str:
         # Withheld by the list, not refused: "failed" would page someone for nothing.
         return MessageStatus.SUPPRESSED
     return MessageStatus.FAILED
+
+
+def rederive_statuses(conn: Connection, message_ids: Iterable[uuid.UUID], **values: Any) -> None:
+    """Set each message's status from its recipients' as they are now, in ``conn``'s
+    transaction, with ``values`` (``updated_at``, ...), after their recipients changed
+    outside a delivery (a cancel, a bounce)."""
+    ids = list(message_ids)
+    if not ids:
+        return
+    statuses: dict[uuid.UUID, list[str]] = {}
+    for mid, status in conn.execute(
+        select(R.c.message_id, R.c.status).where(R.c.message_id.in_(ids))
+    ):
+        statuses.setdefault(mid, []).append(status)
+    for mid, words in statuses.items():
+        conn.execute(update(M).where(M.c.id == mid).values(status=derive_status(words), **values))
 
 
 # ``record``'s statements, PostgreSQL's and SQLite's (``_record_pg``,
