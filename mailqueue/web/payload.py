@@ -378,6 +378,20 @@ def _metadata(body: dict[str, Any]) -> dict[str, Any] | None:
     return metadata
 
 
+def _check_body(body: Any, known: tuple[str, ...]) -> None:
+    """A request body must be a JSON object of ``known`` fields only."""
+    if not isinstance(body, dict):
+        raise InvalidMessageError(
+            f"the body must be a JSON object, not {_json_type(body)}", field="body"
+        )
+    unknown = sorted(set(body) - set(known))
+    if unknown:
+        raise InvalidMessageError(
+            f"unknown field(s): {', '.join(map(repr, unknown))} (known: {', '.join(known)})",
+            field="body",
+        )
+
+
 def enqueue_args(body: Any, *, lifetime_s: float) -> dict[str, Any]:
     """The JSON body of ``POST /api/v1/messages`` as ``enqueue(message, **rest)`` arguments.
 
@@ -388,17 +402,7 @@ def enqueue_args(body: Any, *, lifetime_s: float) -> dict[str, Any]:
     """
     from ..message import Message
 
-    if not isinstance(body, dict):
-        raise InvalidMessageError(
-            f"the body must be a JSON object, not {_json_type(body)}", field="body"
-        )
-    unknown = sorted(set(body) - set(ENQUEUE_FIELDS))
-    if unknown:
-        raise InvalidMessageError(
-            f"unknown field(s): {', '.join(map(repr, unknown))} "
-            f"(known: {', '.join(ENQUEUE_FIELDS)})",
-            field="body",
-        )
+    _check_body(body, ENQUEUE_FIELDS)
     strings = {
         name: _optional_str(body, name)
         for name in (
@@ -448,17 +452,7 @@ def enqueue_args(body: Any, *, lifetime_s: float) -> dict[str, Any]:
 def suppression_args(body: Any) -> dict[str, Any]:
     """The JSON body of ``POST /api/v1/suppressions`` as ``suppress(**args)`` arguments;
     the values themselves are checked by ``api.suppress``."""
-    if not isinstance(body, dict):
-        raise InvalidMessageError(
-            f"the body must be a JSON object, not {_json_type(body)}", field="body"
-        )
-    unknown = sorted(set(body) - set(SUPPRESSION_FIELDS))
-    if unknown:
-        raise InvalidMessageError(
-            f"unknown field(s): {', '.join(map(repr, unknown))} "
-            f"(known: {', '.join(SUPPRESSION_FIELDS)})",
-            field="body",
-        )
+    _check_body(body, SUPPRESSION_FIELDS)
     args = {name: _optional_str(body, name) for name in SUPPRESSION_FIELDS}
     if args["address"] is None:
         raise InvalidMessageError("an address is required", field="address")
